@@ -1,0 +1,84 @@
+"""A class-conditional DCGAN: generator with label embedding, projection discriminator with spectral norm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from app.nets import upsampling_steps
+
+
+@dataclass
+class GanConfig:
+    """Hyper-parameters of a (conditional) GAN; `num_classes == 0` makes it unconditional."""
+
+    height: int
+    width: int
+    channels: int
+    num_classes: int
+    latent_dim: int = 64
+    g_channels: int = 32
+    d_channels: int = 32
+    embed_dim: int = 32
+    n_up: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.n_up:
+            self.n_up = upsampling_steps(self.height, self.width)
+
+
+class Generator(nn.Module):
+    """z (+ label) → image in [-1, 1]: linear to a small grid, `n_up` transposed-conv ×2 stages, 3×3 conv, tanh."""
+
+    def __init__(self, cfg: GanConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        scale = 2**cfg.n_up
+        self.base_h, self.base_w = math.ceil(cfg.height / scale), math.ceil(cfg.width / scale)
+        widths = [cfg.g_channels * 2 ** (cfg.n_up - i) for i in range(cfg.n_up + 1)]
+        self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim) if cfg.num_classes else None
+        in_dim = cfg.latent_dim + (cfg.embed_dim if cfg.num_classes else 0)
+        self.project = nn.Sequential(
+            nn.Linear(in_dim, widths[0] * self.base_h * self.base_w, bias=False),
+            nn.BatchNorm1d(widths[0] * self.base_h * self.base_w),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.stages = nn.Sequential(*stages)
+        self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        x = self.project(z).view(len(z), -1, self.base_h, self.base_w)
+        x = torch.tanh(self.to_image(self.stages(x)))
+        top, left = (x.shape[2] - self.cfg.height) // 2, (x.shape[3] - self.cfg.width) // 2
+        return x[:, :, top : top + self.cfg.height, left : left + self.cfg.width]
+
+
+class Discriminator(nn.Module):
+    """Image (+ label) → realness score; conditioning by projection (Miyato & Koyama, 2018)."""
+
+    def __init__(self, cfg: GanConfig) -> None:
+        super().__init__()
+        widths = [cfg.d_channels * 2**i for i in range(cfg.n_up + 1)]
+        layers: list[nn.Module] = [spectral_norm(nn.Conv2d(cfg.channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.1)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.1)]
+        layers += [spectral_norm(nn.Conv2d(widths[-1], widths[-1], 3, 1, 1)), nn.LeakyReLU(0.1)]
+        self.features = nn.Sequential(*layers)
+        self.score = spectral_norm(nn.Linear(widths[-1], 1))
+        self.embed = spectral_norm(nn.Embedding(cfg.num_classes, widths[-1])) if cfg.num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x).mean(dim=(2, 3))
+        out = self.score(h).squeeze(1)
+        if self.embed is not None:
+            out = out + (self.embed(labels) * h).sum(dim=1)
+        return out
