@@ -93,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
-    generate = commands.add_parser("generate", help="write samples to .npz, .zip or an ImageFolder directory")
+    generate = commands.add_parser("generate", help="write samples to .npz, .zip, a .png grid or an ImageFolder directory")
     generate.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
     generate.add_argument("--per-class", type=int, default=None, help="N samples of every class")
     generate.add_argument("--n", type=int, default=None, help="N samples (with --label, all of that class)")
     generate.add_argument("--label", default=None, help="class name or index (with --n)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--truncation", type=float, default=1.0, help="latent scale: GAN ψ, VAE temperature")
-    generate.add_argument("--out", required=True, help="PATH.npz, PATH.zip or a directory")
+    generate.add_argument("--out", required=True, help="PATH.npz, PATH.zip, PATH.png (a grid) or a directory")
     generate.add_argument("--device", default="auto")
     generate.set_defaults(run=_generate)
 

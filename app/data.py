@@ -165,10 +165,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 def load_idx_pair(images_path: Path) -> ImageDataset:
     """IDX images `[N, H, W]` with the labels file beside them (`idx3`→`idx1`, `images`→`labels` in the name)."""
-    labels_name = images_path.name.replace("idx3", "idx1").replace("images", "labels")
-    labels_path = images_path.with_name(labels_name)
-    if not labels_path.exists():
-        raise DataError(f"{images_path}: no labels file {labels_name} beside it")
+    labels_name = images_path.name.replace("idx3", "idx1").replace("images", "labels").removesuffix(".gz")
+    candidates = [images_path.with_name(labels_name), images_path.with_name(labels_name + ".gz")]
+    labels_path = next((path for path in candidates if path.exists()), None)
+    if labels_path is None:
+        raise DataError(f"{images_path}: no labels file {labels_name}[.gz] beside it")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
         raise DataError(f"{images_path}: IDX images must have 3 dimensions [N, H, W], got {images.ndim}")

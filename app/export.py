@@ -1,4 +1,4 @@
-"""Writing generated samples to disk: `.npz` arrays, or ImageFolder PNGs in a directory or a zip.
+"""Writing generated samples to disk: `.npz` arrays, a PNG grid, or ImageFolder PNGs in a directory or a zip.
 
 The ImageFolder layout is `<class_name>/<8-digit index>.png` with `labels.csv`
 (file_name,label,class_name,seed,index) and `manifest.json`; the same inputs always give the same bytes.
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import InvalidInputError
-from app.plots import encode_png
+from app.plots import encode_png, image_grid
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identical between runs
 LABELS_HEADER = ["file_name", "label", "class_name", "seed", "index"]
@@ -56,7 +56,13 @@ def image_folder_files(images: np.ndarray, labels: np.ndarray, class_names: list
 
 def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
                  manifest: dict[str, Any]) -> None:
-    """Write samples to `path`: `.npz`, `.zip`, or a directory (created; must be empty if it exists)."""
+    """Write samples to `path`: `.npz`, `.zip`, a `.png` grid (a row per class when balanced), or a directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".png":
+        counts = np.bincount(labels)
+        balanced = len(class_names) > 1 and len(set(counts.tolist())) == 1 and np.all(np.diff(labels) >= 0)
+        path.write_bytes(encode_png(image_grid(images, columns=int(counts[0]) if balanced else None, scale=2)))
+        return
     if path.suffix == ".npz":
         path.write_bytes(npz_bytes(images, labels))
         return
@@ -67,7 +73,7 @@ def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names
                 archive.writestr(zipfile.ZipInfo(name, date_time=_ZIP_EPOCH), data)
         return
     if path.suffix:
-        raise InvalidInputError(f"--out {path}: use a .npz or .zip file, or a directory without a suffix")
+        raise InvalidInputError(f"--out {path}: use a .npz, .zip or .png file, or a directory without a suffix")
     if path.exists() and any(path.iterdir()):
         raise InvalidInputError(f"--out {path}: the directory is not empty; choose a new one")
     for name, data in files:

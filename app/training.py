@@ -88,30 +88,50 @@ class GanTrainer:
 
     class_name = "ConditionalGAN"
 
-    def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999) -> None:
+    def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999,
+                 betas: tuple[float, float] = (0.5, 0.999), loss: str = "ns", mode_seeking: float = 0.1,
+                 class_weight: float = 1.0) -> None:
         nets = build_nets(self.class_name, hparams)
-        self.hparams, self.device, self.ema_decay = hparams, device, ema_decay
+        self.hparams, self.device, self.ema_decay, self.loss = hparams, device, ema_decay, loss
+        self.mode_seeking, self.class_weight = mode_seeking, class_weight
         self.generator = nets["generator"].to(device)
         self.discriminator = nets["discriminator"].to(device)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self.optimizers = {
-            "opt_g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(0.0, 0.9)),
-            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.0, 0.9)),
+            "opt_g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
+            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas),
         }
 
     def _labels(self, n: int) -> torch.Tensor | None:
         return torch.randint(self.hparams.num_classes, (n,), device=self.device) if self.hparams.num_classes else None
 
+    def _d_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        if self.loss == "ns":
+            return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         n = len(x)
-        fake_y = self._labels(n)
-        fake = self.generator(torch.randn(n, self.hparams.latent_dim, device=self.device), fake_y)
-        d_real, d_fake = self.discriminator(x, y), self.discriminator(fake.detach(), fake_y)
-        d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        half = self._labels(n // 2)
+        fake_y = None if half is None else torch.cat([half, half, half[: n % 2]])  # pairs share a label
+        z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+        fake = self.generator(z, fake_y)
+        (d_real, class_real), d_fake = self.discriminator.score_and_logits(x, y), self.discriminator(fake.detach(), fake_y)
+        d_loss = self._d_loss(d_real, d_fake)
+        if class_real is not None:  # the class head learns from real images only, then teaches the generator
+            d_loss = d_loss + self.class_weight * F.cross_entropy(class_real, y)
         self.optimizers["opt_d"].zero_grad(set_to_none=True)
         d_loss.backward()
         self.optimizers["opt_d"].step()
-        g_loss = -self.discriminator(fake, fake_y).mean()
+        d_gen, class_gen = self.discriminator.score_and_logits(fake, fake_y)
+        g_loss = F.softplus(-d_gen).mean() if self.loss == "ns" else -d_gen.mean()
+        if class_gen is not None:
+            g_loss = g_loss + self.class_weight * F.cross_entropy(class_gen, fake_y)
+        if self.mode_seeking:
+            # Mode seeking (Mao et al., 2019): two latents with one label must not map to one image.
+            k = n // 2
+            spread = (fake[:k] - fake[k : 2 * k]).abs().mean() / (z[:k] - z[k : 2 * k]).abs().mean()
+            g_loss = g_loss + self.mode_seeking / (spread + 1e-5)
         self.optimizers["opt_g"].zero_grad(set_to_none=True)
         g_loss.backward()
         self.optimizers["opt_g"].step()
@@ -130,7 +150,7 @@ class GanTrainer:
         d_fake = self.discriminator(self.ema(torch.randn(len(x), self.hparams.latent_dim, device=self.device), fake_y),
                                     fake_y)
         self.discriminator.train()
-        return {"d_loss": (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()).item(), "d_real": d_real.mean().item()}
+        return {"d_loss": self._d_loss(d_real, d_fake).item(), "d_real": d_real.mean().item()}
 
     @torch.no_grad()
     def refresh_ema_statistics(self, seed: int, batches: int = 16, batch_size: int = 256) -> None:
@@ -220,7 +240,6 @@ def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device
 def _save(trainer: Trainer, out: Path, config: dict[str, Any], epoch: int, history: dict[str, list[float]],
           shuffle: torch.Generator, elapsed: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    trainer.refresh_ema_statistics(seed=epoch)
     for role, module in trainer.exported().items():
         save_weights(out / config["weights"][role], module)
     state = {f"{role}.{k}": v.detach().cpu().contiguous()
@@ -314,6 +333,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
             bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in totals.items()})
         for key, value in totals.items():
             history.setdefault(f"train_{key}", []).append(value / steps)
+        trainer.refresh_ema_statistics(seed=epoch)
         for key, value in trainer.validate(x_val, y_val if conditional else None).items():
             history.setdefault(f"val_{key}", []).append(value)
         epoch += 1

@@ -24,6 +24,7 @@ class GanConfig:
     g_channels: int = 32
     d_channels: int = 32
     embed_dim: int = 32
+    aux_classifier: bool = True
     n_up: int = field(default=0)
 
     def __post_init__(self) -> None:
@@ -75,10 +76,17 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.score = spectral_norm(nn.Linear(widths[-1], 1))
         self.embed = spectral_norm(nn.Embedding(cfg.num_classes, widths[-1])) if cfg.num_classes else None
+        has_classifier = cfg.aux_classifier and cfg.num_classes
+        self.classify = nn.Linear(widths[-1], cfg.num_classes) if has_classifier else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score_and_logits(x, labels)[0]
+
+    def score_and_logits(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Realness score `[N]` and, with `aux_classifier`, class logits `[N, K]` (an AC-GAN style head)."""
         h = self.features(x).mean(dim=(2, 3))
         out = self.score(h).squeeze(1)
         if self.embed is not None:
             out = out + (self.embed(labels) * h).sum(dim=1)
-        return out
+        return out, (self.classify(h) if self.classify is not None else None)

@@ -1,0 +1,97 @@
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.checkpoint import load_model
+from app.errors import CheckpointError
+from app.nets.gan import Generator
+from app.sampling import sample
+
+
+def test_round_trip_is_bit_identical(tiny_gan: Path, tiny_vae: Path) -> None:
+    for folder, role in ((tiny_gan, "generator"), (tiny_vae, "decoder")):
+        model = load_model(folder)
+        saved = load_file(str(folder / f"{role}.safetensors"))
+        net = model.net if role == "generator" else model.net.decoder
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, saved[key]), key
+        first, _ = sample(model, 3, [1, 2, None])
+        second, _ = sample(load_model(folder), 3, [1, 2, None])
+        assert first.tobytes() == second.tobytes()
+
+
+def test_config_describes_the_model(tiny_gan: Path) -> None:
+    config = json.loads((tiny_gan / "config.json").read_text())
+    assert config["format_version"] == 1 and config["class_name"] == "ConditionalGAN"
+    assert config["image"] == {"height": 8, "width": 8, "channels": 1}
+    assert config["class_names"] == [str(i) for i in range(10)]
+    assert config["training_data"]["fingerprint"].startswith("sha256:")
+    text = (tiny_gan / "config.json").read_text()
+    assert text == json.dumps(config, sort_keys=True, indent=2) + "\n"
+
+
+@pytest.fixture
+def gan_copy(tiny_gan: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_gan, tmp_path / "copy"))
+
+
+def test_refuses_pickled_weights(gan_copy: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(Generator(load_model(gan_copy).net.cfg).state_dict(), buffer)  # a pickle, as torch.save writes
+    (gan_copy / "generator.safetensors").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match="generator.safetensors: not a valid .safetensors"):
+        load_model(gan_copy)
+
+
+def test_refuses_truncated_weights(gan_copy: Path) -> None:
+    weights = gan_copy / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="generator.safetensors"):
+        load_model(gan_copy)
+
+
+def test_refuses_mismatched_weights(gan_copy: Path, tiny_vae: Path) -> None:
+    shutil.copy(tiny_vae / "decoder.safetensors", gan_copy / "generator.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \[.*project.*\], unexpected keys"):
+        load_model(gan_copy)
+
+
+def test_refuses_config_that_does_not_match_shapes(gan_copy: Path) -> None:
+    config = json.loads((gan_copy / "config.json").read_text())
+    config["hyperparameters"]["latent_dim"] = 99
+    (gan_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shapes do not match"):
+        load_model(gan_copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(format_version=7), "format_version 7"),
+        (lambda c: c.update(class_name="Evil"), "unknown class_name"),
+        (lambda c: c["hyperparameters"].update(bogus=1), "bad hyperparameters"),
+        (lambda c: c.update(class_names=["a"]), "class_names"),
+    ],
+)
+def test_refuses_bad_config(gan_copy: Path, edit, message: str) -> None:
+    config = json.loads((gan_copy / "config.json").read_text())
+    edit(config)
+    (gan_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(gan_copy)
+
+
+def test_refuses_missing_and_broken_files(gan_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such model folder"):
+        load_model(tmp_path / "nothing")
+    (gan_copy / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_model(gan_copy)
+    (gan_copy / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        load_model(gan_copy)

@@ -1,0 +1,38 @@
+"""The trained models shipped in models/ load, sample with the declared shapes, and carry their cards."""
+
+import json
+
+import numpy as np
+import pytest
+
+from app.checkpoint import load_evaluator, load_model
+from app.evaluation import predict
+from app.sampling import per_class_labels, sample
+from tests.conftest import ROOT
+
+DEFAULTS = {"mnist-cgan": "gan", "mnist-cvae": "vae"}
+
+
+@pytest.mark.parametrize(("name", "kind"), DEFAULTS.items())
+def test_default_model_loads_and_samples(name: str, kind: str) -> None:
+    folder = ROOT / "models" / name
+    model = load_model(folder)
+    assert model.kind == kind and model.image_shape == (28, 28, 1)
+    assert model.class_names == [str(i) for i in range(10)]
+    images, labels = sample(model, 0, per_class_labels(10, 5))
+    assert images.shape == (50, 28, 28, 1) and images.dtype == np.uint8
+    assert labels.tolist() == per_class_labels(10, 5)
+    assert 0 < images.mean() < 128  # dark background, bright strokes: digits, not noise or blank frames
+    probs, _ = predict(load_evaluator(folder), images)
+    assert (probs.argmax(1).numpy() == labels).mean() >= 0.8  # the label asked for is the digit drawn
+
+
+@pytest.mark.parametrize("name", DEFAULTS)
+def test_default_model_card(name: str) -> None:
+    folder = ROOT / "models" / name
+    card = json.loads((folder / "card.json").read_text())
+    for key in ("frechet_distance", "precision", "recall", "tstr_accuracy", "augmentation_gain", "memorisation_rate"):
+        assert key in card["metrics"]
+    assert card["test_metrics"]["n"] == 1000
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "training_state" not in f.name)
+    assert size <= 20 * 1024 * 1024

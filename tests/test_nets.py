@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from app.nets.classifier import Classifier, ClassifierConfig
+from app.nets.gan import Discriminator, GanConfig, Generator
+from app.nets.vae import ConditionalVAE, VaeConfig
+
+
+@pytest.mark.parametrize(("height", "width", "channels"), [(28, 28, 1), (8, 8, 1), (32, 24, 3)])
+def test_gan_shapes(height: int, width: int, channels: int) -> None:
+    cfg = GanConfig(height, width, channels, num_classes=10, g_channels=8, d_channels=8)
+    z, labels = torch.randn(5, cfg.latent_dim), torch.arange(5)
+    images = Generator(cfg)(z, labels)
+    assert images.shape == (5, channels, height, width)
+    assert images.min() >= -1 and images.max() <= 1
+    assert Discriminator(cfg)(images, labels).shape == (5,)
+
+
+def test_gan_label_changes_output() -> None:
+    torch.manual_seed(0)
+    generator = Generator(GanConfig(28, 28, 1, num_classes=10)).eval()
+    z = torch.randn(1, 64).repeat(2, 1)
+    images = generator(z, torch.tensor([3, 7]))
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_unconditional_gan_and_vae() -> None:
+    gan = GanConfig(8, 8, 1, num_classes=0)
+    images = Generator(gan)(torch.randn(3, gan.latent_dim))
+    assert Discriminator(gan)(images).shape == (3,)
+    vae = ConditionalVAE(VaeConfig(8, 8, 1, num_classes=0))
+    assert vae.decode(torch.randn(3, 16)).shape == (3, 1, 8, 8)
+    assert vae.loss(images)["loss"].ndim == 0
+
+
+@pytest.mark.parametrize(("height", "width", "channels"), [(28, 28, 1), (8, 8, 1), (30, 20, 3)])
+def test_vae_api_shapes(height: int, width: int, channels: int) -> None:
+    vae = ConditionalVAE(VaeConfig(height, width, channels, num_classes=4, base_channels=8)).eval()
+    x, labels = torch.rand(6, channels, height, width) * 2 - 1, torch.tensor([0, 1, 2, 3, 0, 1])
+    mu, logvar = vae.encode(x, labels)
+    assert mu.shape == logvar.shape == (6, 16)
+    assert vae.decode(mu, labels).shape == x.shape
+    assert vae.reconstruct(x, labels).shape == x.shape
+    path = vae.interpolate(mu[0], mu[1], steps=5, labels=torch.full((5,), 2))
+    assert path.shape == (5, channels, height, width)
+    assert torch.allclose(path[0], vae.decode(mu[:1], torch.tensor([2]))[0], atol=1e-5)
+    losses = vae.loss(x, labels)
+    assert losses["loss"] > 0 and losses["kl"] >= 0
+
+
+def test_vae_label_changes_decoding() -> None:
+    torch.manual_seed(0)
+    vae = ConditionalVAE(VaeConfig(28, 28, 1, num_classes=10)).eval()
+    z = torch.randn(1, 16).repeat(2, 1)
+    images = vae.decode(z, torch.tensor([1, 8]))
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_classifier_features_and_logits() -> None:
+    model = Classifier(ClassifierConfig(8, 8, 1, num_classes=10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert model.features(x).shape == (4, 128)
+    assert model(x).shape == (4, 10)

@@ -1,0 +1,45 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from app.errors import InvalidInputError
+from tests.conftest import train_tiny
+
+
+def test_vae_training_lowers_the_loss_and_logs(tiny_vae: Path) -> None:
+    rows = list(csv.DictReader((tiny_vae / "losses.csv").open()))
+    assert len(rows) == 2
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])
+    for name in ("loss.png", "samples/epoch_001.png", "samples/epoch_002.png"):
+        assert (tiny_vae / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = json.loads((tiny_vae / "card.json").read_text())
+    assert card["training"]["epochs_done"] == 2
+
+
+def test_gan_training_moves_the_discriminator(tiny_gan: Path) -> None:
+    rows = list(csv.DictReader((tiny_gan / "losses.csv").open()))
+    assert {"train_d_loss", "train_g_loss", "val_d_loss"} <= rows[0].keys()
+    assert float(rows[0]["train_d_loss"]) < 2.0  # hinge loss of a discriminator that learned nothing is 2
+
+
+def test_same_seed_same_weights_and_resume_matches(tmp_path: Path) -> None:
+    straight = train_tiny("gan", tmp_path / "straight", epochs=2)
+    again = train_tiny("gan", tmp_path / "again", epochs=2)
+    first = train_tiny("gan", tmp_path / "resumed", epochs=1)
+    resumed = train_tiny("gan", first, epochs=2, resume=True)
+    reference = load_file(str(straight / "generator.safetensors"))
+    for other in (again, resumed):
+        weights = load_file(str(other / "generator.safetensors"))
+        assert all((weights[k] == v).all() for k, v in reference.items())
+    assert json.loads((resumed / "card.json").read_text())["training"]["epochs_done"] == 2
+
+
+def test_refuses_to_overwrite_or_resume_nothing(tiny_gan: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="already holds a model"):
+        train_tiny("gan", tiny_gan)
+    with pytest.raises(InvalidInputError, match="--resume"):
+        train_tiny("gan", tmp_path / "new", resume=True)
