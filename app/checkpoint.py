@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ KIND_TO_CLASS = {kind: name for name, (kind, _, _) in ARCHITECTURES.items()}
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -83,7 +83,8 @@ def load_weights(path: Path, module: nn.Module) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match the architecture: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
-    wrong = [f"{k}: {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    wrong = [f"{k}: {list(state[k].shape)} != {list(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{path}: tensor shapes do not match the config: {'; '.join(wrong)}")
     module.load_state_dict(state, strict=True)

@@ -1,4 +1,4 @@
-"""The `synthgen` command line: train, generate and evaluate."""
+"""The `synthgen` command line: train, generate, evaluate and serve."""
 
 from __future__ import annotations
 
@@ -9,19 +9,7 @@ from pathlib import Path
 
 from app import __version__
 from app.errors import InvalidInputError, SynthgenError
-
-
-def resolve_label(label: str | int, class_names: list[str]) -> int:
-    """A class name, or an index into the class names → the index."""
-    if isinstance(label, str) and label in class_names:
-        return class_names.index(label)
-    try:
-        index = int(label)
-    except (TypeError, ValueError):
-        index = -1
-    if 0 <= index < len(class_names):
-        return index
-    raise InvalidInputError(f"unknown label {label!r}; use a class name or an index: {class_names}")
+from app.sampling import resolve_label
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -72,6 +60,21 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(card["metrics"], indent=2, sort_keys=True))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.api.app import create_app
+    from app.settings import Settings
+
+    overrides = {key: value for key, value in (("models_dir", args.models_dir), ("device", args.device)) if value}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid settings: {exc}") from exc
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synthgen", description="Synthetic image datasets from GANs and VAEs.")
     parser.add_argument("--version", action="version", version=f"synthgen {__version__}")
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
-    generate = commands.add_parser("generate", help="write samples to .npz, .zip, a .png grid or an ImageFolder directory")
+    generate = commands.add_parser("generate",
+                                   help="write samples to .npz, .zip, a .png grid or an ImageFolder directory")
     generate.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
     generate.add_argument("--per-class", type=int, default=None, help="N samples of every class")
     generate.add_argument("--n", type=int, default=None, help="N samples (with --label, all of that class)")
@@ -113,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(run=_evaluate)
+
+    serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
+    serve.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
+    serve.set_defaults(run=_serve)
     return parser
 
 

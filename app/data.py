@@ -44,7 +44,8 @@ class ImageDataset:
         if len(self.images) == 0:
             raise DataError("the dataset is empty")
         if self.labels.min() < 0 or self.labels.max() >= max(len(self.class_names), 1):
-            raise DataError(f"labels must lie in 0..{len(self.class_names) - 1}, got {self.labels.min()}..{self.labels.max()}")
+            raise DataError(f"labels must lie in 0..{len(self.class_names) - 1}, "
+                            f"got {self.labels.min()}..{self.labels.max()}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,7 +69,7 @@ class ImageDataset:
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
         """A seeded random (train, validation) split; the same seed always gives the same split."""
-        n_val = int(round(len(self) * val_fraction))
+        n_val = round(len(self) * val_fraction)
         if not 0 < n_val < len(self):
             raise DataError(f"a validation fraction of {val_fraction} leaves no train or no validation examples")
         order = np.random.default_rng(seed).permutation(len(self))
@@ -81,7 +82,10 @@ class ImageDataset:
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 `[N, H, W, C]` → float32 `[N, C, H, W]` in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:
+        images = images.copy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 
@@ -205,13 +209,13 @@ def load_npz(path: Path) -> ImageDataset:
     return ImageDataset(np.ascontiguousarray(images), labels.astype(np.int64), class_names)
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode PNG/JPEG bytes, refusing corrupt files and decompression bombs before the pixels are read."""
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise DataError(f"{name}: {width}×{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
+        if width * height > max_pixels:
+            raise DataError(f"{name}: {width}×{height} pixels is over the limit of {max_pixels}")
         if image.format not in ("PNG", "JPEG"):
             raise DataError(f"{name}: {image.format} images are not supported; use PNG or JPEG")
         image.load()

@@ -19,3 +19,39 @@ class CheckpointError(SynthgenError):
 
 class NotFoundError(SynthgenError, LookupError):
     """A named thing (model, class, job) does not exist."""
+
+
+class ConflictError(SynthgenError):
+    """The request is valid but does not fit the thing's state (e.g. reconstruct on a GAN, a model not loaded)."""
+
+
+class OverloadedError(SynthgenError):
+    """The queue is full; the client should retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(SynthgenError):
+    """The request waited longer than its timeout; its samples left the queue."""
+
+
+class ModelFailureError(SynthgenError):
+    """A forward pass failed; only the requests of that batch are affected."""
+
+
+class AuthError(SynthgenError):
+    """Missing (401) or wrong (403) API key."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class UnsupportedMediaTypeError(InvalidInputError):
+    """The body's content type is not the one the route reads."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """The body is over the configured limit."""

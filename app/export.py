@@ -23,10 +23,11 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identica
 LABELS_HEADER = ["file_name", "label", "class_name", "seed", "index"]
 
 
-def npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
+def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int]) -> bytes:
     """`images` as uint8 [N,H,W] (one channel) or [N,H,W,C], `labels` as int64 [N], in an uncompressed .npz."""
     buffer = io.BytesIO()
-    np.savez(buffer, images=images[..., 0] if images.shape[-1] == 1 else images, labels=labels.astype(np.int64))
+    np.savez(buffer, images=images[..., 0] if images.shape[-1] == 1 else images,
+             labels=np.asarray(labels, dtype=np.int64))
     return buffer.getvalue()
 
 

@@ -13,6 +13,7 @@ import torch
 
 from app.checkpoint import SyntheticModel
 from app.data import to_uint8
+from app.errors import InvalidInputError
 
 _MASK64 = (1 << 64) - 1
 MAX_SEED = 2**63 - 1
@@ -24,6 +25,21 @@ def index_seed(seed: int, index: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def resolve_label(label: str | int, class_names: list[str]) -> int:
+    """A class name, or an index into the class names → the index."""
+    if not class_names:
+        raise InvalidInputError("this model is unconditional; leave out the label")
+    if isinstance(label, str) and label in class_names:
+        return class_names.index(label)
+    try:
+        index = int(label)
+    except (TypeError, ValueError):
+        index = -1
+    if 0 <= index < len(class_names):
+        return index
+    raise InvalidInputError(f"unknown label {label!r}; use a class name or an index: {class_names}")
 
 
 def draw_latents(seed: int, indices: Sequence[int], latent_dim: int, num_classes: int,
@@ -42,12 +58,14 @@ def draw_latents(seed: int, indices: Sequence[int], latent_dim: int, num_classes
 
 
 @torch.inference_mode()
-def render(model: SyntheticModel, z: torch.Tensor, labels: torch.Tensor, truncation: float = 1.0,
+def render(model: SyntheticModel, z: torch.Tensor, labels: torch.Tensor, truncation: float | torch.Tensor = 1.0,
            batch_size: int = 500) -> np.ndarray:
-    """Run the generator on latents scaled by `truncation` (GAN ψ, VAE prior temperature) → uint8 `[N, H, W, C]`."""
+    """Run the generator on latents scaled by `truncation` (GAN ψ, VAE prior temperature; a float or one value
+    per sample, `[N, 1]`) → uint8 `[N, H, W, C]`."""
     chunks = []
     for start in range(0, len(z), batch_size):
-        zb = z[start : start + batch_size].to(model.device) * truncation
+        scale = truncation[start : start + batch_size] if isinstance(truncation, torch.Tensor) else truncation
+        zb = (z[start : start + batch_size] * scale).to(model.device)
         yb = labels[start : start + batch_size].to(model.device) if model.num_classes else None
         chunks.append(to_uint8(model.generate(zb, yb)))
     return np.concatenate(chunks) if chunks else np.zeros((0, *model.image_shape), np.uint8)

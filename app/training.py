@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -84,15 +85,16 @@ def _load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict
 
 
 class GanTrainer:
-    """Hinge loss, spectral-norm projection discriminator, EMA generator for sampling."""
+    """Non-saturating logistic loss, a class head on the discriminator (trained on real images) that also
+    steers the generator, a mode-seeking term against collapse within a class, and an EMA generator for sampling."""
 
     class_name = "ConditionalGAN"
 
     def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999,
-                 betas: tuple[float, float] = (0.5, 0.999), loss: str = "ns", mode_seeking: float = 0.1,
+                 betas: tuple[float, float] = (0.5, 0.999), mode_seeking: float = 0.1,
                  class_weight: float = 1.0) -> None:
         nets = build_nets(self.class_name, hparams)
-        self.hparams, self.device, self.ema_decay, self.loss = hparams, device, ema_decay, loss
+        self.hparams, self.device, self.ema_decay = hparams, device, ema_decay
         self.mode_seeking, self.class_weight = mode_seeking, class_weight
         self.generator = nets["generator"].to(device)
         self.discriminator = nets["discriminator"].to(device)
@@ -105,10 +107,9 @@ class GanTrainer:
     def _labels(self, n: int) -> torch.Tensor | None:
         return torch.randint(self.hparams.num_classes, (n,), device=self.device) if self.hparams.num_classes else None
 
-    def _d_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-        if self.loss == "ns":
-            return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    @staticmethod
+    def _d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         n = len(x)
@@ -116,15 +117,16 @@ class GanTrainer:
         fake_y = None if half is None else torch.cat([half, half, half[: n % 2]])  # pairs share a label
         z = torch.randn(n, self.hparams.latent_dim, device=self.device)
         fake = self.generator(z, fake_y)
-        (d_real, class_real), d_fake = self.discriminator.score_and_logits(x, y), self.discriminator(fake.detach(), fake_y)
+        d_real, class_real = self.discriminator.score_and_logits(x, y)
+        d_fake = self.discriminator(fake.detach(), fake_y)
         d_loss = self._d_loss(d_real, d_fake)
-        if class_real is not None:  # the class head learns from real images only, then teaches the generator
-            d_loss = d_loss + self.class_weight * F.cross_entropy(class_real, y)
+        # The class head learns from real images only, then teaches the generator.
+        d_class = F.cross_entropy(class_real, y) if class_real is not None else torch.zeros((), device=self.device)
         self.optimizers["opt_d"].zero_grad(set_to_none=True)
-        d_loss.backward()
+        (d_loss + self.class_weight * d_class).backward()
         self.optimizers["opt_d"].step()
         d_gen, class_gen = self.discriminator.score_and_logits(fake, fake_y)
-        g_loss = F.softplus(-d_gen).mean() if self.loss == "ns" else -d_gen.mean()
+        g_loss = F.softplus(-d_gen).mean()
         if class_gen is not None:
             g_loss = g_loss + self.class_weight * F.cross_entropy(class_gen, fake_y)
         if self.mode_seeking:
@@ -140,7 +142,8 @@ class GanTrainer:
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        return {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "d_real": d_real.mean().item()}
+        return {"d_loss": d_loss.item(), "d_class": d_class.item(), "g_loss": g_loss.item(),
+                "d_real": d_real.mean().item()}
 
     @torch.no_grad()
     def validate(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
@@ -262,7 +265,7 @@ def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int
         load_weights(out / config["weights"][role], module)
     try:
         state = load_file(str(out / STATE_FILE))
-    except Exception as exc:  # safetensors raises several types; all mean "cannot resume"
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{out / STATE_FILE}: cannot resume from it ({exc})") from exc
     for role, module in trainer.private().items():
         module.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(role + ".")})

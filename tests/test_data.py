@@ -9,7 +9,6 @@ from PIL import Image
 
 from app.data import ImageDataset, load_dataset, read_idx
 from app.errors import DataError
-
 from tests.conftest import MNIST
 
 

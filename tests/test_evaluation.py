@@ -25,7 +25,8 @@ def digits_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndar
     train, val = digits.split(0.5)
     classifier = train_classifier(train.images, train.labels, 10, epochs=3)
     noise = np.random.default_rng(0).integers(0, 256, val.images.shape, dtype=np.uint8)
-    return predict(classifier, train.images)[1], predict(classifier, val.images)[1], predict(classifier, noise)[1], noise
+    features = [predict(classifier, images)[1] for images in (train.images, val.images, noise)]
+    return *features, noise
 
 
 def test_frechet_distance_real_vs_real_is_small(digits_features) -> None:

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ def test_vae_training_lowers_the_loss_and_logs(tiny_vae: Path) -> None:
     assert card["training"]["epochs_done"] == 2
 
 
-def test_gan_training_moves_the_discriminator(tiny_gan: Path) -> None:
+def test_gan_training_learns(tiny_gan: Path) -> None:
     rows = list(csv.DictReader((tiny_gan / "losses.csv").open()))
-    assert {"train_d_loss", "train_g_loss", "val_d_loss"} <= rows[0].keys()
-    assert float(rows[0]["train_d_loss"]) < 2.0  # hinge loss of a discriminator that learned nothing is 2
+    assert {"train_d_loss", "train_d_class", "train_g_loss", "val_d_loss"} <= rows[0].keys()
+    assert float(rows[0]["train_d_class"]) < math.log(10)  # the class head beats guessing among 10 digits
 
 
 def test_same_seed_same_weights_and_resume_matches(tmp_path: Path) -> None:

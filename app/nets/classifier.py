@@ -34,7 +34,8 @@ class Classifier(nn.Module):
 
         self.conv = nn.Sequential(*block(cfg.channels, w), *block(w, 2 * w))
         flat = 2 * w * (cfg.height // 4) * (cfg.width // 4)
-        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(flat, cfg.feature_dim), nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(flat, cfg.feature_dim),
+                                   nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(cfg.feature_dim, cfg.num_classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

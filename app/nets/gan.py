@@ -1,13 +1,13 @@
-"""A class-conditional DCGAN: generator with label embedding, projection discriminator with spectral norm."""
+"""A class-conditional DCGAN: generator with label embedding, projection discriminator with a class head."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from app.nets import upsampling_steps
 
@@ -49,8 +49,9 @@ class Generator(nn.Module):
             nn.ReLU(inplace=True),
         )
         stages: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:]):
-            stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        for c_in, c_out in itertools.pairwise(widths):
+            stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
 
@@ -64,28 +65,32 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image (+ label) → realness score; conditioning by projection (Miyato & Koyama, 2018)."""
+    """Image (+ label) → realness score: DCGAN convolutions, conditioning by projection (Miyato & Koyama, 2018)
+    and, with `aux_classifier`, class logits from the same features (AC-GAN style)."""
 
     def __init__(self, cfg: GanConfig) -> None:
         super().__init__()
         widths = [cfg.d_channels * 2**i for i in range(cfg.n_up + 1)]
-        layers: list[nn.Module] = [spectral_norm(nn.Conv2d(cfg.channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.1)]
-        for c_in, c_out in zip(widths, widths[1:]):
-            layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.1)]
-        layers += [spectral_norm(nn.Conv2d(widths[-1], widths[-1], 3, 1, 1)), nn.LeakyReLU(0.1)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 3, 1, 1), nn.LeakyReLU(0.2)]
+        for c_in, c_out in itertools.pairwise(widths):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
-        self.score = spectral_norm(nn.Linear(widths[-1], 1))
-        self.embed = spectral_norm(nn.Embedding(cfg.num_classes, widths[-1])) if cfg.num_classes else None
+        flat = widths[-1] * math.ceil(cfg.height / 2**cfg.n_up) * math.ceil(cfg.width / 2**cfg.n_up)
+        self.score = nn.Linear(flat, 1)
+        self.embed = nn.Embedding(cfg.num_classes, flat) if cfg.num_classes else None
         has_classifier = cfg.aux_classifier and cfg.num_classes
-        self.classify = nn.Linear(widths[-1], cfg.num_classes) if has_classifier else None
+        self.classify = nn.Linear(flat, cfg.num_classes) if has_classifier else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=0.01)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.score_and_logits(x, labels)[0]
 
     def score_and_logits(self, x: torch.Tensor, labels: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Realness score `[N]` and, with `aux_classifier`, class logits `[N, K]` (an AC-GAN style head)."""
-        h = self.features(x).mean(dim=(2, 3))
+        """Realness score `[N]` and class logits `[N, K]` (None without `aux_classifier`)."""
+        h = self.features(x)
         out = self.score(h).squeeze(1)
         if self.embed is not None:
             out = out + (self.embed(labels) * h).sum(dim=1)

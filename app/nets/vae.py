@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         widths = cfg.widths
         layers: list[nn.Module] = [nn.Conv2d(cfg.channels + cfg.num_classes, widths[0], 3, 1, 1), nn.LeakyReLU(0.1)]
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1)]
         self.features = nn.Sequential(*layers)
         base_h, base_w = cfg.base_size
@@ -74,14 +75,15 @@ class Decoder(nn.Module):
             nn.Linear(cfg.latent_dim + cfg.num_classes, widths[0] * self.base_h * self.base_w), nn.ReLU(inplace=True)
         )
         stages: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.cfg.num_classes:
-            z = torch.cat([z, F.one_hot(labels, self.cfg.num_classes).to(z.dtype)], dim=1)
+        if self.cfg.num_classes:  # integer labels, or soft labels [N, K] (e.g. to morph between classes)
+            onehot = labels if labels.is_floating_point() else F.one_hot(labels, self.cfg.num_classes)
+            z = torch.cat([z, onehot.to(z.dtype)], dim=1)
         x = self.project(z).view(len(z), -1, self.base_h, self.base_w)
         logits = self.to_image(self.stages(x))
         return logits[:, :, : self.cfg.height, : self.cfg.width]
@@ -108,7 +110,8 @@ class ConditionalVAE(nn.Module):
         mu, _ = self.encode(x, labels)
         return self.decode(mu, labels)
 
-    def interpolate(self, z0: torch.Tensor, z1: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def interpolate(self, z0: torch.Tensor, z1: torch.Tensor, steps: int,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
         """Decode `steps` latents evenly spaced from z0 to z1 (each `[latent_dim]`); labels: `[steps]` or None."""
         t = torch.linspace(0, 1, steps, device=z0.device)[:, None]
         return self.decode((1 - t) * z0 + t * z1, labels)

@@ -1,0 +1,65 @@
+"""The FastAPI application: settings, device worker, model repository, middleware, error mapping and routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.api.disconnect import ClientDisconnected
+from app.api.errors import error_response, install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.api.routes import generate, health, models, vae
+from app.metrics import Metrics
+from app.repository import ModelRepository
+from app.settings import Settings
+from app.training import resolve_device
+
+DESCRIPTION = """Synthetic image datasets from trained GAN and VAE checkpoints.
+
+Concurrent requests are packed into batches per model; a sample is a pure function of (model, seed, index).
+Try **POST /v1/models/{name}/generate** with `format=png` to see a grid of samples."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; models load in the lifespan (at start-up), on the device's single worker thread."""
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        device = resolve_device(settings.device)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
+        repository = ModelRepository(settings, device, executor, metrics)
+        app.state.repository = repository
+        await repository.load_all()
+        try:
+            yield
+        finally:
+            await repository.close()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="synthgen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        return error_response(request, 499, "the client closed the connection; its samples were cancelled")
+
+    for module in (health, models, generate, vae):
+        app.include_router(module.router)
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-Seed"])
+    return app

@@ -1,0 +1,51 @@
+"""Encoding of samples as JSON (PNG base64 per sample), `.npz` bytes or one PNG grid, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+
+from fastapi.responses import JSONResponse, Response
+
+from app.api.schemas import OutputFormat, SamplePublic, SamplesPublic
+from app.export import npz_bytes
+from app.plots import encode_png, image_grid
+from app.service import Samples
+
+# OpenAPI description of the three formats, for the routes' `responses=`.
+SAMPLE_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "format=json: samples with base64 PNGs; npz: arrays `images` and `labels`; png: one grid",
+        "content": {"application/json": {"schema": SamplesPublic.model_json_schema()},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}}},
+    },
+}
+
+
+def _json(samples: Samples) -> dict:
+    items = []
+    for index, image in enumerate(samples.images):
+        label = int(samples.labels[index]) if samples.labels is not None else None
+        items.append(SamplePublic(index=index, label=label,
+                                  class_name=samples.class_names[label] if label is not None else None,
+                                  png_base64=base64.b64encode(encode_png(image)).decode()).model_dump())
+    return {"model": samples.model, "seed": samples.seed, "samples": items}
+
+
+def _grid(samples: Samples) -> bytes:
+    columns = max(1, math.ceil(math.sqrt(len(samples.images))))
+    return encode_png(image_grid(samples.images, columns=columns, scale=2 if samples.images.shape[1] < 64 else 1))
+
+
+async def samples_response(samples: Samples, output: OutputFormat) -> Response:
+    headers = {"X-Seed": str(samples.seed)} if samples.seed is not None else {}
+    if output == "json":
+        return JSONResponse(await asyncio.to_thread(_json, samples), headers=headers)
+    if output == "npz":
+        labels = samples.labels if samples.labels is not None else [0] * len(samples.images)
+        body = await asyncio.to_thread(npz_bytes, samples.images, labels)
+        headers["Content-Disposition"] = f'attachment; filename="{samples.model}.npz"'
+        return Response(body, media_type="application/octet-stream", headers=headers)
+    return Response(await asyncio.to_thread(_grid, samples), media_type="image/png", headers=headers)

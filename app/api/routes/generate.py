@@ -1,0 +1,43 @@
+"""Sample generation: `POST /v1/models/{name}/generate`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+
+from app import service
+from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.disconnect import unless_disconnected
+from app.api.responses import SAMPLE_RESPONSES, samples_response
+from app.api.schemas import ErrorPublic, GenerateRequest
+from app.errors import InvalidInputError
+
+router = APIRouter(prefix="/v1/models", tags=["generate"], dependencies=[Depends(require_api_key)])
+
+ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422, 503, 504)}
+
+
+@router.post(
+    "/{name}/generate",
+    summary="Generate samples",
+    description=(
+        "Generates `n` samples through the model's micro-batcher. A sample is a pure function of (model, seed, "
+        "index): the same request gives the same pixels whether it ran alone or packed with others. "
+        "`format=png` returns one grid image (Swagger UI shows it), `npz` the arrays `images` and `labels`, "
+        "`json` a base64 PNG per sample. The seed used is echoed in `X-Seed`. "
+        "A full queue answers 503 with Retry-After; a request waiting past the timeout answers 504."
+    ),
+    response_class=Response,
+    responses={**SAMPLE_RESPONSES, **ERRORS},
+    dependencies=[Depends(require_json)],
+)
+async def generate(body: GenerateRequest, request: Request, repository: RepositoryDep, settings: SettingsDep,
+                   name: str = Path(description="model name", examples=["mnist-cgan"])) -> Response:
+    if body.n > settings.max_samples_per_request:
+        raise InvalidInputError(f"n={body.n} is over the limit of {settings.max_samples_per_request} samples per "
+                                "request; ask for fewer, or use a dataset export")
+    model, batcher = repository.ready_model(name)
+    request.state.n = body.n
+    samples = await unless_disconnected(request, service.generate(
+        model, batcher, body.n, body.label, body.seed, body.truncation, settings.request_timeout_s))
+    return await samples_response(samples, body.format)

@@ -1,0 +1,60 @@
+"""The model repository over HTTP: list, describe, load (or reload) and unload."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Path
+
+from app.api.deps import RepositoryDep, SettingsDep, require_api_key
+from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
+from app.errors import ConflictError
+from app.repository import ModelEntry
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)],
+                   responses={401: {"model": ErrorPublic}, 403: {"model": ErrorPublic}})
+ModelName = Path(description="a model folder's name, e.g. mnist-cgan", examples=["mnist-cgan"])
+
+
+def model_public(entry: ModelEntry, dtype: str, detail: bool = False) -> ModelPublic | ModelDetailPublic:
+    fields: dict = {"name": entry.name, "status": entry.status, "error": entry.error, "kind": None}
+    model = entry.model
+    if model is not None:
+        height, width, channels = model.image_shape
+        fields.update(kind=model.kind, height=height, width=width, channels=channels,
+                      class_names=model.class_names, device=str(model.device),
+                      dtype=dtype if model.device.type == "cuda" else "float32",
+                      quality=model.card.get("metrics", {}))
+        if detail:
+            return ModelDetailPublic(**fields, config=model.config, card=model.card)
+    return ModelDetailPublic(**fields) if detail else ModelPublic(**fields)
+
+
+@router.get("", summary="List models", response_model=ModelsPublic,
+            description="Every model folder of the repository with its status, shape, classes and quality summary.")
+async def list_models(repository: RepositoryDep, settings: SettingsDep) -> ModelsPublic:
+    repository.discover()
+    return ModelsPublic(models=[model_public(e, settings.dtype) for _, e in sorted(repository.entries.items())])
+
+
+@router.get("/{name}", summary="Describe a model", response_model=ModelDetailPublic,
+            description="The model's summary plus its whole config.json and card.json.",
+            responses={404: {"model": ErrorPublic}})
+async def get_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelDetailPublic:
+    return model_public(repository.get(name), settings.dtype, detail=True)
+
+
+@router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,
+             description="Loads the model folder from disk (again), replacing the loaded version once the new one "
+                         "loaded. A checkpoint that fails to load answers 409 with the reason; others keep serving.",
+             responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}})
+async def load_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelPublic:
+    entry = await repository.load(name)
+    if entry.status == "failed":
+        raise ConflictError(f"model {name!r} failed to load: {entry.error}")
+    return model_public(entry, settings.dtype)
+
+
+@router.delete("/{name}", summary="Unload a model", response_model=ModelPublic,
+               description="Stops the model's worker and frees its memory; waiting requests fail. The folder stays "
+                           "on disk; POST .../load brings it back.", responses={404: {"model": ErrorPublic}})
+async def unload_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelPublic:
+    return model_public(await repository.unload(name), settings.dtype)

@@ -1,0 +1,81 @@
+"""VAE operations: reconstruct uploads, interpolate between latents, inpaint masked pixels. GANs answer 409."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
+from fastapi.responses import Response
+
+from app import service
+from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.responses import SAMPLE_RESPONSES, samples_response
+from app.api.schemas import ErrorPublic, InterpolateRequest, OutputFormat
+from app.errors import InvalidInputError
+
+router = APIRouter(prefix="/v1/models", tags=["vae"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422)}
+ModelName = Annotated[str, Path(description="name of a VAE model", examples=["mnist-cvae"])]
+FormatForm = Annotated[OutputFormat, Form(description="png (one grid), json or npz")]
+ConvertForm = Annotated[bool, Form(description="resize/convert uploads to the model's image shape; else a "
+                                               "size mismatch is a 422")]
+
+
+async def _read(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInputError(f"{upload.filename}: over the upload limit of {limit} bytes")
+    return data
+
+
+def _split_labels(labels: str | None) -> list[str | int] | None:
+    return [part.strip() for part in labels.split(",")] if labels and labels.strip() else None
+
+
+@router.post("/{name}/reconstruct", summary="Reconstruct images", response_class=Response,
+             description="Upload PNG/JPEG images; each is encoded and decoded (the posterior mean). `labels`: one "
+                         "class for all or one per image, comma-separated; omitted → the best-fitting class.",
+             responses={**SAMPLE_RESPONSES, **ERRORS})
+async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+                      files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
+                      labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
+                      convert: ConvertForm = False, format: FormatForm = "png") -> Response:
+    model, _ = repository.ready_model(name)
+    service.require_vae(model)
+    if len(files) > settings.max_upload_files:
+        raise InvalidInputError(f"{len(files)} files is over the limit of {settings.max_upload_files} per request")
+    images = [service.decode_upload(await _read(f, settings.max_upload_bytes), f.filename or f"file {i}", model,
+                                    convert, settings.max_image_pixels) for i, f in enumerate(files)]
+    samples = await service.reconstruct(model, repository.executor, images, _split_labels(labels))
+    return await samples_response(samples, format)
+
+
+@router.post("/{name}/interpolate", summary="Interpolate between two latents", response_class=Response,
+             description="Decodes `steps` points on the straight line from the latent of (seed_a, index 0) to that "
+                         "of (seed_b, index 0); a conditional VAE also morphs label_a into label_b.",
+             responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
+async def interpolate(body: InterpolateRequest, repository: RepositoryDep, name: ModelName) -> Response:
+    model, _ = repository.ready_model(name)
+    samples = await service.interpolate(model, repository.executor, body.seed_a, body.seed_b, body.label_a,
+                                        body.label_b, body.steps)
+    return await samples_response(samples, body.format)
+
+
+@router.post("/{name}/inpaint", summary="Fill missing pixels", response_class=Response,
+             description="Upload an image and a mask of the same size (white = missing). The gaps are filled by "
+                         "iterating encode/decode while the known pixels stay clamped.",
+             responses={**SAMPLE_RESPONSES, **ERRORS})
+async def inpaint(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+                  image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
+                  mask: Annotated[UploadFile, File(description="white where pixels are missing")],
+                  label: Annotated[str | None, Form(description="class; omitted → the best-fitting class")] = None,
+                  iterations: Annotated[int, Form(ge=1, le=500)] = 60,
+                  convert: ConvertForm = False, format: FormatForm = "png") -> Response:
+    model, _ = repository.ready_model(name)
+    service.require_vae(model)
+    pixels = service.decode_upload(await _read(image, settings.max_upload_bytes), image.filename or "image", model,
+                                   convert, settings.max_image_pixels)
+    holes = service.decode_upload(await _read(mask, settings.max_upload_bytes), mask.filename or "mask", model,
+                                  convert, settings.max_image_pixels, mask=True)
+    samples = await service.inpaint(model, repository.executor, pixels, holes, label, iterations)
+    return await samples_response(samples, format)

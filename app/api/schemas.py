@@ -1,0 +1,92 @@
+"""Request and response schemas, named by family: `*Request` in, `*Public` out."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.sampling import MAX_SEED
+
+OutputFormat = Literal["json", "npz", "png"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateRequest(_Strict):
+    """What to generate. Omit `label` for classes drawn uniformly; omit `seed` for a random one (returned)."""
+
+    n: int = Field(16, ge=1, description="number of samples (at most the server's max_samples_per_request)")
+    label: str | int | None = Field(None, description="class name or index; omitted → drawn uniformly per sample")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="omitted → a random seed, returned")
+    truncation: float = Field(1.0, gt=0, le=4, description="latent scale: GAN truncation ψ, VAE prior temperature")
+    format: OutputFormat = Field("json", description="json (PNG base64 per sample), npz, or png (one grid)")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"n": 16, "label": "7", "seed": 0, "format": "png"},
+                     {"n": 4, "seed": 42, "format": "json"}]})
+
+
+class InterpolateRequest(_Strict):
+    """Decode `steps` latents on the straight line from (seed_a, label_a) to (seed_b, label_b)."""
+
+    seed_a: int = Field(0, ge=0, le=MAX_SEED)
+    seed_b: int = Field(1, ge=0, le=MAX_SEED)
+    label_a: str | int | None = Field(None, description="class at the start; omitted → drawn from seed_a")
+    label_b: str | int | None = Field(None, description="class at the end; omitted → label_a")
+    steps: int = Field(8, ge=2, le=256)
+    format: OutputFormat = "png"
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"seed_a": 0, "seed_b": 1, "label_a": "3", "label_b": "8", "steps": 8, "format": "png"}]})
+
+
+class SamplePublic(BaseModel):
+    index: int
+    label: int | None
+    class_name: str | None
+    png_base64: str
+
+
+class SamplesPublic(BaseModel):
+    model: str
+    seed: int | None = None
+    samples: list[SamplePublic]
+
+
+class ModelPublic(BaseModel):
+    name: str
+    kind: Literal["gan", "vae"] | None
+    status: Literal["loading", "ready", "failed", "unloaded"]
+    error: str | None = None
+    height: int | None = None
+    width: int | None = None
+    channels: int | None = None
+    class_names: list[str] = []
+    device: str | None = None
+    dtype: str | None = None
+    quality: dict[str, Any] = Field(default_factory=dict, description="the metrics of the model's card.json")
+
+
+class ModelsPublic(BaseModel):
+    models: list[ModelPublic]
+
+
+class ModelDetailPublic(ModelPublic):
+    config: dict[str, Any] = Field(default_factory=dict)
+    card: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer: what went wrong and how to fix it."""
+
+    detail: str
+    request_id: str | None = None
+
+
+class ReadyPublic(BaseModel):
+    ready: bool
+    models: dict[str, str]
+    problems: list[str] = []

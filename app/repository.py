@@ -1,0 +1,168 @@
+"""The model repository: discovers `models/<name>/`, loads each onto the device with its own micro-batcher, and
+loads, unloads and reloads models at run time. A model that fails to load is reported and stops no other."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.batcher import MicroBatcher
+from app.checkpoint import SyntheticModel, load_model
+from app.errors import ConflictError, InvalidInputError, NotFoundError, SynthgenError
+from app.metrics import Metrics
+from app.sampling import render
+from app.settings import Settings
+
+log = logging.getLogger("synthgen.repository")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def validate_model_name(name: str) -> str:
+    """Model names are folder names: letters, digits, '.', '_' and '-', no path tricks."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise InvalidInputError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                                "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class ModelEntry:
+    """A model's place in the repository: its status and, when ready, the model and its batcher."""
+
+    name: str
+    folder: Path
+    status: str = "unloaded"  # loading | ready | failed | unloaded
+    error: str | None = None
+    model: SyntheticModel | None = None
+    batcher: MicroBatcher | None = None
+
+    def ready(self) -> tuple[SyntheticModel, MicroBatcher]:
+        if self.status != "ready" or self.model is None or self.batcher is None:
+            detail = f": {self.error}" if self.error else ""
+            raise ConflictError(f"model {self.name!r} is {self.status}{detail}; load it with "
+                                f"POST /v1/models/{self.name}/load")
+        return self.model, self.batcher
+
+
+def make_batch_function(model: SyntheticModel, dtype: torch.dtype):
+    """The forward pass the batcher runs on the device thread; on CUDA out-of-memory it splits the batch."""
+
+    def run(z: torch.Tensor, labels: torch.Tensor, truncation: torch.Tensor) -> np.ndarray:
+        try:
+            with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return render(model, z, labels, truncation[:, None], batch_size=max(len(z), 1))
+        except torch.cuda.OutOfMemoryError:
+            if len(z) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(z) // 2
+            return np.concatenate([run(z[:half], labels[:half], truncation[:half]),
+                                   run(z[half:], labels[half:], truncation[half:])])
+
+    return run
+
+
+class ModelRepository:
+    """All models of `settings.models_dir`, by name."""
+
+    def __init__(self, settings: Settings, device: torch.device, executor: Executor, metrics: Metrics) -> None:
+        self.settings, self.device, self.executor, self.metrics = settings, device, executor, metrics
+        self.entries: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def discover(self) -> list[str]:
+        """Names of the model folders (those with a config.json), sorted."""
+        root = self.settings.models_dir
+        if not root.is_dir():
+            return []
+        names = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file() and MODEL_NAME.match(p.name))
+        for name in names:
+            self.entries.setdefault(name, ModelEntry(name, root / name))
+        return names
+
+    def get(self, name: str) -> ModelEntry:
+        validate_model_name(name)
+        entry = self.entries.get(name)
+        if entry is None:
+            self.discover()
+            entry = self.entries.get(name)
+        if entry is None:
+            raise NotFoundError(f"no model named {name!r}; GET /v1/models lists them")
+        return entry
+
+    def ready_model(self, name: str) -> tuple[SyntheticModel, MicroBatcher]:
+        return self.get(name).ready()
+
+    async def load_all(self) -> None:
+        for name in self.discover():
+            await self.load(name)
+
+    async def load(self, name: str) -> ModelEntry:
+        """(Re)load a model: a new model replaces the old only once it loaded; a failure is kept on the entry."""
+        entry = self.get(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            self._set_status(entry, "loading")
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, load_model, entry.folder, self.device, name)
+            except SynthgenError as exc:
+                log.error("model %s failed to load: %s", name, exc)
+                await self._stop(entry)
+                entry.error = str(exc)
+                self._set_status(entry, "failed")
+                return entry
+            await self._stop(entry)
+            dtype = DTYPES[self.settings.dtype] if self.device.type == "cuda" else torch.float32
+            batcher = MicroBatcher(make_batch_function(model, dtype), self.executor,
+                                   max_batch_size=self.settings.max_batch_size,
+                                   max_wait_s=self.settings.max_batch_wait_ms / 1000,
+                                   max_queued_samples=self.settings.max_queued_samples,
+                                   observer=self.metrics.observer(name))
+            batcher.start()
+            entry.model, entry.batcher, entry.error = model, batcher, None
+            self._set_status(entry, "ready")
+            log.info("model %s ready on %s", name, self.device)
+            return entry
+
+    async def unload(self, name: str) -> ModelEntry:
+        entry = self.get(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            await self._stop(entry)
+            entry.error = None
+            self._set_status(entry, "unloaded")
+        return entry
+
+    async def close(self) -> None:
+        for entry in self.entries.values():
+            await self._stop(entry)
+
+    async def _stop(self, entry: ModelEntry) -> None:
+        if entry.batcher is not None:
+            await entry.batcher.stop()
+        entry.model, entry.batcher = None, None
+
+    def _set_status(self, entry: ModelEntry, status: str) -> None:
+        entry.status = status
+        self.metrics.set_status(entry.name, status)
+
+    def not_ready(self) -> list[str]:
+        """What keeps the server from being ready: models not ready, workers not running."""
+        problems = []
+        for entry in self.entries.values():
+            if entry.status == "unloaded":
+                continue
+            if entry.status != "ready":
+                problems.append(f"model {entry.name} is {entry.status}" + (f": {entry.error}" if entry.error else ""))
+            elif entry.batcher is None or not entry.batcher.running:
+                problems.append(f"model {entry.name}: worker not running")
+        if not any(entry.status == "ready" for entry in self.entries.values()):
+            problems.append("no model is loaded")
+        return problems

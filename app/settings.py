@@ -1,0 +1,61 @@
+"""Server settings from `SYNTHGEN_*` environment variables, validated at start."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """Every setting has a safe default; e.g. `SYNTHGEN_MAX_BATCH_SIZE=512`."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTHGEN_", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="the model repository: one folder per model")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype on CUDA")
+    max_batch_size: int = Field(256, ge=1, le=65_536, description="samples per forward pass")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch may wait to fill")
+    max_queued_samples: int = Field(100_000, ge=1, description="per model; beyond it requests get 503")
+    request_timeout_s: float = Field(120.0, gt=0, le=3600, description="a request waiting longer gets 504")
+    max_samples_per_request: int = Field(10_000, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (JSON)")
+    max_upload_bytes: int = Field(16 * 1_048_576, ge=1024, description="largest multipart upload")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="largest uploaded image, in pixels")
+    max_upload_files: int = Field(256, ge=1, description="most images in one upload")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = open")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        if any(len(key) < 16 for key in value):
+            raise ValueError("each API key must be at least 16 characters long")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
