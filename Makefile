@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install serve demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/synthgen serve
 
 demo: install
 	$(BIN)/synthgen generate --model models/mnist-cgan --per-class 10 --seed 0 --out out/mnist-cgan.png

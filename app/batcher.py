@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from app.errors import OverloadedError, RequestTimeoutError, SynthgenError
+from app.errors import ModelFailureError, OverloadedError, RequestTimeoutError, SynthgenError
 
 # (latents [n, d], labels [n], per-sample truncation [n]) → uint8 images [n, H, W, C]
 BatchFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], np.ndarray]
@@ -122,7 +122,8 @@ class MicroBatcher:
             self._task = None
         for pending in self._pending:
             if not pending.future.done():
-                pending.future.set_exception(SynthgenError("the model was unloaded while the request waited"))
+                pending.future.set_exception(OverloadedError("the model was unloaded or reloaded while the request "
+                                                             "waited; retry", retry_after_s=1))
         self._pending.clear()
         self._set_queued(0)
 
@@ -218,9 +219,11 @@ class MicroBatcher:
             try:
                 images = await loop.run_in_executor(self._executor, self._run_batch, z, labels, truncation)
             except Exception as exc:  # the forward pass failed: only this batch's requests fail
+                failure = ModelFailureError(f"the model's forward pass failed ({type(exc).__name__}: {exc}); "
+                                            "other requests are not affected, retrying may succeed")
                 for pending in {id(s.pending): s.pending for s in slices}.values():
                     if not pending.future.done():
-                        pending.future.set_exception(exc)
+                        pending.future.set_exception(failure)
                     self._withdraw(pending)
                 continue
             self.stats.forward_passes += 1

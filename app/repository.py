@@ -106,18 +106,22 @@ class ModelRepository:
             await self.load(name)
 
     async def load(self, name: str) -> ModelEntry:
-        """(Re)load a model: a new model replaces the old only once it loaded; a failure is kept on the entry."""
+        """(Re)load a model: the new version replaces the old only once it loaded; a failure is kept in `error`
+        (and a model that was serving keeps serving its old version)."""
         entry = self.get(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            self._set_status(entry, "loading")
+            if entry.status != "ready":  # a reload keeps serving the old version until the new one is in place
+                self._set_status(entry, "loading")
             try:
                 model = await asyncio.get_running_loop().run_in_executor(
                     self.executor, load_model, entry.folder, self.device, name)
             except SynthgenError as exc:
                 log.error("model %s failed to load: %s", name, exc)
-                await self._stop(entry)
-                entry.error = str(exc)
-                self._set_status(entry, "failed")
+                if entry.status == "ready":
+                    entry.error = f"{exc}; still serving the version loaded before"
+                else:
+                    entry.error = str(exc)
+                    self._set_status(entry, "failed")
                 return entry
             await self._stop(entry)
             dtype = DTYPES[self.settings.dtype] if self.device.type == "cuda" else torch.float32

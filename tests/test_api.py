@@ -302,3 +302,28 @@ async def test_openapi_documents_every_route(models_dir: Path) -> None:
         generate = schema["paths"]["/v1/models/{name}/generate"]["post"]
         assert "image/png" in generate["responses"]["200"]["content"]
         assert (await client.get("/docs")).status_code == 200
+
+
+async def test_failing_forward_pass_fails_only_its_batch(models_dir: Path) -> None:
+    async with serve(models_dir, max_batch_wait_ms=0) as client:
+        batcher = client.app.state.repository.entries["digits-gan"].batcher  # type: ignore[attr-defined]
+        healthy = batcher._run_batch
+
+        def flaky(z, labels, truncation):
+            if (labels == 3).any():
+                raise RuntimeError("injected fault")
+            return healthy(z, labels, truncation)
+
+        batcher._run_batch = flaky
+        failed = await client.post("/v1/models/digits-gan/generate", json={"n": 2, "label": 3})
+        assert failed.status_code == 500 and "injected fault" in failed.json()["detail"]
+        assert (await client.post("/v1/models/digits-gan/generate", json={"n": 2, "label": 2})).status_code == 200
+        assert batcher.running and batcher.queued_samples == 0
+
+
+async def test_failed_reload_keeps_serving_the_old_version(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        (models_dir / "digits-vae" / "decoder.safetensors").write_bytes(b"truncated")
+        reload = await client.post("/v1/models/digits-vae/load")
+        assert reload.status_code == 409 and "still serving" in reload.json()["detail"]
+        assert (await client.post("/v1/models/digits-vae/generate", json={"n": 2})).status_code == 200

@@ -44,11 +44,12 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: str 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,
              description="Loads the model folder from disk (again), replacing the loaded version once the new one "
-                         "loaded. A checkpoint that fails to load answers 409 with the reason; others keep serving.",
+                         "loaded. A checkpoint that fails to load answers 409 with the reason; a model that was serving "
+                         "keeps serving its previous version, and the other models are not affected.",
              responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}})
 async def load_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelPublic:
     entry = await repository.load(name)
-    if entry.status == "failed":
+    if entry.error:
         raise ConflictError(f"model {name!r} failed to load: {entry.error}")
     return model_public(entry, settings.dtype)
 

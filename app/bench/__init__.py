@@ -1,0 +1,1 @@
+"""Benchmarks: synthgen against the raw model (and, later, against peers)."""
