@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tarfile
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -35,24 +36,102 @@ def sample_file_name(class_name: str, index: int) -> str:
     return f"{class_name}/{index:08d}.png"
 
 
-def image_folder_files(images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
-                       manifest: dict[str, Any], start_index: int = 0) -> list[tuple[str, bytes]]:
-    """(path, bytes) for every file of the ImageFolder layout, PNGs first, then labels.csv and manifest.json."""
-    files, rows = [], []
-    for offset, (image, label) in enumerate(zip(images, labels)):
-        index = start_index + offset
-        name = sample_file_name(class_names[label] if class_names else "samples", index)
-        files.append((name, encode_png(image)))
-        rows.append([name, int(label), class_names[label] if class_names else "", seed, index])
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(LABELS_HEADER)
-    writer.writerows(rows)
-    counts = Counter(class_names[label] if class_names else "samples" for label in labels.tolist())
-    manifest = {**manifest, "seed": seed, "count": len(images), "counts": dict(sorted(counts.items()))}
-    files.append(("labels.csv", text.getvalue().encode()))
-    files.append(("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode()))
-    return files
+class _Sink:
+    """A write-only, unseekable stream that keeps what was written until `take()`."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._position = 0
+
+    def write(self, data: bytes) -> int:
+        self._chunks.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self._chunks = b"".join(self._chunks), []
+        return data
+
+
+class ImageFolderZip:
+    """Writes the ImageFolder layout into a zip as a stream: add samples batch by batch and `take()` the bytes
+    written so far, so an archive of any size needs only one batch in memory."""
+
+    def __init__(self, class_names: list[str], seed: int) -> None:
+        self.class_names, self.seed = class_names, seed
+        self._sink = _Sink()
+        self._zip = zipfile.ZipFile(self._sink, "w", compression=zipfile.ZIP_STORED)  # type: ignore[arg-type]
+        self._rows: list[tuple[str, int, int]] = []
+
+    def _class(self, label: int) -> str:
+        return self.class_names[label] if self.class_names else "samples"
+
+    def _write(self, name: str, data: bytes) -> None:
+        info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+        info.external_attr = 0o644 << 16
+        self._zip.writestr(info, data)
+
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
+        """Add PNGs for these samples; returns the archive bytes produced."""
+        for image, label, index in zip(images, labels.tolist(), indices):
+            name = sample_file_name(self._class(label), index)
+            self._write(name, encode_png(image))
+            self._rows.append((name, int(label), int(index)))
+        return self._sink.take()
+
+    def finish(self, manifest: dict[str, Any]) -> bytes:
+        """Write labels.csv and manifest.json and close the archive; returns the last bytes."""
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(LABELS_HEADER)
+        for name, label, index in self._rows:
+            writer.writerow([name, label, self.class_names[label] if self.class_names else "", self.seed, index])
+        counts = Counter(self._class(label) for _, label, _ in self._rows)
+        manifest = {**manifest, "seed": self.seed, "count": len(self._rows), "counts": dict(sorted(counts.items()))}
+        self._write("labels.csv", text.getvalue().encode())
+        self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
+        self._zip.close()
+        return self._sink.take()
+
+
+class WebDatasetTar:
+    """Writes samples as a WebDataset tar stream: `<key>.png`, `<key>.cls` (the label) and `<key>.json` per sample,
+    keys being 8-digit indices; bytes come out batch by batch like `ImageFolderZip`."""
+
+    def __init__(self, class_names: list[str], seed: int) -> None:
+        self.class_names, self.seed = class_names, seed
+        self._sink = _Sink()
+        self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in finish)
+        self._count = 0
+
+    def _write(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
+        for image, label, index in zip(images, labels.tolist(), indices):
+            key = f"{index:08d}"
+            class_name = self.class_names[label] if self.class_names else None
+            self._write(f"{key}.png", encode_png(image))
+            self._write(f"{key}.cls", str(label).encode())
+            self._write(f"{key}.json", json.dumps({"label": label, "class_name": class_name, "seed": self.seed,
+                                                   "index": index}, sort_keys=True).encode())
+            self._count += 1
+        return self._sink.take()
+
+    def finish(self, manifest: dict[str, Any]) -> bytes:
+        """Append `manifest.json` (read by neither WebDataset nor tar tools as a sample) and close the stream."""
+        self._write("manifest.json", (json.dumps({**manifest, "seed": self.seed, "count": self._count},
+                                                 sort_keys=True, indent=2) + "\n").encode())
+        self._tar.close()
+        return self._sink.take()
 
 
 def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
@@ -67,17 +146,17 @@ def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names
     if path.suffix == ".npz":
         path.write_bytes(npz_bytes(images, labels))
         return
-    files = image_folder_files(images, labels, class_names, seed, manifest)
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, data in files:
-                archive.writestr(zipfile.ZipInfo(name, date_time=_ZIP_EPOCH), data)
-        return
-    if path.suffix:
+    if path.suffix not in ("", ".zip"):
         raise InvalidInputError(f"--out {path}: use a .npz, .zip or .png file, or a directory without a suffix")
+    archive = ImageFolderZip(class_names, seed)
+    data = archive.add(images, labels, range(len(images))) + archive.finish(manifest)
+    if path.suffix == ".zip":
+        path.write_bytes(data)
+        return
     if path.exists() and any(path.iterdir()):
         raise InvalidInputError(f"--out {path}: the directory is not empty; choose a new one")
-    for name, data in files:
-        target = path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as written:
+        for name in written.namelist():
+            target = path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(written.read(name))

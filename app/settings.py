@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     max_queued_samples: int = Field(100_000, ge=1, description="per model; beyond it requests get 503")
     request_timeout_s: float = Field(120.0, gt=0, le=3600, description="a request waiting longer gets 504")
     max_samples_per_request: int = Field(10_000, ge=1, le=1_000_000)
+    max_dataset_samples: int = Field(1_000_000, ge=1, description="most samples in one streamed export")
+    max_npz_samples: int = Field(100_000, ge=1, description="most samples in an npz export (built in memory)")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (JSON)")
     max_upload_bytes: int = Field(16 * 1_048_576, ge=1024, description="largest multipart upload")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="largest uploaded image, in pixels")

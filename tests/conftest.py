@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
+from app.api.app import create_app
+from app.settings import Settings
 from app.training import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +36,28 @@ def tiny_gan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny("vae", tmp_path_factory.mktemp("models") / "digits-vae", epochs=2)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_gan: Path, tiny_vae: Path) -> Path:
+    """A model repository with copies of the tiny GAN and VAE (tests may break or edit them)."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_gan, root / "digits-gan")
+    shutil.copytree(tiny_vae, root / "digits-vae")
+    return root
+
+
+@asynccontextmanager
+async def serve(models_dir: Path, **overrides) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan, behind an httpx client on ASGITransport; `client.app` is the app."""
+    settings = Settings(models_dir=models_dir, device="cpu", **{"max_batch_wait_ms": 2, **overrides})
+    app = create_app(settings)
+    async with LifespanManager(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                       base_url="http://test", timeout=60) as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client

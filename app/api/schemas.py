@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.sampling import MAX_SEED
 
 OutputFormat = Literal["json", "npz", "png"]
+ArchiveFormat = Literal["zip", "tar", "npz"]
 
 
 class _Strict(BaseModel):
@@ -24,10 +25,6 @@ class GenerateRequest(_Strict):
     truncation: float = Field(1.0, gt=0, le=4, description="latent scale: GAN truncation ψ, VAE prior temperature")
     format: OutputFormat = Field("json", description="json (PNG base64 per sample), npz, or png (one grid)")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"n": 16, "label": "7", "seed": 0, "format": "png"},
-                     {"n": 4, "seed": 42, "format": "json"}]})
-
 
 class InterpolateRequest(_Strict):
     """Decode `steps` latents on the straight line from (seed_a, label_a) to (seed_b, label_b)."""
@@ -39,8 +36,17 @@ class InterpolateRequest(_Strict):
     steps: int = Field(8, ge=2, le=256)
     format: OutputFormat = "png"
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"seed_a": 0, "seed_b": 1, "label_a": "3", "label_b": "8", "steps": 8, "format": "png"}]})
+
+class DatasetRequest(_Strict):
+    """A dataset export: `per_class` (one count for every class, or counts by class name) or `n` samples."""
+
+    per_class: Annotated[int, Field(ge=1)] | dict[str, Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="samples of every class, or {class_name: count}")
+    n: int | None = Field(None, ge=1, description="samples in all (with `label`: all of that class)")
+    label: str | int | None = Field(None, description="with n: the class of every sample; omitted → drawn")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="omitted → a random seed (see X-Seed)")
+    truncation: float = Field(1.0, gt=0, le=4, description="latent scale: GAN truncation ψ, VAE prior temperature")
+    format: ArchiveFormat = Field("zip", description="zip (ImageFolder), tar (WebDataset) or npz (size-limited)")
 
 
 class SamplePublic(BaseModel):

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(timeout=30)
     raw = raw_samples_per_second(Path(args.models_dir) / args.model, args.max_batch_size, args.seconds)
-    print(f"| contender | concurrency | n | samples/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|")
+    print("| contender | concurrency | n | samples/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|")
     print(f"| raw (in-process, batch {args.max_batch_size}) | - | - | {raw:.0f} | - | - | - |")
     for row in rows:
         print(f"| synthgen | {row['concurrency']} | {row['n']} | {row['samples_per_s']:.0f} | {row['p50_ms']:.1f} | "

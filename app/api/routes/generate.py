@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Path, Request
 from fastapi.responses import Response
 
 from app import service
@@ -14,6 +16,14 @@ from app.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1/models", tags=["generate"], dependencies=[Depends(require_api_key)])
 
+GENERATE_EXAMPLES = {
+    "grid": {"summary": "a PNG grid of 16 sevens", "value": {"n": 16, "label": "7", "seed": 0, "format": "png"}},
+    "mixed": {"summary": "a PNG grid, classes drawn at random", "value": {"n": 64, "format": "png"}},
+    "npz": {"summary": "arrays for a pipeline", "value": {"n": 100, "seed": 42, "format": "npz"}},
+    "json": {"summary": "base64 PNGs in JSON", "value": {"n": 4, "label": 3, "seed": 1, "format": "json"}},
+}
+ModelName = Annotated[str, Path(description="model name (GET /v1/models lists them)",
+                                openapi_examples={"GAN": {"value": "mnist-cgan"}, "VAE": {"value": "mnist-cvae"}})]
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422, 503, 504)}
 
 
@@ -31,8 +41,8 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
     responses={**SAMPLE_RESPONSES, **ERRORS},
     dependencies=[Depends(require_json)],
 )
-async def generate(body: GenerateRequest, request: Request, repository: RepositoryDep, settings: SettingsDep,
-                   name: str = Path(description="model name", examples=["mnist-cgan"])) -> Response:
+async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
+                   repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> Response:
     if body.n > settings.max_samples_per_request:
         raise InvalidInputError(f"n={body.n} is over the limit of {settings.max_samples_per_request} samples per "
                                 "request; ask for fewer, or use a dataset export")

@@ -11,7 +11,8 @@ from app.repository import ModelEntry
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={401: {"model": ErrorPublic}, 403: {"model": ErrorPublic}})
-ModelName = Path(description="a model folder's name, e.g. mnist-cgan", examples=["mnist-cgan"])
+ModelName = Path(description="a model folder's name", openapi_examples={"GAN": {"value": "mnist-cgan"},
+                                                                        "VAE": {"value": "mnist-cvae"}})
 
 
 def model_public(entry: ModelEntry, dtype: str, detail: bool = False) -> ModelPublic | ModelDetailPublic:
@@ -44,8 +45,8 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: str 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,
              description="Loads the model folder from disk (again), replacing the loaded version once the new one "
-                         "loaded. A checkpoint that fails to load answers 409 with the reason; a model that was serving "
-                         "keeps serving its previous version, and the other models are not affected.",
+                         "loaded. A checkpoint that fails to load answers 409 with the reason; a model that was "
+                         "serving keeps serving its previous version, and the other models are not affected.",
              responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}})
 async def load_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelPublic:
     entry = await repository.load(name)

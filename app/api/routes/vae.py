@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Path, UploadFile
 from fastapi.responses import Response
 
 from app import service
@@ -15,7 +15,12 @@ from app.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1/models", tags=["vae"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422)}
-ModelName = Annotated[str, Path(description="name of a VAE model", examples=["mnist-cvae"])]
+ModelName = Annotated[str, Path(description="name of a VAE model", openapi_examples={"VAE": {"value": "mnist-cvae"}})]
+INTERPOLATE_EXAMPLES = {
+    "morph": {"summary": "a 3 turning into an 8", "value": {"seed_a": 0, "seed_b": 1, "label_a": "3", "label_b": "8",
+                                                          "steps": 10, "format": "png"}},
+    "same class": {"summary": "two styles of a 5", "value": {"seed_a": 4, "seed_b": 9, "label_a": 5, "steps": 8}},
+}
 FormatForm = Annotated[OutputFormat, Form(description="png (one grid), json or npz")]
 ConvertForm = Annotated[bool, Form(description="resize/convert uploads to the model's image shape; else a "
                                                "size mismatch is a 422")]
@@ -54,7 +59,8 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
              description="Decodes `steps` points on the straight line from the latent of (seed_a, index 0) to that "
                          "of (seed_b, index 0); a conditional VAE also morphs label_a into label_b.",
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
-async def interpolate(body: InterpolateRequest, repository: RepositoryDep, name: ModelName) -> Response:
+async def interpolate(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
+                      repository: RepositoryDep, name: ModelName) -> Response:
     model, _ = repository.ready_model(name)
     samples = await service.interpolate(model, repository.executor, body.seed_a, body.seed_b, body.label_a,
                                         body.label_b, body.steps)
