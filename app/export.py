@@ -11,6 +11,7 @@ import io
 import json
 import tarfile
 import zipfile
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ class ImageFolderZip:
         self.class_names, self.seed = class_names, seed
         self._sink = _Sink()
         self._zip = zipfile.ZipFile(self._sink, "w", compression=zipfile.ZIP_STORED)  # type: ignore[arg-type]
-        self._rows: list[tuple[str, int, int]] = []
+        self._labels, self._indices = array("q"), array("q")  # 16 bytes a sample, for labels.csv at the end
 
     def _class(self, label: int) -> str:
         return self.class_names[label] if self.class_names else "samples"
@@ -80,9 +81,9 @@ class ImageFolderZip:
     def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
         """Add PNGs for these samples; returns the archive bytes produced."""
         for image, label, index in zip(images, labels.tolist(), indices):
-            name = sample_file_name(self._class(label), index)
-            self._write(name, encode_png(image))
-            self._rows.append((name, int(label), int(index)))
+            self._write(sample_file_name(self._class(label), index), encode_png(image))
+            self._labels.append(int(label))
+            self._indices.append(int(index))
         return self._sink.take()
 
     def finish(self, manifest: dict[str, Any]) -> bytes:
@@ -90,10 +91,11 @@ class ImageFolderZip:
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(LABELS_HEADER)
-        for name, label, index in self._rows:
-            writer.writerow([name, label, self.class_names[label] if self.class_names else "", self.seed, index])
-        counts = Counter(self._class(label) for _, label, _ in self._rows)
-        manifest = {**manifest, "seed": self.seed, "count": len(self._rows), "counts": dict(sorted(counts.items()))}
+        for label, index in zip(self._labels, self._indices):
+            writer.writerow([sample_file_name(self._class(label), index), label,
+                             self.class_names[label] if self.class_names else "", self.seed, index])
+        counts = Counter(self._class(label) for label in self._labels)
+        manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": dict(sorted(counts.items()))}
         self._write("labels.csv", text.getvalue().encode())
         self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
         self._zip.close()

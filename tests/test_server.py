@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -24,8 +25,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 @pytest.fixture
-def server(tmp_path: Path, tiny_gan: Path) -> str:
+def server(tmp_path: Path, tiny_gan: Path):
     models = tmp_path / "models"
     shutil.copytree(tiny_gan, models / "digits-gan")
     port = _free_port()
@@ -45,14 +53,15 @@ def server(tmp_path: Path, tiny_gan: Path) -> str:
             time.sleep(0.2)
         else:
             raise AssertionError("the server did not become ready within 60 s")
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
         assert process.returncode in (0, -15), output
 
 
-def test_real_server_generates(server: str) -> None:
+def test_real_server_generates(server: tuple[str, int]) -> None:
+    server, _ = server
     response = httpx.post(f"{server}/v1/models/digits-gan/generate", json={"n": 4, "seed": 3, "format": "npz"},
                           headers={"X-Request-ID": "abc-123"}, timeout=30)
     assert response.status_code == 200 and response.headers["x-request-id"] == "abc-123"
@@ -63,3 +72,24 @@ def test_real_server_generates(server: str) -> None:
     metrics = httpx.get(f"{server}/metrics").text
     assert 'synthgen_requests_total{route="/v1/models/{name}/generate",status="200"} 2.0' in metrics
     assert 'synthgen_model_status{model="digits-gan",status="ready"} 1.0' in metrics
+
+
+def test_streamed_export_keeps_server_memory_flat(server: tuple[str, int], tmp_path: Path) -> None:
+    url, pid = server
+    samples: list[tuple[int, float]] = []
+    received = 0
+    target = tmp_path / "big.zip"
+    with httpx.stream("POST", f"{url}/v1/models/digits-gan/datasets", json={"per_class": 2000, "seed": 0},
+                      timeout=120) as response, target.open("wb") as out:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            out.write(chunk)
+            received += len(chunk)
+            samples.append((received, _rss_mb(pid)))
+    with zipfile.ZipFile(target) as archive:
+        names = archive.namelist()
+    assert len(names) == 20_000 + 2
+    warm = next(rss for size, rss in samples if size > received * 0.1)
+    peak = max(rss for _, rss in samples)
+    print(f"server RSS: {warm:.1f} MB after 10% of {received / 1e6:.1f} MB, peak {peak:.1f} MB")
+    assert peak - warm < 25, (warm, peak)  # the archive is never held whole (it is about 3 MB per 10% here)
