@@ -55,3 +55,7 @@ class UnsupportedMediaTypeError(InvalidInputError):
 
 class PayloadTooLargeError(InvalidInputError):
     """The body is over the configured limit."""
+
+
+class QuotaExceededError(SynthgenError):
+    """The jobs' disk quota would be exceeded (HTTP 507)."""

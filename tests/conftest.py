@@ -55,7 +55,8 @@ def models_dir(tmp_path: Path, tiny_gan: Path, tiny_vae: Path) -> Path:
 @asynccontextmanager
 async def serve(models_dir: Path, **overrides) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan, behind an httpx client on ASGITransport; `client.app` is the app."""
-    settings = Settings(models_dir=models_dir, device="cpu", **{"max_batch_wait_ms": 2, **overrides})
+    defaults = {"max_batch_wait_ms": 2, "data_dir": models_dir.parent / "data"}
+    settings = Settings(models_dir=models_dir, device="cpu", **{**defaults, **overrides})
     app = create_app(settings)
     async with LifespanManager(app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                                        base_url="http://test", timeout=60) as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,8 @@ from app import __version__
 from app.api.disconnect import ClientDisconnected
 from app.api.errors import error_response, install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import datasets, generate, health, models, vae
+from app.api.routes import datasets, generate, health, jobs, models, vae
+from app.jobs import JobRunner, JobStore
 from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.settings import Settings
@@ -25,6 +27,12 @@ DESCRIPTION = """Synthetic image datasets from trained GAN and VAE checkpoints.
 
 Concurrent requests are packed into batches per model; a sample is a pure function of (model, seed, index).
 Try **POST /v1/models/{name}/generate** with `format=png` to see a grid of samples."""
+
+
+async def _expire_periodically(store: JobStore, ttl_s: float, every_s: float = 600) -> None:
+    while True:
+        await asyncio.to_thread(store.expire, ttl_s)
+        await asyncio.sleep(every_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,11 +47,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
         repository = ModelRepository(settings, device, executor, metrics)
         app.state.repository = repository
+        store = JobStore(settings.data_dir)
+        store.recover()
+        runner = JobRunner(store, repository, settings.jobs_quota_bytes, settings.max_batch_size,
+                           settings.request_timeout_s, settings.max_concurrent_jobs)
+        app.state.jobs, app.state.job_runner = store, runner
+        expiry = asyncio.create_task(_expire_periodically(store, settings.job_ttl_s))
         await repository.load_all()
         try:
             yield
         finally:
+            expiry.cancel()
+            await runner.close()
             await repository.close()
+            store.close()
             executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="synthgen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -55,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def client_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
         return error_response(request, 499, "the client closed the connection; its samples were cancelled")
 
-    for module in (health, models, generate, vae, datasets):
+    for module in (health, models, generate, vae, datasets, jobs):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:

@@ -17,6 +17,7 @@ from app.errors import (
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    QuotaExceededError,
     RequestTimeoutError,
     SynthgenError,
     UnsupportedMediaTypeError,
@@ -32,6 +33,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (ConflictError, 409),
     (OverloadedError, 503),
     (RequestTimeoutError, 504),
+    (QuotaExceededError, 507),
     (CheckpointError, 500),
     (SynthgenError, 500),
 ]

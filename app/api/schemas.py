@@ -49,6 +49,33 @@ class DatasetRequest(_Strict):
     format: ArchiveFormat = Field("zip", description="zip (ImageFolder), tar (WebDataset) or npz (size-limited)")
 
 
+class JobRequest(DatasetRequest):
+    """A dataset export run in the background: the same fields as a streamed export, plus the model."""
+
+    model: str = Field(description="model name", examples=["mnist-cgan"])
+
+
+class JobPublic(BaseModel):
+    id: str
+    model: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    done: int = Field(description="samples generated so far")
+    total: int
+    eta_s: float | None = Field(None, description="estimated seconds left while running")
+    error: str | None = None
+    format: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result_bytes: int | None = None
+    result_url: str | None = Field(None, description="where to download the archive once succeeded")
+    request: dict[str, Any]
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]
+
+
 class SamplePublic(BaseModel):
     index: int
     label: int | None

@@ -1,0 +1,216 @@
+"""Asynchronous dataset jobs: persisted in SQLite (standard library) under the data directory, run in the
+background through the same export code as the streamed route, written to a `.part` file and renamed only when
+complete, so a half-written archive is never reported as succeeded.
+
+After a restart, finished results are still there and interrupted jobs are marked failed. Results expire after a
+TTL; a disk quota refuses new jobs (507) before the disk fills and fails a job that would pass it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.datasets import DatasetPlan, stream_dataset
+from app.errors import InvalidInputError, NotFoundError, QuotaExceededError
+
+log = logging.getLogger("synthgen.jobs")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    id: str
+    model: str
+    request: dict[str, Any]
+    state: str
+    done: int
+    total: int
+    error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result_bytes: int | None
+    format: str
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.state != "running" or not self.started_at or not self.done:
+            return None
+        rate = self.done / max(time.time() - self.started_at, 1e-6)
+        return (self.total - self.done) / rate
+
+
+_COLUMNS = ("id", "model", "request", "state", "done", "total", "error", "created_at", "started_at", "finished_at",
+            "result_bytes", "format")
+
+
+def validate_job_id(job_id: str) -> str:
+    if not JOB_ID.match(job_id):
+        raise InvalidInputError(f"invalid job id {job_id!r}: job ids are 32 hexadecimal characters")
+    return job_id
+
+
+class JobStore:
+    """The jobs table and the result files under `data_dir`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.results = data_dir / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, model TEXT, request TEXT,
+            state TEXT, done INTEGER, total INTEGER, error TEXT, created_at REAL, started_at REAL, finished_at REAL,
+            result_bytes INTEGER, format TEXT)""")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _row(self, row: tuple) -> Job:
+        values = dict(zip(_COLUMNS, row))
+        values["request"] = json.loads(values["request"])
+        return Job(**values)
+
+    def create(self, model: str, request: dict[str, Any], total: int, output: str) -> Job:
+        job = Job(uuid.uuid4().hex, model, request, "queued", 0, total, None, time.time(), None, None, None, output)
+        with self._lock:
+            self._db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_COLUMNS))})",
+                             (job.id, model, json.dumps(request), job.state, 0, total, None, job.created_at, None,
+                              None, None, output))
+        return job
+
+    def get(self, job_id: str) -> Job:
+        validate_job_id(job_id)
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job {job_id}; it may have expired or been deleted")
+        return self._row(row)
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    def delete(self, job_id: str) -> None:
+        job = self.get(job_id)
+        for path in (self.result_path(job), self.part_path(job)):
+            path.unlink(missing_ok=True)
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def result_path(self, job: Job) -> Path:
+        return self.results / f"{job.id}.{job.format}"
+
+    def part_path(self, job: Job) -> Path:
+        return self.results / f"{job.id}.{job.format}.part"
+
+    def used_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.results.iterdir() if p.is_file())
+
+    def recover(self) -> None:
+        """At start-up: jobs that were queued or running when the server stopped are failed; partial files go."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')").fetchall()
+        for (job_id,) in rows:
+            self.part_path(self.get(job_id)).unlink(missing_ok=True)
+            self.update(job_id, state="failed", error="interrupted by a server restart; submit it again",
+                        finished_at=time.time())
+        for stray in self.results.glob("*.part"):
+            stray.unlink()
+
+    def expire(self, ttl_s: float) -> int:
+        """Delete finished jobs (and their results) older than the TTL; returns how many."""
+        cutoff = time.time() - ttl_s
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?",
+                                    (cutoff,)).fetchall()
+        for (job_id,) in rows:
+            self.delete(job_id)
+        return len(rows)
+
+
+def estimate_bytes(plan: DatasetPlan, image_shape: tuple[int, int, int], output: str) -> int:
+    """A generous upper bound of an archive's size: raw pixels plus per-file overhead."""
+    height, width, channels = image_shape
+    per_sample = height * width * channels + (300 if output == "zip" else 1600 if output == "tar" else 16)
+    return len(plan) * per_sample + 65_536
+
+
+class JobRunner:
+    """Runs queued jobs in the background, at most `concurrency` at a time."""
+
+    def __init__(self, store: JobStore, repository, quota_bytes: int, chunk: int, timeout_s: float,
+                 concurrency: int = 1) -> None:
+        self.store, self.repository, self.quota_bytes = store, repository, quota_bytes
+        self.chunk, self.timeout_s = chunk, timeout_s
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def check_quota(self, needed: int) -> None:
+        used = self.store.used_bytes()
+        if used + needed > self.quota_bytes:
+            raise QuotaExceededError(f"the jobs' disk quota of {self.quota_bytes} bytes would be exceeded ({used} "
+                                     f"used, about {needed} needed); download and delete finished jobs first")
+
+    def submit(self, job: Job, plan: DatasetPlan) -> None:
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, plan))
+
+    async def cancel(self, job_id: str) -> None:
+        task = self._tasks.pop(job_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self) -> None:
+        for job_id in list(self._tasks):
+            await self.cancel(job_id)
+
+    async def _run(self, job: Job, plan: DatasetPlan) -> None:
+        part, final = self.store.part_path(job), self.store.result_path(job)
+        try:
+            async with self._slots:
+                model, batcher = self.repository.ready_model(job.model)
+                self.store.update(job.id, state="running", started_at=time.time())
+                written = 0
+                with part.open("wb") as handle:
+                    done = 0
+                    async for data in stream_dataset(model, batcher, plan, job.format, self.chunk, self.timeout_s):
+                        written += len(data)
+                        if self.store.used_bytes() + len(data) > self.quota_bytes:
+                            raise QuotaExceededError(f"the jobs' disk quota of {self.quota_bytes} bytes was reached "
+                                                     f"after {written} bytes; the partial result was removed")
+                        await asyncio.to_thread(handle.write, data)
+                        done = min(done + self.chunk, len(plan))
+                        self.store.update(job.id, done=done)
+                    await asyncio.to_thread(_flush, handle)
+                part.replace(final)  # only a complete archive ever carries the final name
+                self.store.update(job.id, state="succeeded", done=len(plan), finished_at=time.time(),
+                                  result_bytes=final.stat().st_size)
+        except asyncio.CancelledError:
+            part.unlink(missing_ok=True)
+            raise
+        except Exception as exc:  # every failure is recorded on the job, never lost
+            part.unlink(missing_ok=True)
+            log.error("job %s failed: %s", job.id, exc)
+            self.store.update(job.id, state="failed", error=str(exc), finished_at=time.time())
+        finally:
+            self._tasks.pop(job.id, None)
+
+
+def _flush(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())

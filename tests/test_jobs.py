@@ -1,0 +1,82 @@
+"""Asynchronous dataset jobs: lifecycle, Range downloads, cancel, restart persistence, disk quota."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
+
+
+async def _wait(client: httpx.AsyncClient, job_id: str, states: tuple[str, ...] = ("succeeded", "failed")) -> dict:
+    for _ in range(2000):
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        if job["state"] in states:
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job {job_id} stayed {job['state']}")
+
+
+async def test_job_lifecycle_and_range_download(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "per_class": 30, "seed": 4})
+        assert submitted.status_code == 202
+        job = submitted.json()
+        assert submitted.headers["location"] == f"/v1/jobs/{job['id']}" and job["total"] == 300
+        assert job["state"] in ("queued", "running")
+        done = await _wait(client, job["id"])
+        assert done["state"] == "succeeded" and done["done"] == 300 and done["result_url"]
+        whole = await client.get(done["result_url"])
+        assert whole.status_code == 200 and len(whole.content) == done["result_bytes"]
+        with zipfile.ZipFile(io.BytesIO(whole.content)) as archive:
+            assert len([n for n in archive.namelist() if n.endswith(".png")]) == 300
+        # a broken download resumes with Range
+        tail = await client.get(done["result_url"], headers={"Range": "bytes=1000-"})
+        assert tail.status_code == 206 and whole.content[:1000] + tail.content == whole.content
+        # the same dataset as the streamed export
+        streamed = await client.post("/v1/models/digits-gan/datasets", json={"per_class": 30, "seed": 4})
+        with zipfile.ZipFile(io.BytesIO(streamed.content)) as a, zipfile.ZipFile(io.BytesIO(whole.content)) as b:
+            assert all(a.read(n) == b.read(n) for n in a.namelist() if n.endswith(".png"))
+        assert (await client.delete(f"/v1/jobs/{job['id']}")).status_code == 204
+        assert (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
+
+
+async def test_cancel_a_running_job(models_dir: Path) -> None:
+    async with serve(models_dir, max_batch_size=8) as client:
+        job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
+        await _wait(client, job["id"], ("running",))
+        assert (await client.delete(f"/v1/jobs/{job['id']}")).status_code == 204
+        assert not list((models_dir.parent / "data" / "results").iterdir())
+
+
+async def test_restart_keeps_results_and_fails_interrupted_jobs(models_dir: Path) -> None:
+    async with serve(models_dir, max_batch_size=8) as client:
+        finished = (await client.post("/v1/jobs", json={"model": "digits-vae", "n": 20, "format": "npz"})).json()
+        await _wait(client, finished["id"])
+        interrupted = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
+        await _wait(client, interrupted["id"], ("running",))
+    async with serve(models_dir) as client:  # a new server on the same data directory
+        kept = (await client.get(f"/v1/jobs/{finished['id']}")).json()
+        assert kept["state"] == "succeeded"
+        assert (await client.get(kept["result_url"])).status_code == 200
+        failed = (await client.get(f"/v1/jobs/{interrupted['id']}")).json()
+        assert failed["state"] == "failed" and "restart" in failed["error"]
+        assert (await client.get(f"/v1/jobs/{interrupted['id']}/result")).status_code == 409
+        assert not list((models_dir.parent / "data" / "results").glob("*.part"))
+
+
+async def test_quota_and_bad_jobs(models_dir: Path) -> None:
+    async with serve(models_dir, jobs_quota_bytes=50_000) as client:
+        refused = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5000})
+        assert refused.status_code == 507 and "quota" in refused.json()["detail"]
+        assert (await client.post("/v1/jobs", json={"model": "nope", "n": 5})).status_code == 404
+        assert (await client.get("/v1/jobs/../../etc")).status_code == 404
+        bad_id = await client.get("/v1/jobs/xyz")
+        assert bad_id.status_code == 422 and "32 hexadecimal" in bad_id.json()["detail"]
