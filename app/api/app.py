@@ -7,10 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.api.disconnect import ClientDisconnected
@@ -23,6 +26,7 @@ from app.repository import ModelRepository
 from app.settings import Settings
 from app.training import resolve_device
 
+STATIC = Path(__file__).resolve().parent.parent / "static"
 DESCRIPTION = """Synthetic image datasets from trained GAN and VAE checkpoints.
 
 Concurrent requests are packed into batches per model; a sample is a pure function of (model, seed, index).
@@ -63,7 +67,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store.close()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    app = FastAPI(title="synthgen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="synthgen", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        # Swagger UI from the package, not a CDN: /docs works on hosts without internet access.
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="synthgen API",
+                                   swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
+
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)

@@ -16,9 +16,9 @@ from app.service import Samples
 # OpenAPI description of the three formats, for the routes' `responses=`.
 SAMPLE_RESPONSES: dict[int | str, dict] = {
     200: {
+        "model": SamplesPublic,
         "description": "format=json: samples with base64 PNGs; npz: arrays `images` and `labels`; png: one grid",
-        "content": {"application/json": {"schema": SamplesPublic.model_json_schema()},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}}},
     },
 }
