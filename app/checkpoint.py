@@ -209,8 +209,13 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
     return SyntheticModel(name or folder.name, folder, config, net.to(device).eval().requires_grad_(False), card)
 
 
-def save_evaluator(folder: Path, classifier: Classifier, summary: dict[str, Any]) -> None:
+def save_evaluator(folder: Path, classifier: Classifier, summary: dict[str, Any],
+                   train_features: torch.Tensor | None = None) -> None:
+    """The evaluator CNN, its summary and (for the filters) its features of the training images, in float16."""
     save_weights(folder / "evaluator.safetensors", classifier)
+    if train_features is not None:
+        save_file({"features": train_features.detach().cpu().half().contiguous()},
+                  str(folder / "train_features.safetensors"))
     write_json(folder / "evaluator.json", {"format_version": FORMAT_VERSION, "class_name": "Classifier",
                                            "hyperparameters": dataclasses.asdict(classifier.cfg), **summary})
 
@@ -223,3 +228,14 @@ def load_evaluator(folder: Path, device: str | torch.device = "cpu") -> Classifi
         raise CheckpointError(f"{folder / 'evaluator.json'}: bad hyperparameters: {exc}") from exc
     load_weights(folder / "evaluator.safetensors", classifier)
     return classifier.to(device).eval().requires_grad_(False)
+
+
+def load_training_features(folder: Path, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The evaluator features of the training images that `evaluate` stored (float32 `[N, D]`)."""
+    path = folder / "train_features.safetensors"
+    try:
+        return load_file(str(path))["features"].float().to(device)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing; run synthgen evaluate on the model") from exc
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not a valid features file: {exc}") from exc

@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from app import __version__
-from app.batcher import MicroBatcher
 from app.checkpoint import SyntheticModel, config_hash, utc_now
-from app.errors import InvalidInputError, OverloadedError
+from app.errors import InvalidInputError
 from app.export import ImageFolderZip, WebDatasetTar, npz_bytes
-from app.sampling import draw_latents, resolve_label
+from app.filters import FilterReport, FilterSpec, fill
+from app.repository import ServedModel
+from app.sampling import resolve_label
+from app.service import sampler
 
 MEDIA_TYPES = {"zip": "application/zip", "tar": "application/x-tar", "npz": "application/octet-stream"}
 
@@ -73,42 +75,39 @@ def manifest_for(model: SyntheticModel, plan: DatasetPlan, output: str) -> dict[
             "created_at": utc_now(), "card": model.card}
 
 
-async def _generate_chunk(model: SyntheticModel, batcher: MicroBatcher, plan: DatasetPlan, start: int, stop: int,
-                          timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
-    z, labels = await asyncio.to_thread(draw_latents, plan.seed, range(start, stop), model.latent_dim,
-                                        model.num_classes, plan.labels[start:stop])
-    delay = 0.05
-    while True:  # an export waits for room in a full queue instead of failing half-way
-        try:
-            images = await batcher.submit(z, labels, plan.truncation, timeout_s)
-            return images, labels.numpy()
-        except OverloadedError:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+async def stream_dataset(served: ServedModel, plan: DatasetPlan, output: str, chunk: int, timeout_s: float,
+                         spec: FilterSpec | None = None, max_rounds: int = 20) -> AsyncIterator[bytes]:
+    """The archive's bytes, chunk by chunk; the next chunk is generated while the last one is encoded. With
+    filters, each slot keeps its first passing candidate and the manifest counts the rejections."""
+    model, spec, report = served.model, spec or FilterSpec(), FilterReport()
+    generate = sampler(served, plan.seed, plan.truncation, timeout_s, wait_when_full=True)
 
+    def produce(start: int) -> asyncio.Future[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        stop = min(start + chunk, len(plan))
+        return asyncio.ensure_future(fill(generate, served.judge, served.executor, spec, list(range(start, stop)),
+                                          plan.labels[start:stop], len(plan), max_rounds, report))
 
-async def stream_dataset(model: SyntheticModel, batcher: MicroBatcher, plan: DatasetPlan, output: str,
-                         chunk: int, timeout_s: float) -> AsyncIterator[bytes]:
-    """The archive's bytes, chunk by chunk; the next chunk is generated while the last one is encoded."""
-    manifest = manifest_for(model, plan, output)
-    if output == "npz":
-        parts = [await _generate_chunk(model, batcher, plan, s, min(s + chunk, len(plan)), timeout_s)
-                 for s in range(0, len(plan), chunk)]
-        images = np.concatenate([p[0] for p in parts])
-        yield await asyncio.to_thread(npz_bytes, images, np.concatenate([p[1] for p in parts]))
-        return
-    writer = (ImageFolderZip if output == "zip" else WebDatasetTar)(model.class_names, plan.seed)
+    def manifest() -> dict[str, Any]:
+        filters = {"min_confidence": spec.min_confidence, "max_similarity": spec.max_similarity,
+                   "rejected": report.rejected} if spec.active else None
+        return {**manifest_for(model, plan, output), "filters": filters}
+
     starts = list(range(0, len(plan), chunk))
-    pending = asyncio.ensure_future(_generate_chunk(model, batcher, plan, 0, min(chunk, len(plan)), timeout_s))
+    pending = produce(0)
     try:
-        for position, start in enumerate(starts):
-            images, labels = await pending
+        if output == "npz":  # npz cannot stream: collect (size-limited by the plan), then one write
+            parts = [await pending] + [await produce(start) for start in starts[1:]]
+            indices = np.concatenate([p[2] for p in parts]) if spec.active else None
+            yield await asyncio.to_thread(npz_bytes, np.concatenate([p[0] for p in parts]),
+                                          np.concatenate([p[1] for p in parts]), indices)
+            return
+        writer = (ImageFolderZip if output == "zip" else WebDatasetTar)(model.class_names, plan.seed)
+        for position in range(len(starts)):
+            images, labels, indices = await pending
             if position + 1 < len(starts):
-                following = starts[position + 1]
-                pending = asyncio.ensure_future(_generate_chunk(model, batcher, plan, following,
-                                                                min(following + chunk, len(plan)), timeout_s))
-            yield await asyncio.to_thread(writer.add, images, labels, range(start, start + len(images)))
-        yield await asyncio.to_thread(writer.finish, manifest)
+                pending = produce(starts[position + 1])
+            yield await asyncio.to_thread(writer.add, images, labels, indices.tolist())
+        yield await asyncio.to_thread(writer.finish, manifest())
     finally:
         if not pending.done():
             pending.cancel()

@@ -135,14 +135,15 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     k = model.num_classes
     evaluator = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed, dev, progress=progress)
     real_val_accuracy = accuracy(evaluator, val_set.images, val_set.labels)
-    save_evaluator(folder, evaluator, {"trained_on": data_spec, "val_accuracy": round(real_val_accuracy, 4)})
+    _, real_feats = predict(evaluator, train_set.images)
+    threshold = memorisation_threshold(real_feats)
+    save_evaluator(folder, evaluator, {"trained_on": data_spec, "val_accuracy": round(real_val_accuracy, 4),
+                                       "memorisation_threshold": threshold}, real_feats)
 
     synthetic = ImageDataset(*sample(model, seed, per_class_labels(k, per_class)), model.class_names)
-    _, real_feats = predict(evaluator, train_set.images)
     _, val_feats = predict(evaluator, val_set.images)
     synth_probs, synth_feats = predict(evaluator, synthetic.images)
     precision, recall = precision_recall(real_feats[:5000], synth_feats[:5000])
-    threshold = memorisation_threshold(real_feats)
     tstr = train_classifier(synthetic.images, synthetic.labels, k, classifier_epochs, seed, dev, progress=progress)
     augmented = train_classifier(np.concatenate([train_set.images, synthetic.images]),
                                  np.concatenate([train_set.labels, synthetic.labels]), k, classifier_epochs, seed, dev,

@@ -25,11 +25,15 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identica
 LABELS_HEADER = ["file_name", "label", "class_name", "seed", "index"]
 
 
-def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int]) -> bytes:
-    """`images` as uint8 [N,H,W] (one channel) or [N,H,W,C], `labels` as int64 [N], in an uncompressed .npz."""
+def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int], indices: np.ndarray | None = None) -> bytes:
+    """`images` as uint8 [N,H,W] (one channel) or [N,H,W,C], `labels` as int64 [N] (and the sample `indices`
+    when they are not 0..N-1), in an uncompressed .npz."""
     buffer = io.BytesIO()
-    np.savez(buffer, images=images[..., 0] if images.shape[-1] == 1 else images,
-             labels=np.asarray(labels, dtype=np.int64))
+    arrays = {"images": images[..., 0] if images.shape[-1] == 1 else images,
+              "labels": np.asarray(labels, dtype=np.int64)}
+    if indices is not None:
+        arrays["indices"] = np.asarray(indices, dtype=np.int64)
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from app.datasets import DatasetPlan, stream_dataset
 from app.errors import InvalidInputError, NotFoundError, QuotaExceededError
+from app.filters import FilterSpec
 
 log = logging.getLogger("synthgen.jobs")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -154,9 +155,9 @@ class JobRunner:
     """Runs queued jobs in the background, at most `concurrency` at a time."""
 
     def __init__(self, store: JobStore, repository, quota_bytes: int, chunk: int, timeout_s: float,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, max_rounds: int = 20) -> None:
         self.store, self.repository, self.quota_bytes = store, repository, quota_bytes
-        self.chunk, self.timeout_s = chunk, timeout_s
+        self.chunk, self.timeout_s, self.max_rounds = chunk, timeout_s, max_rounds
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -166,8 +167,8 @@ class JobRunner:
             raise QuotaExceededError(f"the jobs' disk quota of {self.quota_bytes} bytes would be exceeded ({used} "
                                      f"used, about {needed} needed); download and delete finished jobs first")
 
-    def submit(self, job: Job, plan: DatasetPlan) -> None:
-        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, plan))
+    def submit(self, job: Job, plan: DatasetPlan, spec: FilterSpec) -> None:
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, plan, spec))
 
     async def cancel(self, job_id: str) -> None:
         task = self._tasks.pop(job_id, None)
@@ -179,16 +180,17 @@ class JobRunner:
         for job_id in list(self._tasks):
             await self.cancel(job_id)
 
-    async def _run(self, job: Job, plan: DatasetPlan) -> None:
+    async def _run(self, job: Job, plan: DatasetPlan, spec: FilterSpec) -> None:
         part, final = self.store.part_path(job), self.store.result_path(job)
         try:
             async with self._slots:
-                model, batcher = self.repository.ready_model(job.model)
+                served = self.repository.ready_model(job.model)
                 self.store.update(job.id, state="running", started_at=time.time())
                 written = 0
                 with part.open("wb") as handle:
                     done = 0
-                    async for data in stream_dataset(model, batcher, plan, job.format, self.chunk, self.timeout_s):
+                    async for data in stream_dataset(served, plan, job.format, self.chunk, self.timeout_s, spec,
+                                                     self.max_rounds):
                         written += len(data)
                         if self.store.used_bytes() + len(data) > self.quota_bytes:
                             raise QuotaExceededError(f"the jobs' disk quota of {self.quota_bytes} bytes was reached "

@@ -16,6 +16,7 @@ import torch
 from app.batcher import MicroBatcher
 from app.checkpoint import SyntheticModel, load_model
 from app.errors import ConflictError, InvalidInputError, NotFoundError, SynthgenError
+from app.filters import Judge, load_judge
 from app.metrics import Metrics
 from app.sampling import render
 from app.settings import Settings
@@ -34,6 +35,16 @@ def validate_model_name(name: str) -> str:
 
 
 @dataclass
+class ServedModel:
+    """What a ready model offers the service layer: the model, its batcher, its filter judge, the device thread."""
+
+    model: SyntheticModel
+    batcher: MicroBatcher
+    judge: Judge | None
+    executor: Executor
+
+
+@dataclass
 class ModelEntry:
     """A model's place in the repository: its status and, when ready, the model and its batcher."""
 
@@ -43,13 +54,7 @@ class ModelEntry:
     error: str | None = None
     model: SyntheticModel | None = None
     batcher: MicroBatcher | None = None
-
-    def ready(self) -> tuple[SyntheticModel, MicroBatcher]:
-        if self.status != "ready" or self.model is None or self.batcher is None:
-            detail = f": {self.error}" if self.error else ""
-            raise ConflictError(f"model {self.name!r} is {self.status}{detail}; load it with "
-                                f"POST /v1/models/{self.name}/load")
-        return self.model, self.batcher
+    judge: Judge | None = None
 
 
 def make_batch_function(model: SyntheticModel, dtype: torch.dtype):
@@ -98,8 +103,13 @@ class ModelRepository:
             raise NotFoundError(f"no model named {name!r}; GET /v1/models lists them")
         return entry
 
-    def ready_model(self, name: str) -> tuple[SyntheticModel, MicroBatcher]:
-        return self.get(name).ready()
+    def ready_model(self, name: str) -> ServedModel:
+        """The model if it serves, else 409 saying how to load it."""
+        entry = self.get(name)
+        if entry.status != "ready" or entry.model is None or entry.batcher is None:
+            detail = f": {entry.error}" if entry.error else ""
+            raise ConflictError(f"model {name!r} is {entry.status}{detail}; load it with POST /v1/models/{name}/load")
+        return ServedModel(entry.model, entry.batcher, entry.judge, self.executor)
 
     async def load_all(self) -> None:
         for name in self.discover():
@@ -113,8 +123,9 @@ class ModelRepository:
             if entry.status != "ready":  # a reload keeps serving the old version until the new one is in place
                 self._set_status(entry, "loading")
             try:
-                model = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, load_model, entry.folder, self.device, name)
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(self.executor, load_model, entry.folder, self.device, name)
+                judge = await loop.run_in_executor(self.executor, load_judge, entry.folder, self.device)
             except SynthgenError as exc:
                 log.error("model %s failed to load: %s", name, exc)
                 if entry.status == "ready":
@@ -131,7 +142,7 @@ class ModelRepository:
                                    max_queued_samples=self.settings.max_queued_samples,
                                    observer=self.metrics.observer(name))
             batcher.start()
-            entry.model, entry.batcher, entry.error = model, batcher, None
+            entry.model, entry.batcher, entry.judge, entry.error = model, batcher, judge, None
             self._set_status(entry, "ready")
             log.info("model %s ready on %s", name, self.device)
             return entry
@@ -151,7 +162,7 @@ class ModelRepository:
     async def _stop(self, entry: ModelEntry) -> None:
         if entry.batcher is not None:
             await entry.batcher.stop()
-        entry.model, entry.batcher = None, None
+        entry.model, entry.batcher, entry.judge = None, None, None
 
     def _set_status(self, entry: ModelEntry, status: str) -> None:
         entry.status = status

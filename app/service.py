@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.batcher import MicroBatcher
 from app.checkpoint import SyntheticModel
 from app.data import decode_image, to_model_range, to_uint8
-from app.errors import ConflictError, InvalidInputError
+from app.errors import ConflictError, InvalidInputError, OverloadedError
+from app.filters import FilterReport, FilterSpec, fill
 from app.nets.vae import ConditionalVAE
+from app.repository import ServedModel
 from app.sampling import MAX_SEED, draw_latents, resolve_label
 
 
@@ -30,17 +31,43 @@ class Samples:
     labels: np.ndarray | None  # int64 [N], None for an unconditional model
     class_names: list[str]
     seed: int | None = None
+    indices: np.ndarray | None = None  # the sample indices (not 0..n-1 once filters rejected candidates)
+    rejected: dict[str, int] | None = None  # candidates each filter rejected, when filters were asked for
 
 
-async def generate(model: SyntheticModel, batcher: MicroBatcher, n: int, label: str | int | None,
-                   seed: int | None, truncation: float, timeout_s: float) -> Samples:
-    """n samples at indices 0..n-1 of `seed` (a random seed when None), through the micro-batcher."""
+def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float, wait_when_full: bool = False):
+    """(indices, labels) → (uint8 images, labels) through the micro-batcher; with `wait_when_full`, a full queue
+    is waited out (for exports) instead of answered with 503."""
+    model = served.model
+
+    async def generate(indices: list[int] | range, labels: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+        z, drawn = await asyncio.to_thread(draw_latents, seed, indices, model.latent_dim, model.num_classes, labels)
+        delay = 0.05
+        while True:
+            try:
+                return await served.batcher.submit(z, drawn, truncation, timeout_s), drawn.numpy()
+            except OverloadedError:
+                if not wait_when_full:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    return generate
+
+
+async def generate(served: ServedModel, n: int, label: str | int | None, seed: int | None, truncation: float,
+                   timeout_s: float, spec: FilterSpec | None = None, max_rounds: int = 20) -> Samples:
+    """n samples of `seed` (a random seed when None) at indices 0..n-1, or, with filters, the first candidate
+    of each slot that passes them."""
+    model = served.model
     index = resolve_label(label, model.class_names) if label is not None else None
     seed = secrets.randbelow(MAX_SEED) if seed is None else seed
-    z, labels = await asyncio.to_thread(draw_latents, seed, range(n), model.latent_dim, model.num_classes,
-                                        [index] * n)
-    images = await batcher.submit(z, labels, truncation, timeout_s)
-    return Samples(model.name, images, labels.numpy() if model.num_classes else None, model.class_names, seed)
+    spec = spec or FilterSpec()
+    report = FilterReport()
+    images, labels, indices = await fill(sampler(served, seed, truncation, timeout_s), served.judge,
+                                         served.executor, spec, list(range(n)), [index] * n, n, max_rounds, report)
+    return Samples(model.name, images, labels if model.num_classes else None, model.class_names, seed, indices,
+                   report.rejected if spec.active else None)
 
 
 def require_vae(model: SyntheticModel) -> ConditionalVAE:

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     job_ttl_s: float = Field(24 * 3600, gt=0, description="finished job results are deleted after this")
     jobs_quota_bytes: int = Field(2 * 1024**3, ge=1024, description="disk space for job results")
     max_concurrent_jobs: int = Field(1, ge=1, le=64)
+    filter_max_rounds: int = Field(20, ge=1, le=1000, description="candidates tried per sample by the filters")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (JSON)")
     max_upload_bytes: int = Field(16 * 1_048_576, ge=1024, description="largest multipart upload")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="largest uploaded image, in pixels")

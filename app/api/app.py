@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore(settings.data_dir)
         store.recover()
         runner = JobRunner(store, repository, settings.jobs_quota_bytes, settings.max_batch_size,
-                           settings.request_timeout_s, settings.max_concurrent_jobs)
+                           settings.request_timeout_s, settings.max_concurrent_jobs, settings.filter_max_rounds)
         app.state.jobs, app.state.job_runner = store, runner
         expiry = asyncio.create_task(_expire_periodically(store, settings.job_ttl_s))
         await repository.load_all()

@@ -26,12 +26,13 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
 
 def _json(samples: Samples) -> dict:
     items = []
-    for index, image in enumerate(samples.images):
-        label = int(samples.labels[index]) if samples.labels is not None else None
+    for position, image in enumerate(samples.images):
+        label = int(samples.labels[position]) if samples.labels is not None else None
+        index = int(samples.indices[position]) if samples.indices is not None else position
         items.append(SamplePublic(index=index, label=label,
                                   class_name=samples.class_names[label] if label is not None else None,
                                   png_base64=base64.b64encode(encode_png(image)).decode()).model_dump())
-    return {"model": samples.model, "seed": samples.seed, "samples": items}
+    return {"model": samples.model, "seed": samples.seed, "samples": items, "rejected": samples.rejected}
 
 
 def _grid(samples: Samples) -> bytes:
@@ -41,11 +42,14 @@ def _grid(samples: Samples) -> bytes:
 
 async def samples_response(samples: Samples, output: OutputFormat) -> Response:
     headers = {"X-Seed": str(samples.seed)} if samples.seed is not None else {}
+    if samples.rejected is not None:
+        headers["X-Rejected"] = ",".join(f"{name}={count}" for name, count in samples.rejected.items())
     if output == "json":
         return JSONResponse(await asyncio.to_thread(_json, samples), headers=headers)
     if output == "npz":
         labels = samples.labels if samples.labels is not None else [0] * len(samples.images)
-        body = await asyncio.to_thread(npz_bytes, samples.images, labels)
+        indices = samples.indices if samples.rejected is not None else None
+        body = await asyncio.to_thread(npz_bytes, samples.images, labels, indices)
         headers["Content-Disposition"] = f'attachment; filename="{samples.model}.npz"'
         return Response(body, media_type="application/octet-stream", headers=headers)
     return Response(await asyncio.to_thread(_grid, samples), media_type="image/png", headers=headers)

@@ -16,7 +16,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerateRequest(_Strict):
+class _Filters(_Strict):
+    min_confidence: float | None = Field(None, gt=0, le=1, description="keep a sample only if the model's "
+                                         "evaluator gives its label at least this probability (rejection sampling)")
+    max_similarity: bool = Field(False, description="drop samples closer to a training image than the model's "
+                                 "memorisation threshold")
+
+
+class GenerateRequest(_Filters):
     """What to generate. Omit `label` for classes drawn uniformly; omit `seed` for a random one (returned)."""
 
     n: int = Field(16, ge=1, description="number of samples (at most the server's max_samples_per_request)")
@@ -37,7 +44,7 @@ class InterpolateRequest(_Strict):
     format: OutputFormat = "png"
 
 
-class DatasetRequest(_Strict):
+class DatasetRequest(_Filters):
     """A dataset export: `per_class` (one count for every class, or counts by class name) or `n` samples."""
 
     per_class: Annotated[int, Field(ge=1)] | dict[str, Annotated[int, Field(ge=0)]] | None = Field(
@@ -87,6 +94,7 @@ class SamplesPublic(BaseModel):
     model: str
     seed: int | None = None
     samples: list[SamplePublic]
+    rejected: dict[str, int] | None = Field(None, description="candidates each filter rejected (with filters)")
 
 
 class ModelPublic(BaseModel):

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.schemas import DatasetRequest, ErrorPublic
 from app.datasets import MEDIA_TYPES, plan_dataset, stream_dataset
+from app.filters import FilterSpec
 from app.sampling import MAX_SEED
 
 router = APIRouter(prefix="/v1/models", tags=["datasets"], dependencies=[Depends(require_api_key)])
@@ -44,11 +45,13 @@ ModelName = Annotated[str, Path(description="model name", openapi_examples={"GAN
 )
 async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=EXAMPLES)], repository: RepositoryDep,
                          settings: SettingsDep, name: ModelName) -> StreamingResponse:
-    model, batcher = repository.ready_model(name)
+    served = repository.ready_model(name)
+    model = served.model
     seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
     limit = settings.max_npz_samples if body.format == "npz" else settings.max_dataset_samples
     plan = plan_dataset(model, seed, body.per_class, body.n, body.label, body.truncation, limit)
-    stream = stream_dataset(model, batcher, plan, body.format, settings.max_batch_size, settings.request_timeout_s)
+    stream = stream_dataset(served, plan, body.format, settings.max_batch_size, settings.request_timeout_s,
+                            FilterSpec(body.min_confidence, body.max_similarity), settings.filter_max_rounds)
     first = await anext(stream)  # errors before the first byte still become proper HTTP answers
 
     async def archive() -> AsyncIterator[bytes]:

@@ -13,6 +13,7 @@ from app.api.disconnect import unless_disconnected
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, GenerateRequest
 from app.errors import InvalidInputError
+from app.filters import FilterSpec
 
 router = APIRouter(prefix="/v1/models", tags=["generate"], dependencies=[Depends(require_api_key)])
 
@@ -46,8 +47,10 @@ async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERA
     if body.n > settings.max_samples_per_request:
         raise InvalidInputError(f"n={body.n} is over the limit of {settings.max_samples_per_request} samples per "
                                 "request; ask for fewer, or use a dataset export")
-    model, batcher = repository.ready_model(name)
+    served = repository.ready_model(name)
     request.state.n = body.n
+    spec = FilterSpec(body.min_confidence, body.max_similarity)
     samples = await unless_disconnected(request, service.generate(
-        model, batcher, body.n, body.label, body.seed, body.truncation, settings.request_timeout_s))
+        served, body.n, body.label, body.seed, body.truncation, settings.request_timeout_s, spec,
+        settings.filter_max_rounds))
     return await samples_response(samples, body.format)

@@ -12,6 +12,7 @@ from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_js
 from app.api.schemas import ErrorPublic, JobPublic, JobRequest
 from app.datasets import MEDIA_TYPES, plan_dataset
 from app.errors import ConflictError
+from app.filters import FilterSpec
 from app.jobs import Job, JobRunner, JobStore, estimate_bytes
 from app.sampling import MAX_SEED
 
@@ -48,13 +49,13 @@ def job_public(job: Job) -> JobPublic:
 async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
                      repository: RepositoryDep, settings: SettingsDep, store: StoreDep,
                      runner: RunnerDep) -> JobPublic:
-    model, _ = repository.ready_model(body.model)
+    model = repository.ready_model(body.model).model
     seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
     limit = settings.max_npz_samples if body.format == "npz" else settings.max_dataset_samples
     plan = plan_dataset(model, seed, body.per_class, body.n, body.label, body.truncation, limit)
     runner.check_quota(estimate_bytes(plan, model.image_shape, body.format))
     job = store.create(model.name, {**body.model_dump(), "seed": seed}, len(plan), body.format)
-    runner.submit(job, plan)
+    runner.submit(job, plan, FilterSpec(body.min_confidence, body.max_similarity))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 

@@ -45,13 +45,14 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
                       files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                       labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
                       convert: ConvertForm = False, format: FormatForm = "png") -> Response:
-    model, _ = repository.ready_model(name)
+    served = repository.ready_model(name)
+    model = served.model
     service.require_vae(model)
     if len(files) > settings.max_upload_files:
         raise InvalidInputError(f"{len(files)} files is over the limit of {settings.max_upload_files} per request")
     images = [service.decode_upload(await _read(f, settings.max_upload_bytes), f.filename or f"file {i}", model,
                                     convert, settings.max_image_pixels) for i, f in enumerate(files)]
-    samples = await service.reconstruct(model, repository.executor, images, _split_labels(labels))
+    samples = await service.reconstruct(model, served.executor, images, _split_labels(labels))
     return await samples_response(samples, format)
 
 
@@ -61,8 +62,8 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
 async def interpolate(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
                       repository: RepositoryDep, name: ModelName) -> Response:
-    model, _ = repository.ready_model(name)
-    samples = await service.interpolate(model, repository.executor, body.seed_a, body.seed_b, body.label_a,
+    served = repository.ready_model(name)
+    samples = await service.interpolate(served.model, served.executor, body.seed_a, body.seed_b, body.label_a,
                                         body.label_b, body.steps)
     return await samples_response(samples, body.format)
 
@@ -77,11 +78,12 @@ async def inpaint(repository: RepositoryDep, settings: SettingsDep, name: ModelN
                   label: Annotated[str | None, Form(description="class; omitted → the best-fitting class")] = None,
                   iterations: Annotated[int, Form(ge=1, le=500)] = 60,
                   convert: ConvertForm = False, format: FormatForm = "png") -> Response:
-    model, _ = repository.ready_model(name)
+    served = repository.ready_model(name)
+    model = served.model
     service.require_vae(model)
     pixels = service.decode_upload(await _read(image, settings.max_upload_bytes), image.filename or "image", model,
                                    convert, settings.max_image_pixels)
     holes = service.decode_upload(await _read(mask, settings.max_upload_bytes), mask.filename or "mask", model,
                                   convert, settings.max_image_pixels, mask=True)
-    samples = await service.inpaint(model, repository.executor, pixels, holes, label, iterations)
+    samples = await service.inpaint(model, served.executor, pixels, holes, label, iterations)
     return await samples_response(samples, format)

@@ -1,0 +1,80 @@
+"""Filters: min_confidence really raises the evaluator's label agreement; max_similarity is bounded; kept samples
+stay reproducible from their reported indices."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.checkpoint import load_evaluator, load_model
+from app.evaluation import predict
+from app.sampling import sample
+from tests.conftest import ROOT, serve
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def shipped(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "mnist-cvae", root / "mnist-cvae",
+                    ignore=shutil.ignore_patterns("training_state*", "samples"))
+    return root
+
+
+def _agreement(folder: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    probs, _ = predict(load_evaluator(folder), images[..., None])
+    return float((probs.argmax(1).numpy() == labels).mean())
+
+
+async def test_min_confidence_raises_label_agreement(shipped: Path) -> None:
+    async with serve(shipped) as client:
+        body = {"n": 200, "seed": 5, "format": "npz"}
+        plain = await client.post("/v1/models/mnist-cvae/generate", json=body)
+        kept = await client.post("/v1/models/mnist-cvae/generate", json={**body, "min_confidence": 0.99})
+    assert plain.status_code == kept.status_code == 200
+    folder = shipped / "mnist-cvae"
+    with np.load(io.BytesIO(plain.content)) as a, np.load(io.BytesIO(kept.content)) as b:
+        before = _agreement(folder, a["images"], a["labels"])
+        after = _agreement(folder, b["images"], b["labels"])
+        indices, labels, images = b["indices"], b["labels"], b["images"]
+    rejected = dict(part.split("=") for part in kept.headers["x-rejected"].split(","))
+    assert int(rejected["min_confidence"]) > 0
+    assert before < 0.97 and after == 1.0, (before, after)
+    # a kept sample is still a pure function of (model, seed, index)
+    model = load_model(folder)
+    for position in (0, int(np.argmax(indices))):
+        again, _ = sample(model, 5, [int(labels[position])], start_index=int(indices[position]))
+        assert np.array_equal(again[0, ..., 0], images[position])
+
+
+async def test_filters_in_a_dataset_export(shipped: Path) -> None:
+    async with serve(shipped, max_batch_size=64) as client:
+        response = await client.post("/v1/models/mnist-cvae/datasets",
+                                     json={"per_class": 10, "seed": 1, "min_confidence": 0.9, "max_similarity": True})
+    assert response.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        pngs = [n for n in archive.namelist() if n.endswith(".png")]
+    assert len(pngs) == 100 and manifest["counts"] == {str(i): 10 for i in range(10)}
+    assert manifest["filters"]["min_confidence"] == 0.9 and manifest["filters"]["rejected"]["min_confidence"] >= 0
+
+
+async def test_unfillable_filters_fail_with_422_not_a_loop(shipped: Path) -> None:
+    async with serve(shipped, filter_max_rounds=3) as client:
+        client.app.state.repository.entries["mnist-cvae"].judge.threshold = 1e9  # type: ignore[attr-defined]
+        response = await client.post("/v1/models/mnist-cvae/generate", json={"n": 5, "max_similarity": True})
+    assert response.status_code == 422
+    assert "found no candidate passing the filters in 3 tries" in response.json()["detail"]
+
+
+async def test_model_without_evaluator_refuses_filters(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        response = await client.post("/v1/models/digits-gan/generate", json={"n": 2, "min_confidence": 0.5})
+    assert response.status_code == 422 and "synthgen evaluate" in response.json()["detail"]
