@@ -14,6 +14,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import numpy as np
 import torch
@@ -224,7 +225,9 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     return image
 
 
-def _images_to_dataset(entries: dict[str, list[tuple[str, bytes]]], source: str) -> ImageDataset:
+def images_to_dataset(entries: dict[str, list[tuple[str, bytes]]], source: str,
+                      max_pixels: int = MAX_IMAGE_PIXELS) -> ImageDataset:
+    """Class folder → [(name, PNG/JPEG bytes)] into one dataset (classes sorted; one size; grayscale or RGB)."""
     if not entries:
         raise DataError(f"{source}: no class sub-folders with images; expected <class_name>/<image>.png")
     class_names = sorted(entries)
@@ -233,7 +236,7 @@ def _images_to_dataset(entries: dict[str, list[tuple[str, bytes]]], source: str)
         files = entries[class_name]
         if not files:
             raise DataError(f"{source}: class folder {class_name!r} holds no images")
-        decoded.extend((decode_image(data, name), label, name) for name, data in sorted(files))
+        decoded.extend((decode_image(data, name, max_pixels), label, name) for name, data in sorted(files))
     grayscale = all(image.mode in ("1", "L", "I;16", "I") for image, _, _ in decoded)
     size = decoded[0][0].size
     arrays = []
@@ -263,43 +266,105 @@ def load_image_folder(root: Path) -> ImageDataset:
                 raise DataError(f"{file}: class folders may hold only plain image files")
             _check_image_file(str(file))
             files.append((str(file), file.read_bytes()))
-    return _images_to_dataset(entries, str(root))
+    return images_to_dataset(entries, str(root))
 
 
-def load_image_zip(path: Path, max_bytes: int = MAX_ZIP_BYTES) -> ImageDataset:
-    """ImageFolder layout inside a zip (optionally under one top folder), read with bounded decompression."""
+@dataclass
+class ZipLimits:
+    """Bounds for reading a zip from outside: decompressed bytes (counted while reading, never trusting headers),
+    compression ratio per member, member count and image pixels."""
+
+    max_bytes: int = MAX_ZIP_BYTES
+    max_files: int = 200_000
+    max_ratio: float = 250.0
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, limits: ZipLimits, source: str) -> bytes:
+    chunks, size = [], 0
+    with archive.open(info) as member:
+        while chunk := member.read(1 << 16):
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > info.file_size:
+                raise DataError(f"{source}: {info.filename!r} decompresses to more than its header declares")
+            if size > budget:
+                raise DataError(f"{source}: the archive decompresses to more than the limit of {limits.max_bytes} "
+                                "bytes")
+            if size > 1 << 20 and size > limits.max_ratio * max(info.compress_size, 1):
+                raise DataError(f"{source}: {info.filename!r} is compressed over {limits.max_ratio:g}:1; "
+                                "zip bombs are refused")
+    return b"".join(chunks)
+
+
+def read_zip(source: str | Path | IO[bytes], limits: ZipLimits | None = None, name: str | None = None
+             ) -> tuple[dict[str, list[tuple[str, bytes]]], dict[str, bytes]]:
+    """Read an uploaded or local zip safely: (image members by class folder, other top-level files by name).
+
+    Accepts `<class>/<image>` and `<top>/<class>/<image>`, or a flat folder of images (they come back under the
+    class ""). Refuses unsafe paths, links, encrypted or nested archives, non-image files in class folders, more
+    members or bytes than the limits, and suspicious compression ratios.
+    """
+    limits = limits or ZipLimits()
+    label = name or str(source)
     try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable zip ({exc})") from exc
+        archive = zipfile.ZipFile(source)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise DataError(f"{label}: not a readable zip ({exc})") from exc
     entries: dict[str, list[tuple[str, bytes]]] = {}
-    total = 0
+    extras: dict[str, bytes] = {}
     with archive:
-        parts_list = []
-        for info in archive.infolist():
+        members = archive.infolist()
+        if len(members) > limits.max_files:
+            raise DataError(f"{label}: {len(members)} members is over the limit of {limits.max_files}")
+        kept = []
+        for info in members:
             parts = PurePosixPath(info.filename).parts
-            if info.filename.startswith("/") or ".." in parts or "\\" in info.filename:
-                raise DataError(f"{path}: unsafe member name {info.filename!r}")
+            if (info.filename.startswith(("/", "\\")) or ".." in parts or "\\" in info.filename
+                    or (parts and ":" in parts[0])):
+                raise DataError(f"{label}: unsafe member name {info.filename!r} (absolute or with '..')")
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise DataError(f"{path}: member {info.filename!r} is a symbolic link; links are not allowed")
+                raise DataError(f"{label}: member {info.filename!r} is a symbolic link; links are not allowed")
+            if info.flag_bits & 0x1:
+                raise DataError(f"{label}: member {info.filename!r} is encrypted; upload an unencrypted zip")
             if any(part.startswith(".") or part == "__MACOSX" for part in parts):
                 continue
-            parts_list.append((info, parts))
-        depth = {len(parts) for info, parts in parts_list if parts[-1].lower().endswith(IMAGE_SUFFIXES)}
-        # Accept <class>/<img> and <top>/<class>/<img>.
-        class_at = 1 if depth == {3} else 0
-        for info, parts in parts_list:
+            if not info.is_dir() and info.filename.lower().endswith(_ARCHIVE_SUFFIXES):
+                raise DataError(f"{label}: member {info.filename!r} is an archive; nested archives are not accepted")
+            kept.append((info, parts))
+        depths = {len(parts) for info, parts in kept if parts[-1].lower().endswith(IMAGE_SUFFIXES)}
+        # One folder around everything is a wrapper (not a class) when the images sit below class folders in it,
+        # or beside a labels.csv in it.
+        firsts = {parts[0] for _, parts in kept}
+        wrapped = len(firsts) == 1 and len(next(iter(kept))[1]) > 1 if kept else False
+        flat_csv = any(len(parts) == 2 and parts[1] == "labels.csv" for _, parts in kept)
+        top = 1 if wrapped and depths and (min(depths) >= 3 or flat_csv) else 0
+        budget = limits.max_bytes
+        for info, parts in kept:
+            parts = parts[top:]
             if info.is_dir():
-                if len(parts) == class_at + 1:
-                    entries.setdefault(parts[class_at], [])
+                if len(parts) == 1:
+                    entries.setdefault(parts[0], [])
                 continue
-            if len(parts) != class_at + 2:
-                continue  # top-level files such as labels.csv and manifest.json
+            if len(parts) == 1 and not parts[0].lower().endswith(IMAGE_SUFFIXES):
+                extras[parts[0]] = _read_member(archive, info, budget, limits, label)
+                budget -= len(extras[parts[0]])
+                continue
+            if len(parts) > 2:
+                raise DataError(f"{label}: {info.filename!r} is nested too deep; use <class>/<image>")
             _check_image_file(info.filename)
-            total += info.file_size
-            with archive.open(info) as member:
-                data = member.read(max_bytes - total + info.file_size + 1)
-            if len(data) != info.file_size or total > max_bytes:
-                raise DataError(f"{path}: member {info.filename!r} decompresses to more than it declares or the limit")
-            entries.setdefault(parts[class_at], []).append((f"{path}:{info.filename}", data))
-    return _images_to_dataset(entries, str(path))
+            data = _read_member(archive, info, budget, limits, label)
+            budget -= len(data)
+            entries.setdefault(parts[0] if len(parts) == 2 else "", []).append((f"{label}:{info.filename}", data))
+    return entries, extras
+
+
+def load_image_zip(path: Path, limits: ZipLimits | None = None) -> ImageDataset:
+    """ImageFolder layout inside a zip (optionally under one top folder), read with bounded decompression."""
+    entries, _ = read_zip(path, limits)
+    if "" in entries:
+        raise DataError(f"{path}: images at the top level; put them in class folders <class>/<image>")
+    return images_to_dataset(entries, str(path), (limits or ZipLimits()).max_pixels)

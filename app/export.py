@@ -66,40 +66,55 @@ class _Sink:
 
 class ImageFolderZip:
     """Writes the ImageFolder layout into a zip as a stream: add samples batch by batch and `take()` the bytes
-    written so far, so an archive of any size needs only one batch in memory."""
+    written so far, so an archive of any size needs only one batch in memory. With `sources`, files are named
+    `<class>/<source>-<index>.png` and labels.csv gets a `source` column (original, augmented, synthetic)."""
 
-    def __init__(self, class_names: list[str], seed: int) -> None:
-        self.class_names, self.seed = class_names, seed
+    SOURCES = ("original", "augmented", "synthetic")
+
+    def __init__(self, class_names: list[str], seed: int, sources: bool = False) -> None:
+        self.class_names, self.seed, self.sources = class_names, seed, sources
         self._sink = _Sink()
         self._zip = zipfile.ZipFile(self._sink, "w", compression=zipfile.ZIP_STORED)  # type: ignore[arg-type]
-        self._labels, self._indices = array("q"), array("q")  # 16 bytes a sample, for labels.csv at the end
+        # 16-17 bytes a sample, for labels.csv at the end
+        self._labels, self._indices, self._source = array("q"), array("q"), array("b")
 
     def _class(self, label: int) -> str:
         return self.class_names[label] if self.class_names else "samples"
+
+    def _name(self, label: int, index: int, source: int) -> str:
+        if not self.sources:
+            return sample_file_name(self._class(label), index)
+        return f"{self._class(label)}/{self.SOURCES[source]}-{index:08d}.png"
 
     def _write(self, name: str, data: bytes) -> None:
         info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
         info.external_attr = 0o644 << 16
         self._zip.writestr(info, data)
 
-    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range,
+            source: str = "synthetic") -> bytes:
         """Add PNGs for these samples; returns the archive bytes produced."""
+        code = self.SOURCES.index(source)
         for image, label, index in zip(images, labels.tolist(), indices):
-            self._write(sample_file_name(self._class(label), index), encode_png(image))
+            self._write(self._name(label, index, code), encode_png(image))
             self._labels.append(int(label))
             self._indices.append(int(index))
+            self._source.append(code)
         return self._sink.take()
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self._class(label) for label in self._labels).items()))
 
     def finish(self, manifest: dict[str, Any]) -> bytes:
         """Write labels.csv and manifest.json and close the archive; returns the last bytes."""
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(LABELS_HEADER)
-        for label, index in zip(self._labels, self._indices):
-            writer.writerow([sample_file_name(self._class(label), index), label,
-                             self.class_names[label] if self.class_names else "", self.seed, index])
-        counts = Counter(self._class(label) for label in self._labels)
-        manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": dict(sorted(counts.items()))}
+        writer.writerow(LABELS_HEADER + (["source"] if self.sources else []))
+        for label, index, code in zip(self._labels, self._indices, self._source):
+            row = [self._name(label, index, code), label, self.class_names[label] if self.class_names else "",
+                   self.seed, index]
+            writer.writerow(row + ([self.SOURCES[code]] if self.sources else []))
+        manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": self.counts()}
         self._write("labels.csv", text.getvalue().encode())
         self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
         self._zip.close()

@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (JSON)")
     max_upload_bytes: int = Field(16 * 1_048_576, ge=1024, description="largest multipart upload")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="largest uploaded image, in pixels")
-    max_upload_files: int = Field(256, ge=1, description="most images in one upload")
+    max_upload_files: int = Field(256, ge=1, description="most images in one multipart upload")
+    max_archive_files: int = Field(20_000, ge=1, description="most members in an uploaded zip")
+    max_decompressed_bytes: int = Field(256 * 1_048_576, ge=1024, description="most bytes an uploaded zip may "
+                                        "decompress to (counted while reading)")
+    max_augment_outputs: int = Field(200_000, ge=1, description="most images one /v1/augment answer may hold")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = open")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -19,7 +19,7 @@ from app import __version__
 from app.api.disconnect import ClientDisconnected
 from app.api.errors import error_response, install_error_handlers
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import datasets, generate, health, jobs, models, vae
+from app.api.routes import augment, datasets, generate, health, jobs, models, vae
 from app.jobs import JobRunner, JobStore
 from app.metrics import Metrics
 from app.repository import ModelRepository
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def client_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
         return error_response(request, 499, "the client closed the connection; its samples were cancelled")
 
-    for module in (health, models, generate, vae, datasets, jobs):
+    for module in (health, models, generate, vae, datasets, jobs, augment):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:

@@ -83,6 +83,18 @@ class JobsPublic(BaseModel):
     jobs: list[JobPublic]
 
 
+class AugmentationsRequest(_Strict):
+    """Classical augmentations; each value is the op's strength and 0 turns it off."""
+
+    flip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    rotation: float = Field(0.0, ge=0, le=180, description="degrees, drawn from [-rotation, rotation]")
+    translate: float = Field(0.0, ge=0, le=0.5, description="fraction of the size, per axis")
+    scale: float = Field(0.0, ge=0, le=0.9, description="relative, drawn from [1 - scale, 1 + scale]")
+    brightness: float = Field(0.0, ge=0, le=1, description="relative change")
+    contrast: float = Field(0.0, ge=0, le=1, description="relative change")
+    noise: float = Field(0.0, ge=0, le=1, description="gaussian noise std in units of the pixel range")
+
+
 class SamplePublic(BaseModel):
     index: int
     label: int | None

@@ -1,0 +1,75 @@
+"""`POST /v1/augment`: make an uploaded dataset bigger and balanced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from app.api.deps import RepositoryDep, SettingsDep, require_api_key
+from app.api.schemas import AugmentationsRequest, ErrorPublic
+from app.augment import AugmentSpec, check_request, parse_upload, stream_augmented
+from app.data import ZipLimits
+from app.errors import InvalidInputError
+
+router = APIRouter(prefix="/v1", tags=["datasets"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 422)}
+
+
+@router.post(
+    "/augment",
+    summary="Augment an uploaded dataset",
+    description=(
+        "Upload a zip in ImageFolder layout (`<class>/<image>.png`, optionally inside one folder) or a flat folder "
+        "with `labels.csv` (file_name, class_name). Each image gets `copies_per_image` augmented copies, and every "
+        "class the model knows is filled with conditional samples up to `target_per_class` images in all. Class "
+        "folders are matched to the model's class names exactly; a class the model does not know keeps its images "
+        "and is reported in manifest.json, never guessed. Answers a streamed zip with originals, augmented copies "
+        "and samples, `labels.csv` with a `source` column, and `manifest.json`."
+    ),
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "the augmented dataset"}, **ERRORS},
+)
+async def augment(
+    repository: RepositoryDep,
+    settings: SettingsDep,
+    dataset: Annotated[UploadFile, File(description="the dataset zip")],
+    model: Annotated[str, Form(description="model that fills the classes", examples=["mnist-cgan"])],
+    target_per_class: Annotated[int, Form(ge=0, le=1_000_000, description="images per class in the answer")] = 0,
+    copies_per_image: Annotated[int, Form(ge=0, le=100, description="augmented copies of every image")] = 0,
+    augmentations: Annotated[str, Form(description='JSON, e.g. {"rotation": 15, "translate": 0.1}')] = "{}",
+    seed: Annotated[int, Form(ge=0, le=2**63 - 1)] = 0,
+    convert: Annotated[bool, Form(description="resize/convert images to the model's shape")] = False,
+    include_originals: Annotated[bool, Form(description="put the uploaded images in the answer")] = True,
+) -> StreamingResponse:
+    served = repository.ready_model(model)
+    try:
+        spec = AugmentSpec(**AugmentationsRequest.model_validate_json(augmentations).model_dump())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'augmentations'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInputError(f"augmentations: {problems}") from None
+    data = await dataset.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise InvalidInputError(f"the upload is over the limit of {settings.max_upload_bytes} bytes")
+    limits = ZipLimits(max_bytes=settings.max_decompressed_bytes, max_files=settings.max_archive_files,
+                       max_pixels=settings.max_image_pixels)
+    upload = await asyncio.to_thread(parse_upload, data, served.model, convert, limits)
+    del data
+    check_request(upload, copies_per_image, target_per_class, settings.max_augment_outputs)
+    stream = stream_augmented(served, upload, spec, copies_per_image, target_per_class, seed, include_originals,
+                              settings.request_timeout_s, settings.max_batch_size)
+
+    async def archive() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(archive(), media_type="application/zip",
+                             headers={"Content-Disposition": f'attachment; filename="augmented-seed{seed}.zip"'})

@@ -1,0 +1,163 @@
+"""`POST /v1/augment`: exact counts with correct labels, and every hostile upload gets a 4xx."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import stat
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.augment import AugmentSpec, augment_image
+from app.checkpoint import load_evaluator
+from app.data import load_dataset
+from app.evaluation import predict
+from tests.conftest import MNIST, ROOT, serve
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def shipped(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "mnist-cgan", root / "mnist-cgan",
+                    ignore=shutil.ignore_patterns("training_state*", "samples"))
+    return root
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _small_mnist_upload(per_class: int) -> bytes:
+    digits = load_dataset(f"{MNIST}#7000:8000")
+    members = {}
+    for label in range(10):
+        for i, index in enumerate(np.flatnonzero(digits.labels == label)[:per_class]):
+            members[f"upload/{label}/{i}.png"] = _png(digits.images[index, ..., 0])
+    return _zip(members)
+
+
+async def test_augment_fills_every_class_to_the_target(shipped: Path) -> None:
+    async with serve(shipped) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", _small_mnist_upload(50))},
+                                     data={"model": "mnist-cgan", "target_per_class": "500", "copies_per_image": "2",
+                                           "augmentations": json.dumps({"rotation": 10, "translate": 0.1}),
+                                           "seed": "3"})
+    assert response.status_code == 200, response.text
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode())))
+    manifest = json.loads(archive.read("manifest.json"))
+    assert Counter(r["class_name"] for r in rows) == {str(c): 500 for c in range(10)}
+    assert Counter(r["source"] for r in rows) == {"original": 500, "augmented": 1000, "synthetic": 3500}
+    assert manifest["synthetic"] == {str(c): 350 for c in range(10)} and manifest["unknown_classes"] == []
+    assert all(r["file_name"].startswith(f"{r['class_name']}/{r['source']}-") for r in rows)
+    synthetic = [r for r in rows if r["source"] == "synthetic"]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(archive.read(r["file_name"])))) for r in synthetic])
+    probs, _ = predict(load_evaluator(shipped / "mnist-cgan"), images[..., None])
+    agreement = (probs.argmax(1).numpy() == np.array([int(r["class_name"]) for r in synthetic])).mean()
+    assert agreement > 0.95  # synthetic images carry the right labels
+
+
+async def test_unknown_classes_are_reported_not_guessed(shipped: Path) -> None:
+    upload = _zip({"7/a.png": _png(np.zeros((28, 28), np.uint8)), "cat/b.png": _png(np.zeros((28, 28), np.uint8))})
+    async with serve(shipped) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", upload)},
+                                     data={"model": "mnist-cgan", "target_per_class": "3"})
+    manifest = json.loads(zipfile.ZipFile(io.BytesIO(response.content)).read("manifest.json"))
+    assert manifest["unknown_classes"] == ["cat"] and manifest["synthetic"] == {"7": 2}
+    assert manifest["counts"] == {"7": 3, "cat": 1}
+
+
+async def test_flat_upload_with_labels_csv(shipped: Path) -> None:
+    upload = _zip({"x.png": _png(np.zeros((28, 28), np.uint8)), "labels.csv": b"file_name,class_name\nx.png,4\n"})
+    async with serve(shipped) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", upload)},
+                                     data={"model": "mnist-cgan", "copies_per_image": "1"})
+    rows = list(csv.DictReader(io.StringIO(zipfile.ZipFile(io.BytesIO(response.content)).read("labels.csv").decode())))
+    assert [(r["class_name"], r["source"]) for r in rows] == [("4", "original"), ("4", "augmented")]
+
+
+def _symlink_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        info = zipfile.ZipInfo("3/link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+PNG = _png(np.zeros((28, 28), np.uint8))
+HOSTILE = {
+    "zip slip": (_zip({"../../evil/3/x.png": PNG}), 422, "unsafe member name"),
+    "absolute path": (_zip({"/tmp/3/x.png": PNG}), 422, "unsafe member name"),
+    "symlink": (_symlink_zip(), 422, "symbolic link"),
+    "zip bomb": (_zip({"3/bomb.png": b"\0" * 5_000_000}, zipfile.ZIP_DEFLATED), 422, "zip bombs are refused"),
+    "zip bomb past the total": (_zip({"3/bomb.png": b"\0" * 5_000_000}, zipfile.ZIP_DEFLATED), 422,
+                                "more than the limit of 1000000"),
+    "too many files": (_zip({f"3/{i}.png": PNG for i in range(30)}), 422, "over the limit of 20"),
+    "decompressed size": (_zip({f"3/{i}.png": np.random.default_rng(i).bytes(400_000) for i in range(4)}), 422,
+                          "more than the limit"),
+    "huge image": (_zip({"3/big.png": _png(np.zeros((300, 300), np.uint8))}), 422, "over the limit of 10000"),
+    "non-image": (_zip({"3/notes.txt": b"hello"}), 422, "not an image"),
+    "corrupt image": (_zip({"3/x.png": b"\x89PNG\r\n\x1a\nbroken"}), 422, "not a readable PNG/JPEG"),
+    "nested zip": (_zip({"3/inner.zip": _zip({"3/x.png": PNG})}), 422, "nested archives"),
+    "empty class": (_zip({"3/x.png": PNG, "4/": b""}), 422, "hold no images"),
+    "not a zip": (b"PK\x03\x04 this is not really a zip", 422, "not a readable zip"),
+    "wrong size": (_zip({"3/x.png": _png(np.zeros((20, 20), np.uint8))}), 422, "convert=true"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+async def test_hostile_uploads_get_4xx(shipped: Path, tmp_path: Path, case: str) -> None:
+    upload, status, message = HOSTILE[case]
+    total = 100_000_000 if case == "zip bomb" else 1_000_000  # the ratio check, or the total, stops it first
+    async with serve(shipped, max_archive_files=20, max_decompressed_bytes=total, max_image_pixels=10_000) as c:
+        response = await c.post("/v1/augment", files={"dataset": ("d.zip", upload)},
+                                 data={"model": "mnist-cgan", "target_per_class": "5"})
+        assert response.status_code == status, response.text
+        assert message in response.json()["detail"]
+        assert (await c.get("/readyz")).status_code == 200  # the server is fine afterwards
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/3").exists()
+
+
+async def test_oversized_upload_gets_413(shipped: Path) -> None:
+    async with serve(shipped, max_upload_bytes=10_000) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", b"\0" * 20_000)},
+                                     data={"model": "mnist-cgan"})
+    assert response.status_code == 413 and "over the limit of 10000 bytes" in response.json()["detail"]
+
+
+async def test_bad_augmentations_json(shipped: Path) -> None:
+    async with serve(shipped) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", _zip({"3/x.png": PNG}))},
+                                     data={"model": "mnist-cgan", "augmentations": '{"rotation": 400}'})
+    assert response.status_code == 422 and "rotation" in response.json()["detail"]
+
+
+def test_augment_image_is_seeded_and_keeps_shape() -> None:
+    image = np.zeros((28, 28, 1), np.uint8)
+    image[10:18, 12:16] = 255
+    spec = AugmentSpec(flip=0.5, rotation=20, translate=0.1, scale=0.1, brightness=0.2, contrast=0.2, noise=0.05)
+    first = augment_image(image, np.random.default_rng([1, 2]), spec)
+    assert first.shape == image.shape and first.dtype == np.uint8
+    assert np.array_equal(first, augment_image(image, np.random.default_rng([1, 2]), spec))
+    assert not np.array_equal(first, image)
+    assert np.array_equal(augment_image(image, np.random.default_rng(0), AugmentSpec()), image)
