@@ -1,9 +1,10 @@
-"""The `synthgen` command line: train, generate, evaluate and serve."""
+"""The `synthgen` command line: train, generate, evaluate, serve and dataset."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,26 @@ def _serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
 
 
+def _dataset(args: argparse.Namespace) -> None:
+    import httpx
+
+    from app.client import Client, SynthgenClientError
+
+    if (args.per_class is None) == (args.n is None):
+        raise InvalidInputError("give exactly one of --per-class N or --n N")
+    request = {key: value for key, value in (("per_class", args.per_class), ("n", args.n), ("label", args.label),
+                                             ("seed", args.seed), ("min_confidence", args.min_confidence))
+               if value is not None}
+    try:
+        with Client(args.server, api_key=args.api_key or os.environ.get("SYNTHGEN_API_KEY")) as client:
+            path = client.download_dataset(args.model, args.out, max_similarity=args.max_similarity, **request)
+    except SynthgenClientError as exc:
+        raise InvalidInputError(f"the server refused: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise InvalidInputError(f"cannot reach {args.server}: {exc}") from exc
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synthgen", description="Synthetic image datasets from GANs and VAEs.")
     parser.add_argument("--version", action="version", version=f"synthgen {__version__}")
@@ -124,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     serve.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
     serve.set_defaults(run=_serve)
+
+    dataset = commands.add_parser("dataset", help="have a synthgen server generate a dataset and download it")
+    dataset.add_argument("--server", default=os.environ.get("SYNTHGEN_SERVER", "http://127.0.0.1:8000"))
+    dataset.add_argument("--api-key", default=None, help="or SYNTHGEN_API_KEY")
+    dataset.add_argument("--model", required=True)
+    dataset.add_argument("--per-class", type=int, default=None)
+    dataset.add_argument("--n", type=int, default=None)
+    dataset.add_argument("--label", default=None)
+    dataset.add_argument("--seed", type=int, default=None)
+    dataset.add_argument("--min-confidence", type=float, default=None)
+    dataset.add_argument("--max-similarity", action="store_true")
+    dataset.add_argument("--out", required=True, help="PATH.zip, PATH.tar or PATH.npz")
+    dataset.set_defaults(run=_dataset)
     return parser
 
 

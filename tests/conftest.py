@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,3 +67,50 @@ async def serve(models_dir: Path, **overrides) -> AsyncIterator[httpx.AsyncClien
                                                        base_url="http://test", timeout=60) as client:
         client.app = app  # type: ignore[attr-defined]
         yield client
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_gan: Path, tiny_vae: Path):
+    """A real `synthgen serve` process (uvicorn) on 127.0.0.1 and a free port: yields (url, pid)."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_gan, models / "digits-gan")
+    shutil.copytree(tiny_vae, models / "digits-vae")
+    port = _free_port()
+    env = {**os.environ, "SYNTHGEN_MAX_BATCH_WAIT_MS": "2", "PYTHONUNBUFFERED": "1"}
+    env["SYNTHGEN_DATA_DIR"] = str(tmp_path / "data")
+    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--models-dir", str(models),
+                                "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the server did not become ready within 60 s")
+        yield url, process.pid
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0].decode()
+        assert process.returncode in (0, -15), output
+
+

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -16,48 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-@pytest.fixture
-def server(tmp_path: Path, tiny_gan: Path):
-    models = tmp_path / "models"
-    shutil.copytree(tiny_gan, models / "digits-gan")
-    port = _free_port()
-    env = {**os.environ, "SYNTHGEN_MAX_BATCH_WAIT_MS": "2", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--models-dir", str(models),
-                                "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the server did not become ready within 60 s")
-        yield url, process.pid
-    finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0].decode()
-        assert process.returncode in (0, -15), output
+from app.cli import main
+from app.client import Client, SynthgenClientError
+from app.data import load_dataset
+from tests.conftest import rss_mb
 
 
 def test_real_server_generates(server: tuple[str, int]) -> None:
@@ -85,7 +41,7 @@ def test_streamed_export_keeps_server_memory_flat(server: tuple[str, int], tmp_p
         for chunk in response.iter_bytes():
             out.write(chunk)
             received += len(chunk)
-            samples.append((received, _rss_mb(pid)))
+            samples.append((received, rss_mb(pid)))
     with zipfile.ZipFile(target) as archive:
         names = archive.namelist()
     assert len(names) == 20_000 + 2
@@ -93,3 +49,33 @@ def test_streamed_export_keeps_server_memory_flat(server: tuple[str, int], tmp_p
     peak = max(rss for _, rss in samples)
     print(f"server RSS: {warm:.1f} MB after 10% of {received / 1e6:.1f} MB, peak {peak:.1f} MB")
     assert peak - warm < 25, (warm, peak)  # the archive is never held whole (it is about 3 MB per 10% here)
+
+
+def test_python_client_and_dataset_cli(server: tuple[str, int], tmp_path: Path) -> None:
+    url, _ = server
+    with Client(url) as client:
+        assert [m["name"] for m in client.models()] == ["digits-gan", "digits-vae"]
+        images, labels = client.generate("digits-gan", n=5, label=2, seed=1)
+        assert images.shape == (5, 8, 8) and labels.tolist() == [2] * 5
+        path = client.download_dataset("digits-gan", tmp_path / "d.zip", per_class=20, seed=3, progress=False)
+        assert len(load_dataset(str(path))) == 200
+        # an interrupted download resumes: keep the first 1,000 bytes as a .part file and download again
+        job = client.submit_job("digits-gan", per_class=20, seed=3)
+        client.wait(job["id"], progress=False)
+        whole = client.download(job["id"], tmp_path / "whole.zip", progress=False).read_bytes()
+        (tmp_path / "r.zip.part").write_bytes(whole[:1000])
+        assert client.download(job["id"], tmp_path / "r.zip", progress=False).read_bytes() == whole
+        with pytest.raises(SynthgenClientError, match="unknown label"):
+            client.generate("digits-gan", n=1, label="cat")
+        upload = tmp_path / "upload.zip"
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(upload, "w") as small:
+            for digit in ("3", "5"):
+                for name in [n for n in source.namelist() if n.startswith(f"{digit}/")][:4]:
+                    small.writestr(name, source.read(name))
+        out = client.augment(upload, tmp_path / "augmented.zip", "digits-gan", target_per_class=10)
+        assert load_dataset(str(out)).images.shape[0] == 20
+    assert main(["dataset", "--server", url, "--model", "digits-vae", "--n", "7", "--seed", "2",
+                 "--out", str(tmp_path / "v.npz")]) == 0
+    with np.load(tmp_path / "v.npz") as arrays:
+        assert arrays["images"].shape == (7, 8, 8)
+    assert main(["dataset", "--server", url, "--model", "nope", "--n", "1", "--out", str(tmp_path / "x.zip")]) == 2
