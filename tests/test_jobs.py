@@ -80,3 +80,19 @@ async def test_quota_and_bad_jobs(models_dir: Path) -> None:
         assert (await client.get("/v1/jobs/../../etc")).status_code == 404
         bad_id = await client.get("/v1/jobs/xyz")
         assert bad_id.status_code == 422 and "32 hexadecimal" in bad_id.json()["detail"]
+
+
+def test_finished_results_expire_after_the_ttl(tmp_path: Path) -> None:
+    import time
+
+    from app.jobs import JobStore
+
+    store = JobStore(tmp_path)
+    job = store.create("m", {"n": 1}, 1, "zip")
+    store.result_path(job).write_bytes(b"archive")
+    store.update(job.id, state="succeeded", finished_at=time.time() - 100)
+    running = store.create("m", {"n": 1}, 1, "zip")
+    assert store.expire(ttl_s=50) == 1
+    assert not store.result_path(job).exists()
+    assert store.get(running.id).state == "queued"  # unfinished jobs never expire
+    store.close()
