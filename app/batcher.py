@@ -99,6 +99,7 @@ class MicroBatcher:
         self._queued = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._last_batch_requests = 0
         self.stats = BatcherStats()
 
     @property
@@ -189,7 +190,10 @@ class MicroBatcher:
         return slices
 
     async def _fill_window(self) -> None:
-        """Wait up to max_wait_s (from the oldest request's arrival) for the batch to fill."""
+        """Wait up to max_wait_s (from the oldest request's arrival) for the batch to fill; a lone request after
+        a lone request (no load) goes at once, so waiting costs latency only when there is traffic to pack."""
+        if len(self._pending) == 1 and self._last_batch_requests <= 1:
+            return
         deadline = self._pending[0].enqueued + self.max_wait_s
         while self._queued < self.max_batch_size:
             remaining = deadline - time.perf_counter()
@@ -226,6 +230,7 @@ class MicroBatcher:
                         pending.future.set_exception(failure)
                     self._withdraw(pending)
                 continue
+            self._last_batch_requests = len({id(s.pending) for s in slices})
             self.stats.forward_passes += 1
             self.stats.samples += len(z)
             self.stats.batch_sizes.append(len(z))

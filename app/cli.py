@@ -158,10 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--max-similarity", action="store_true")
     dataset.add_argument("--out", required=True, help="PATH.zip, PATH.tar or PATH.npz")
     dataset.set_defaults(run=_dataset)
+
+    commands.add_parser("bench", help="benchmark against the raw model, LitServe and plain FastAPI (--quick: CI)",
+                        add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: python -m app.bench.run --help
+        from app.bench.run import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -74,9 +74,10 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(elapsed)
             state = scope.get("state", {})
-            log.info(json.dumps({"request_id": request_id, "method": scope["method"], "route": route,
-                                 "path": scope["path"], "model": scope.get("path_params", {}).get("name"),
-                                 "n": state.get("n"), "status": status, "latency_ms": round(elapsed * 1000, 2)}))
+            if log.isEnabledFor(logging.INFO):
+                log.info(json.dumps({"request_id": request_id, "method": scope["method"], "route": route,
+                                     "path": scope["path"], "model": scope.get("path_params", {}).get("name"),
+                                     "n": state.get("n"), "status": status, "latency_ms": round(elapsed * 1000, 2)}))
 
 
 async def _read_body(receive: Receive, limit: int, content_length: str) -> bytes | None:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from app.api.schemas import OutputFormat, SamplePublic, SamplesPublic
 from app.export import npz_bytes
 from app.plots import encode_png, image_grid
-from app.service import Samples
+from app.service import INLINE_SAMPLES, Samples
 
 # OpenAPI description of the three formats, for the routes' `responses=`.
 SAMPLE_RESPONSES: dict[int | str, dict] = {
@@ -40,16 +40,23 @@ def _grid(samples: Samples) -> bytes:
     return encode_png(image_grid(samples.images, columns=columns, scale=2 if samples.images.shape[1] < 64 else 1))
 
 
+async def _encode(samples: Samples, fn, *args):
+    """Encode small answers on the event loop (a thread hop costs more than they do), large ones in a thread."""
+    if len(samples.images) <= INLINE_SAMPLES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 async def samples_response(samples: Samples, output: OutputFormat) -> Response:
     headers = {"X-Seed": str(samples.seed)} if samples.seed is not None else {}
     if samples.rejected is not None:
         headers["X-Rejected"] = ",".join(f"{name}={count}" for name, count in samples.rejected.items())
     if output == "json":
-        return JSONResponse(await asyncio.to_thread(_json, samples), headers=headers)
+        return JSONResponse(await _encode(samples, _json, samples), headers=headers)
     if output == "npz":
         labels = samples.labels if samples.labels is not None else [0] * len(samples.images)
         indices = samples.indices if samples.rejected is not None else None
-        body = await asyncio.to_thread(npz_bytes, samples.images, labels, indices)
+        body = await _encode(samples, npz_bytes, samples.images, labels, indices)
         headers["Content-Disposition"] = f'attachment; filename="{samples.model}.npz"'
         return Response(body, media_type="application/octet-stream", headers=headers)
-    return Response(await asyncio.to_thread(_grid, samples), media_type="image/png", headers=headers)
+    return Response(await _encode(samples, _grid, samples), media_type="image/png", headers=headers)

@@ -1,0 +1,105 @@
+"""The contenders synthgen is measured against, serving the same generator with the same output (npz bytes):
+
+- `litserve`: LitServe with its own request batching (same max batch size and batch timeout);
+- `plain`: the FastAPI app a user writes in an afternoon: one forward pass per request, no batching.
+
+    python -m app.bench.peers litserve --model models/mnist-cgan --port 8001 --max-batch-size 256 --wait-ms 5
+    python -m app.bench.peers plain --model models/mnist-cgan --port 8002
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import litserve as ls
+import torch
+from fastapi import FastAPI, Response
+
+from app.checkpoint import SyntheticModel, load_model
+from app.export import npz_bytes
+from app.sampling import draw_latents, render
+
+
+def _generate(model: SyntheticModel, requests: list[tuple[int, int]]) -> list[bytes]:
+    """One forward pass for every (n, seed) request; one npz per request."""
+    latents = [draw_latents(seed, range(n), model.latent_dim, model.num_classes) for n, seed in requests]
+    z, labels = torch.cat([z for z, _ in latents]), torch.cat([y for _, y in latents])
+    images = render(model, z, labels, batch_size=max(len(z), 1))
+    out, start = [], 0
+    for n, _ in requests:
+        out.append(npz_bytes(images[start : start + n], labels[start : start + n].numpy()))
+        start += n
+    return out
+
+
+def _parse(body: dict) -> tuple[int, int]:
+    return int(body.get("n", 1)), int(body.get("seed", 0))
+
+
+def plain_app(folder: Path) -> FastAPI:
+    app = FastAPI()
+    model = load_model(folder, "cpu")
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/generate")
+    def generate(body: dict) -> Response:  # a sync route: FastAPI runs it in its thread pool, one request each
+        return Response(_generate(model, [_parse(body)])[0], media_type="application/octet-stream")
+
+    return app
+
+
+class GeneratorAPI(ls.LitAPI):
+    """LitServe's contract for the same generator (module level: LitServe pickles it into its workers)."""
+
+    def __init__(self, folder: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.folder = folder
+
+    def setup(self, device: str) -> None:
+        self.model = load_model(self.folder, "cpu")
+
+    def decode_request(self, request: dict) -> tuple[int, int]:
+        return _parse(request)
+
+    def batch(self, inputs: list) -> list:
+        return inputs
+
+    def predict(self, requests):
+        return _generate(self.model, requests if isinstance(requests, list) else [requests])
+
+    def unbatch(self, outputs: list) -> list:
+        return outputs
+
+    def encode_response(self, output) -> Response:
+        return Response(output[0] if isinstance(output, list) else output, media_type="application/octet-stream")
+
+
+def litserve_server(folder: Path, max_batch_size: int, wait_ms: float) -> ls.LitServer:
+    api = GeneratorAPI(folder, max_batch_size=max_batch_size, batch_timeout=wait_ms / 1000)
+    return ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("peer", choices=["litserve", "plain"])
+    parser.add_argument("--model", required=True, help="model folder")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--wait-ms", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    if args.peer == "plain":
+        import uvicorn
+
+        uvicorn.run(plain_app(Path(args.model)), host="127.0.0.1", port=args.port, log_level="warning")
+    else:
+        server = litserve_server(Path(args.model), args.max_batch_size, args.wait_ms)
+        server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""`synthgen bench`: synthgen against the raw model, LitServe and a plain FastAPI app, on one machine, in one run.
+
+Every contender serves the same model with the same output (npz bytes) on 127.0.0.1 and is driven by the same
+async load generator (HTTP/1.1 keep-alive over asyncio streams; answers decoded and counted); contenders
+alternate point by point so machine noise hits all alike. Prints one markdown table and writes JSON (with the
+device). `--quick` (CI) only checks that every contender answered
+correctly with the same number of samples; it never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from app.checkpoint import load_model
+from app.export import npz_bytes
+from app.plots import encode_png
+from app.sampling import draw_latents, render
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (LitServe runs workers in child processes)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total / 1024
+
+
+@dataclass
+class Contender:
+    name: str
+    command: list[str]
+    path: str  # the generate route
+    ready_path: str
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    url: str = ""
+    cold_start_s: float = 0.0
+
+    def start(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        started = time.perf_counter()
+        self.process = subprocess.Popen([*self.command, "--port", str(port)], env={**os.environ, **self.env},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)  # its own process group: workers go with it
+        deadline = started + 180
+        while time.perf_counter() < deadline:
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                    self.cold_start_s = time.perf_counter() - started
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode} while starting")
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not become ready in 180 s")
+
+    def stop(self) -> None:
+        """Stop the contender and every process it started (LitServe leaves its workers behind otherwise)."""
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers in the group
+
+
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client over asyncio streams. httpx costs several ms of CPU per request at
+    64 connections, which on a small machine makes the load generator, not the server, the bottleneck."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        if "content-length" in headers:
+            payload = await self.reader.readexactly(int(headers["content-length"]))
+        else:  # chunked
+            payload = b""
+            while size := int((await self.reader.readline()).strip(), 16):
+                payload += await self.reader.readexactly(size + 2)
+                payload = payload[:-2]
+            await self.reader.readline()
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.writer = None
+
+
+async def drive(contender: Contender, concurrency: int, n: int, seconds: float) -> dict[str, Any]:
+    """Closed-loop load: `concurrency` users, each on its own connection, send the next request when the last
+    one answered; every answer is decoded and its sample count checked."""
+    latencies: list[float] = []
+    errors, samples, peak = 0, 0, 0.0
+    stop = time.perf_counter() + seconds
+    host, port = contender.url.removeprefix("http://").split(":")
+
+    async def user(offset: int) -> None:
+        nonlocal errors, samples
+        connection, seed = Connection(host, int(port)), offset
+        try:
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                try:
+                    status, payload = await connection.post(
+                        contender.path, json.dumps({"n": n, "seed": seed, "format": "npz"}).encode())
+                    with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+                        got = len(arrays["images"]) if status == 200 else 0
+                except (OSError, ValueError, asyncio.IncompleteReadError):
+                    got = 0
+                    await connection.close()
+                latencies.append(time.perf_counter() - started)
+                errors += got != n
+                samples += got
+                seed += concurrency
+        finally:
+            await connection.close()
+
+    async def watch() -> None:
+        nonlocal peak
+        while time.perf_counter() < stop:
+            peak = max(peak, tree_rss_mb(contender.process.pid))
+            await asyncio.sleep(0.25)
+
+    began = time.perf_counter()
+    await asyncio.gather(watch(), *(user(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    lat = np.array(latencies or [0.0]) * 1000
+    return {"contender": contender.name, "concurrency": concurrency, "n": n, "requests": len(latencies),
+            "errors": errors, "samples": samples, "seconds": round(elapsed, 2),
+            "samples_per_s": samples / elapsed, "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+            "p99_ms": float(np.percentile(lat, 99)), "peak_rss_mb": round(peak, 1)}
+
+
+def raw_rates(folder: Path, batch_size: int, seconds: float) -> dict[str, float]:
+    """In-process ceilings (no HTTP): latents + batched forward + npz, and + one PNG per sample."""
+    model = load_model(folder, "cpu")
+    out = {}
+    for name, encode in (("npz", lambda images, labels: npz_bytes(images, labels)),
+                         ("png", lambda images, labels: [encode_png(image) for image in images])):
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            z, labels = draw_latents(done, range(batch_size), model.latent_dim, model.num_classes)
+            encode(render(model, z, labels, batch_size=batch_size), labels.numpy())
+            done += batch_size
+        out[f"raw_{name}_samples_per_s"] = done / (time.perf_counter() - started)
+    return out
+
+
+def export(contender: Contender, model: str, per_class: int) -> dict[str, Any]:
+    """A streamed zip export from synthgen: samples/s and the server's peak RSS while it ran."""
+    peak, size, started = 0.0, 0, time.perf_counter()
+    with httpx.stream("POST", f"{contender.url}/v1/models/{model}/datasets", timeout=3600,
+                      json={"per_class": per_class, "seed": 0}) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            peak = max(peak, tree_rss_mb(contender.process.pid))
+    elapsed = time.perf_counter() - started
+    samples = per_class * len(load_model(Path(contender.env["SYNTHGEN_MODELS_DIR"]) / model).class_names)
+    return {"samples": samples, "seconds": round(elapsed, 2), "samples_per_s": samples / elapsed,
+            "bytes": size, "peak_rss_mb": round(peak, 1)}
+
+
+def device_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown report: one row per (contender, point), then cold starts and exports."""
+    raw = results["raw"]
+    header = "| contender | concurrency | n | samples/s | requests/s | p50 ms | p95 ms | p99 ms | errors | RSS MB |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|",
+             f"| raw (in-process, batch {results['config']['max_batch_size']}) | – | – | "
+             f"{raw['raw_npz_samples_per_s']:.0f} | – | – | – | – | – | – |"]
+    for row in results["points"]:
+        cells = [row["contender"], row["concurrency"], row["n"], f"{row['samples_per_s']:.0f}",
+                 f"{row['requests_per_s']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}",
+                 f"{row['p99_ms']:.1f}", row["errors"], f"{row['peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    starts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in results["cold_start_s"].items())
+    lines += ["", f"Cold start to the first 200 from the readiness route: {starts}.", ""]
+    for name, row in results.get("exports", {}).items():
+        lines.append(f"- zip export of {name} samples: {row['samples_per_s']:.0f} samples/s, server peak RSS "
+                     f"{row['peak_rss_mb']:.0f} MB (raw forward + PNG encode: {raw['raw_png_samples_per_s']:.0f} "
+                     "samples/s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="synthgen bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--model", default="mnist-cgan")
+    parser.add_argument("--quick", action="store_true", help="a < 2 minute correctness run (CI)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per point")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--wait-ms", type=float, default=5.0)
+    parser.add_argument("--exports", type=int, nargs="*", default=[10_000, 100_000], help="zip export sizes")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (and the table beside it, .md)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.concurrency, args.n, args.exports = 2.0, [1, 16], [1], [1000]
+    folder = Path(args.models_dir) / args.model
+    bench = [sys.executable, "-m", "app.bench.peers"]
+    common = ["--model", str(folder), "--max-batch-size", str(args.max_batch_size), "--wait-ms", str(args.wait_ms)]
+    contenders = [
+        Contender("synthgen", [sys.executable, "-m", "app", "serve", "--models-dir", args.models_dir, "--device",
+                               "cpu"], f"/v1/models/{args.model}/generate", "/readyz",
+                  {"SYNTHGEN_MAX_BATCH_SIZE": str(args.max_batch_size), "SYNTHGEN_MAX_BATCH_WAIT_MS":
+                   str(args.wait_ms), "SYNTHGEN_LOG_LEVEL": "warning", "SYNTHGEN_MODELS_DIR": args.models_dir,
+                   "SYNTHGEN_DATA_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) / "synthgen-bench-data"),
+                   "SYNTHGEN_MAX_DATASET_SAMPLES": str(max(args.exports or [0]) + 1)}),
+        Contender("litserve", [*bench, "litserve", *common], "/predict", "/health", {}),
+        Contender("fastapi", [*bench, "plain", *common], "/generate", "/health", {}),
+    ]
+    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                               "device": device_info(), "quick": args.quick,
+                               "config": {k: v for k, v in vars(args).items() if k != "out"}, "points": []}
+    try:
+        for contender in contenders:
+            contender.start()
+        results["cold_start_s"] = {c.name: round(c.cold_start_s, 2) for c in contenders}
+        for n in args.n:
+            for concurrency in args.concurrency:
+                for contender in contenders:  # alternate: every point runs each contender in turn
+                    row = asyncio.run(drive(contender, concurrency, n, args.seconds))
+                    results["points"].append(row)
+                    print(f"{contender.name:9s} c={concurrency:<4d} n={n:<3d} {row['samples_per_s']:8.0f} samples/s "
+                          f"p99 {row['p99_ms']:8.1f} ms errors {row['errors']}", flush=True)
+        results["exports"] = {f"{size:,}": export(contenders[0], args.model, size // 10) for size in args.exports}
+    finally:
+        for contender in contenders:
+            contender.stop()
+    results["raw"] = raw_rates(folder, args.max_batch_size, args.seconds)
+    print(table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        device = results["device"]
+        Path(args.out).with_suffix(".md").write_text(
+            f"# synthgen benchmark, {results['date']}\n\nDevice: {device['cpu']}, {device['cores']} cores, GPU: "
+            f"{device['gpu'] or 'none'}; torch {device['torch']}. Command: `synthgen bench "
+            f"{' '.join(argv if argv is not None else sys.argv[2:])}`\n\n{table(results)}\n")
+    bad = [row for row in results["points"] if row["errors"] or row["samples"] == 0]
+    if bad:
+        print(f"contenders with errors or no samples: {[(r['contender'], r['concurrency'], r['n']) for r in bad]}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
