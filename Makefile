@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve demo test lint clean
+.PHONY: install serve demo test lint docker-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,18 @@ demo: install
 	$(BIN)/synthgen generate --model models/mnist-cvae --per-class 10 --seed 0 --out out/mnist-cvae.png
 	$(BIN)/synthgen generate --model models/mnist-cgan --per-class 100 --seed 0 --out out/mnist-cgan.zip
 
-test: install
+test: install docker-check
 	$(BIN)/ruff check app tests
 	$(BIN)/python -m pytest -q
+
+# No Docker engine here: lint the Dockerfile, then replay its install script in a fresh virtual environment
+# and smoke-test the result (serve the models, generate a grid from each).
+docker-check: install
+	$(BIN)/hadolint Dockerfile
+	rm -rf .docker-replay && $(PYTHON) -m venv .docker-replay
+	. .docker-replay/bin/activate && TORCH=cpu sh deploy/install.sh . >/dev/null
+	sh deploy/smoke.sh .docker-replay/bin/python models
+	rm -rf .docker-replay
 
 lint: install
 	$(BIN)/ruff check app tests
