@@ -33,6 +33,7 @@ class Samples:
     seed: int | None = None
     indices: np.ndarray | None = None  # the sample indices (not 0..n-1 once filters rejected candidates)
     rejected: dict[str, int] | None = None  # candidates each filter rejected, when filters were asked for
+    columns: int | None = None  # grid layout for format=png (None: about square)
 
 
 INLINE_SAMPLES = 64
@@ -165,7 +166,7 @@ async def interpolate(model: SyntheticModel, executor: Executor, seed_a: int, se
 
     images = await _on_device(executor, run)
     nearest = np.where(np.linspace(0, 1, steps) < 0.5, int(y_a[0]), int(y_b[0]))
-    return Samples(model.name, images, nearest if model.num_classes else None, model.class_names)
+    return Samples(model.name, images, nearest if model.num_classes else None, model.class_names, columns=steps)
 
 
 async def inpaint(model: SyntheticModel, executor: Executor, image: np.ndarray, mask: np.ndarray,

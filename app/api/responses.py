@@ -36,7 +36,7 @@ def _json(samples: Samples) -> dict:
 
 
 def _grid(samples: Samples) -> bytes:
-    columns = max(1, math.ceil(math.sqrt(len(samples.images))))
+    columns = samples.columns or max(1, math.ceil(math.sqrt(len(samples.images))))
     return encode_png(image_grid(samples.images, columns=columns, scale=2 if samples.images.shape[1] < 64 else 1))
 
 
