@@ -44,6 +44,7 @@ class Job:
     finished_at: float | None
     result_bytes: int | None
     format: str
+    heartbeat_at: float | None = None  # refreshed by the replica running the job
 
     @property
     def eta_s(self) -> float | None:
@@ -54,7 +55,9 @@ class Job:
 
 
 _COLUMNS = ("id", "model", "request", "state", "done", "total", "error", "created_at", "started_at", "finished_at",
-            "result_bytes", "format")
+            "result_bytes", "format", "heartbeat_at")
+HEARTBEAT_S = 5.0
+INTERRUPTED = "interrupted: the server running it stopped; submit it again"
 
 
 def validate_job_id(job_id: str) -> str:
@@ -75,7 +78,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("""CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, model TEXT, request TEXT,
             state TEXT, done INTEGER, total INTEGER, error TEXT, created_at REAL, started_at REAL, finished_at REAL,
-            result_bytes INTEGER, format TEXT)""")
+            result_bytes INTEGER, format TEXT, heartbeat_at REAL)""")
 
     def close(self) -> None:
         self._db.close()
@@ -86,11 +89,12 @@ class JobStore:
         return Job(**values)
 
     def create(self, model: str, request: dict[str, Any], total: int, output: str) -> Job:
-        job = Job(uuid.uuid4().hex, model, request, "queued", 0, total, None, time.time(), None, None, None, output)
+        now = time.time()
+        job = Job(uuid.uuid4().hex, model, request, "queued", 0, total, None, now, None, None, None, output, now)
         with self._lock:
             self._db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_COLUMNS))})",
                              (job.id, model, json.dumps(request), job.state, 0, total, None, job.created_at, None,
-                              None, None, output))
+                              None, None, output, now))
         return job
 
     def get(self, job_id: str) -> Job:
@@ -122,16 +126,24 @@ class JobStore:
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.results.iterdir() if p.is_file())
 
-    def recover(self) -> None:
-        """At start-up: jobs that were queued or running when the server stopped are failed; partial files go."""
+    def fail_unfinished(self, job_ids: list[str] | None = None, stale_s: float | None = None) -> int:
+        """Fail queued or running jobs (and drop their partial files): these ids, or those whose runner stopped
+        refreshing their heartbeat `stale_s` ago (a replica that crashed). Safe with replicas sharing the data
+        directory: a live replica's jobs keep a fresh heartbeat."""
+        query = "SELECT id FROM jobs WHERE state IN ('queued', 'running')"
         with self._lock:
-            rows = self._db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')").fetchall()
-        for (job_id,) in rows:
+            rows = self._db.execute(query + " AND heartbeat_at < ?", (time.time() - stale_s,)).fetchall() \
+                if stale_s is not None else self._db.execute(query).fetchall()
+        chosen = [job_id for (job_id,) in rows if job_ids is None or job_id in job_ids]
+        for job_id in chosen:
             self.part_path(self.get(job_id)).unlink(missing_ok=True)
-            self.update(job_id, state="failed", error="interrupted by a server restart; submit it again",
-                        finished_at=time.time())
-        for stray in self.results.glob("*.part"):
-            stray.unlink()
+            self.update(job_id, state="failed", error=INTERRUPTED, finished_at=time.time())
+        return len(chosen)
+
+    def beat(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("UPDATE jobs SET heartbeat_at = ? WHERE id = ?",
+                                 [(time.time(), job_id) for job_id in job_ids])
 
     def expire(self, ttl_s: float) -> int:
         """Delete finished jobs (and their results) older than the TTL; returns how many."""
@@ -176,9 +188,18 @@ class JobRunner:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    async def heartbeat(self) -> None:
+        """Refresh the heartbeat of this runner's jobs, so other replicas know they are alive."""
+        while True:
+            await asyncio.to_thread(self.store.beat, list(self._tasks))
+            await asyncio.sleep(HEARTBEAT_S)
+
     async def close(self) -> None:
-        for job_id in list(self._tasks):
+        """Stop: the jobs this runner was running are failed at once (a crash is caught by their stale heartbeat)."""
+        running = list(self._tasks)
+        for job_id in running:
             await self.cancel(job_id)
+        self.store.fail_unfinished(running)
 
     async def _run(self, job: Job, plan: DatasetPlan, spec: FilterSpec) -> None:
         part, final = self.store.part_path(job), self.store.result_path(job)

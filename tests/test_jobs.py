@@ -67,7 +67,7 @@ async def test_restart_keeps_results_and_fails_interrupted_jobs(models_dir: Path
         assert kept["state"] == "succeeded"
         assert (await client.get(kept["result_url"])).status_code == 200
         failed = (await client.get(f"/v1/jobs/{interrupted['id']}")).json()
-        assert failed["state"] == "failed" and "restart" in failed["error"]
+        assert failed["state"] == "failed" and "stopped" in failed["error"]
         assert (await client.get(f"/v1/jobs/{interrupted['id']}/result")).status_code == 409
         assert not list((models_dir.parent / "data" / "results").glob("*.part"))
 
@@ -95,4 +95,22 @@ def test_finished_results_expire_after_the_ttl(tmp_path: Path) -> None:
     assert store.expire(ttl_s=50) == 1
     assert not store.result_path(job).exists()
     assert store.get(running.id).state == "queued"  # unfinished jobs never expire
+    store.close()
+
+
+def test_crashed_replicas_jobs_fail_once_their_heartbeat_is_stale(tmp_path: Path) -> None:
+    import time
+
+    from app.jobs import JobStore
+
+    store = JobStore(tmp_path)
+    crashed, alive = store.create("m", {"n": 1}, 1, "zip"), store.create("m", {"n": 1}, 1, "zip")
+    for job in (crashed, alive):
+        store.update(job.id, state="running")
+        store.part_path(job).write_bytes(b"partial")
+    store.update(crashed.id, heartbeat_at=time.time() - 120)
+    store.beat([alive.id])
+    assert store.fail_unfinished(stale_s=30) == 1
+    assert store.get(crashed.id).state == "failed" and not store.part_path(crashed).exists()
+    assert store.get(alive.id).state == "running" and store.part_path(alive).exists()  # another replica's job
     store.close()

@@ -20,7 +20,7 @@ from app.api.disconnect import ClientDisconnected
 from app.api.errors import error_response, install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import augment, datasets, generate, health, jobs, models, vae
-from app.jobs import JobRunner, JobStore
+from app.jobs import HEARTBEAT_S, JobRunner, JobStore
 from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.settings import Settings
@@ -33,8 +33,10 @@ Concurrent requests are packed into batches per model; a sample is a pure functi
 Try **POST /v1/models/{name}/generate** with `format=png` to see a grid of samples."""
 
 
-async def _expire_periodically(store: JobStore, ttl_s: float, every_s: float = 600) -> None:
+async def _keep_jobs(store: JobStore, ttl_s: float, every_s: float = HEARTBEAT_S) -> None:
+    """Fail jobs whose replica stopped beating (crashed), and delete expired results."""
     while True:
+        await asyncio.to_thread(store.fail_unfinished, None, 6 * HEARTBEAT_S)
         await asyncio.to_thread(store.expire, ttl_s)
         await asyncio.sleep(every_s)
 
@@ -52,16 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository = ModelRepository(settings, device, executor, metrics)
         app.state.repository = repository
         store = JobStore(settings.data_dir)
-        store.recover()
         runner = JobRunner(store, repository, settings.jobs_quota_bytes, settings.max_batch_size,
                            settings.request_timeout_s, settings.max_concurrent_jobs, settings.filter_max_rounds)
         app.state.jobs, app.state.job_runner = store, runner
-        expiry = asyncio.create_task(_expire_periodically(store, settings.job_ttl_s))
+        housekeeping = [asyncio.create_task(_keep_jobs(store, settings.job_ttl_s)),
+                        asyncio.create_task(runner.heartbeat())]
         await repository.load_all()
         try:
             yield
         finally:
-            expiry.cancel()
+            for task in housekeeping:
+                task.cancel()
             await runner.close()
             await repository.close()
             store.close()
