@@ -40,3 +40,11 @@ def test_dockerfile_contract() -> None:
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[0] == "*" or "*" in ignore  # everything is excluded unless listed
     assert "models/*/training_state.*" in ignore
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from app.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`SYNTHGEN_{name.upper()}`" not in readme]
+    assert not missing, f"document these settings in the README: {missing}"
