@@ -57,6 +57,13 @@ def models_dir(tmp_path: Path, tiny_gan: Path, tiny_vae: Path) -> Path:
     return root
 
 
+def copy_shipped(tmp_path: Path, name: str) -> Path:
+    """A model repository holding a copy of one shipped model (without its training state and sample grids)."""
+    root = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / name, root / name, ignore=shutil.ignore_patterns("training_state*", "samples"))
+    return root
+
+
 @asynccontextmanager
 async def serve(models_dir: Path, **overrides) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan, behind an httpx client on ASGITransport; `client.app` is the app."""

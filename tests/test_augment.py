@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import stat
 import zipfile
 from collections import Counter
@@ -19,17 +18,14 @@ from app.augment import AugmentSpec, augment_image
 from app.checkpoint import load_evaluator
 from app.data import load_dataset
 from app.evaluation import predict
-from tests.conftest import MNIST, ROOT, serve
+from tests.conftest import MNIST, copy_shipped, serve
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def shipped(tmp_path: Path) -> Path:
-    root = tmp_path / "models"
-    shutil.copytree(ROOT / "models" / "mnist-cgan", root / "mnist-cgan",
-                    ignore=shutil.ignore_patterns("training_state*", "samples"))
-    return root
+    return copy_shipped(tmp_path, "mnist-cgan")
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,17 +14,14 @@ import pytest
 from app.checkpoint import load_evaluator, load_model
 from app.evaluation import predict
 from app.sampling import sample
-from tests.conftest import ROOT, serve
+from tests.conftest import copy_shipped, serve
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def shipped(tmp_path: Path) -> Path:
-    root = tmp_path / "models"
-    shutil.copytree(ROOT / "models" / "mnist-cvae", root / "mnist-cvae",
-                    ignore=shutil.ignore_patterns("training_state*", "samples"))
-    return root
+    return copy_shipped(tmp_path, "mnist-cvae")
 
 
 def _agreement(folder: Path, images: np.ndarray, labels: np.ndarray) -> float:

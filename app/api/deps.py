@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import AuthError, UnsupportedMediaTypeError
+from app.jobs import JobRunner, JobStore
 from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.settings import Settings
@@ -25,9 +26,19 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_store(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def get_runner(request: Request) -> JobRunner:
+    return request.app.state.job_runner
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi import APIRouter, Body, Depends, Path
 from fastapi.responses import FileResponse, Response
 
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import RepositoryDep, RunnerDep, SettingsDep, StoreDep, require_api_key, require_json
 from app.api.schemas import ErrorPublic, JobPublic, JobRequest
 from app.datasets import MEDIA_TYPES, plan_dataset
 from app.errors import ConflictError
 from app.filters import FilterSpec
-from app.jobs import Job, JobRunner, JobStore, estimate_bytes
+from app.jobs import Job, estimate_bytes
 from app.sampling import MAX_SEED
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
@@ -21,18 +21,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(requi
 JobId = Annotated[str, Path(description="the id POST /v1/jobs returned (32 hexadecimal characters)")]
 EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFolder zip",
                          "value": {"model": "mnist-cgan", "per_class": 1000, "seed": 0, "format": "zip"}}}
-
-
-def get_store(request: Request) -> JobStore:
-    return request.app.state.jobs
-
-
-def get_runner(request: Request) -> JobRunner:
-    return request.app.state.job_runner
-
-
-StoreDep = Annotated[JobStore, Depends(get_store)]
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 
 
 def job_public(job: Job) -> JobPublic:
