@@ -13,13 +13,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from app.errors import ModelFailureError, OverloadedError, RequestTimeoutError, SynthgenError
+from app.errors import ModelFailureError, OverloadedError, RequestTimeoutError
 
 # (latents [n, d], labels [n], per-sample truncation [n]) → uint8 images [n, H, W, C]
 BatchFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], np.ndarray]
@@ -76,11 +76,10 @@ class _Slice:
 
 @dataclass
 class BatcherStats:
-    """Counters for tests and /metrics."""
+    """Counters (the histograms live in the metrics observer)."""
 
     forward_passes: int = 0
     samples: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class MicroBatcher:
@@ -137,7 +136,7 @@ class MicroBatcher:
             raise OverloadedError(f"the queue holds {self._queued} samples; {n} more would pass its limit of "
                                   f"{self.max_queued_samples}; retry shortly", retry_after_s=1)
         if not self.running:
-            raise SynthgenError("the model's worker is not running")
+            raise OverloadedError("the model's worker is not running; retry shortly", retry_after_s=1)
         loop = asyncio.get_running_loop()
         pending = _Pending(z, labels, truncation, loop.create_future(), time.perf_counter())
         self._pending.append(pending)
@@ -233,7 +232,6 @@ class MicroBatcher:
             self._last_batch_requests = len({id(s.pending) for s in slices})
             self.stats.forward_passes += 1
             self.stats.samples += len(z)
-            self.stats.batch_sizes.append(len(z))
             self._observer.batch_done(len(z), len({id(s.pending) for s in slices}), time.perf_counter() - started)
             offsets = itertools.accumulate((s.stop - s.start for s in slices), initial=0)
             for s, offset in zip(slices, offsets):
