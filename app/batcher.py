@@ -113,6 +113,7 @@ class MicroBatcher:
     def start(self) -> None:
         if not self.running:
             self._task = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
+            self._wakeup.set()  # a restarted worker picks up what is already queued
 
     async def stop(self) -> None:
         """Stop the worker; waiting requests fail with an error that says the model went away."""

@@ -33,6 +33,10 @@ class OverloadedError(SynthgenError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimitedError(OverloadedError):
+    """The caller sent more requests than its rate limit allows (HTTP 429 with Retry-After)."""
+
+
 class RequestTimeoutError(SynthgenError):
     """The request waited longer than its timeout; its samples left the queue."""
 

@@ -159,6 +159,16 @@ class ModelRepository:
         for entry in self.entries.values():
             await self._stop(entry)
 
+    async def supervise(self, every_s: float = 1.0) -> None:
+        """Restart a ready model's worker that died (its queue is kept, so waiting requests carry on); until it
+        is back, /readyz reports it."""
+        while True:
+            await asyncio.sleep(every_s)
+            for entry in list(self.entries.values()):
+                if entry.status == "ready" and entry.batcher is not None and not entry.batcher.running:
+                    log.error("the worker of model %s died; restarting it", entry.name)
+                    entry.batcher.start()
+
     async def _stop(self, entry: ModelEntry) -> None:
         if entry.batcher is not None:
             await entry.batcher.stop()

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_decompressed_bytes: int = Field(256 * 1_048_576, ge=1024, description="most bytes an uploaded zip may "
                                         "decompress to (counted while reading)")
     max_augment_outputs: int = Field(200_000, ge=1, description="most images one /v1/augment answer may hold")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="requests a second per API key (per client address "
+                                    "without keys) on /v1; 0 = no limit")
+    rate_limit_burst: int = Field(100, ge=1, description="requests allowed at once before the rate applies")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = open")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
+from app.api.deps import RateLimiter
 from app.api.disconnect import ClientDisconnected
 from app.api.errors import error_response, install_error_handlers
 from app.api.middleware import RequestContextMiddleware
@@ -58,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            settings.request_timeout_s, settings.max_concurrent_jobs, settings.filter_max_rounds)
         app.state.jobs, app.state.job_runner = store, runner
         housekeeping = [asyncio.create_task(_keep_jobs(store, settings.job_ttl_s)),
-                        asyncio.create_task(runner.heartbeat())]
+                        asyncio.create_task(runner.heartbeat()), asyncio.create_task(repository.supervise())]
         await repository.load_all()
         try:
             yield
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.state.settings = settings
     app.state.metrics = metrics
+    if settings.rate_limit_per_s:
+        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)

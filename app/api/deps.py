@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import AuthError, UnsupportedMediaTypeError
+from app.errors import AuthError, RateLimitedError, UnsupportedMediaTypeError
 from app.jobs import JobRunner, JobStore
 from app.metrics import Metrics
 from app.repository import ModelRepository
@@ -41,17 +43,42 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 
 
+class RateLimiter:
+    """A token bucket per caller: `rate` requests a second, up to `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, max_callers: int = 10_000) -> None:
+        self.rate, self.burst, self.max_callers = rate, burst, max_callers
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, caller: str) -> None:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(caller, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[caller] = (tokens, now)
+            raise RateLimitedError(f"rate limit of {self.rate:g} requests a second exceeded; slow down",
+                                   retry_after_s=max(1, math.ceil((1 - tokens) / self.rate)))
+        self._buckets[caller] = (tokens - 1, now)
+        if len(self._buckets) > self.max_callers:  # forget callers whose bucket has refilled
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
+
+
 def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With API keys configured, every /v1 route needs `Authorization: Bearer <key>` (401 without, 403 wrong)."""
-    if not settings.api_keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthError("missing API key: send the header 'Authorization: Bearer <key>'", 401)
-    # compare against every key, always, in constant time
-    matches = [hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys]
-    if not any(matches):
-        raise AuthError("the API key is not valid", 403)
+    """With API keys configured, every /v1 route needs `Authorization: Bearer <key>` (401 without, 403 wrong);
+    with a rate limit, each key (or client address) gets 429 with Retry-After beyond it."""
+    caller = f"address:{request.client.host if request.client else 'unknown'}"
+    if settings.api_keys:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError("missing API key: send the header 'Authorization: Bearer <key>'", 401)
+        # compare against every key, always, in constant time
+        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys]
+        if not any(matches):
+            raise AuthError("the API key is not valid", 403)
+        caller = f"key:{matches.index(True)}"  # the key's position, never the key itself
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:
+        limiter.take(caller)
 
 
 def require_json(request: Request) -> None:

@@ -1,0 +1,76 @@
+"""Faults injected for real, overload, and security checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, rss_mb, serve
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_dead_worker_is_reported_and_restarted(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        batcher = client.app.state.repository.entries["digits-gan"].batcher  # type: ignore[attr-defined]
+        batcher._task.cancel()  # the worker dies
+        await asyncio.sleep(0)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "model digits-gan: worker not running" in ready.json()["problems"]
+        for _ in range(50):  # the supervisor restarts it within about a second
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.post("/v1/models/digits-gan/generate", json={"n": 3})).status_code == 200
+
+
+async def test_overload_answers_only_200_503_504_and_recovers(models_dir: Path) -> None:
+    import os
+
+    async with serve(models_dir, max_queued_samples=64, max_batch_size=16, request_timeout_s=5) as client:
+        before = rss_mb(os.getpid())
+        responses = await asyncio.gather(*(client.post("/v1/models/digits-gan/generate", json={"n": 4, "seed": i})
+                                           for i in range(2000)))
+        statuses = {r.status_code for r in responses}
+        assert statuses <= {200, 503, 504}, statuses
+        assert 200 in statuses and 503 in statuses
+        assert all(r.headers.get("retry-after") for r in responses if r.status_code == 503)
+        assert rss_mb(os.getpid()) - before < 300  # bounded: the queue never grows past its limit
+        batcher = client.app.state.repository.entries["digits-gan"].batcher  # type: ignore[attr-defined]
+        assert batcher.queued_samples == 0
+        assert (await client.post("/v1/models/digits-gan/generate", json={"n": 4})).status_code == 200
+
+
+async def test_rate_limit_per_key(models_dir: Path) -> None:
+    keys = ["a" * 20, "b" * 20]
+    async with serve(models_dir, api_keys=keys, rate_limit_per_s=1, rate_limit_burst=3) as client:
+        first = [await client.get("/v1/models", headers={"Authorization": f"Bearer {keys[0]}"}) for _ in range(4)]
+        assert [r.status_code for r in first] == [200, 200, 200, 429]
+        assert first[-1].headers["retry-after"] == "1" and "rate limit" in first[-1].json()["detail"]
+        other = await client.get("/v1/models", headers={"Authorization": f"Bearer {keys[1]}"})
+        assert other.status_code == 200  # the limit is per key
+
+
+async def test_no_secrets_in_logs_and_cors_closed(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    key = "s3cret-key-" + "x" * 16
+    caplog.set_level(logging.DEBUG)
+    async with serve(models_dir, api_keys=[key]) as client:
+        await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        await client.get("/v1/models", headers={"Authorization": "Bearer wrong-guess"})
+        cross = await client.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert key not in caplog.text and "wrong-guess" not in caplog.text
+    assert "access-control-allow-origin" not in cross.headers
+
+
+def test_no_code_path_unpickles() -> None:
+    pattern = re.compile(r"^\s*(import pickle|from pickle|.*\bpickle\.loads?\(|.*torch\.load\(|.*allow_pickle=True)")
+    offenders = [f"{path.relative_to(ROOT)}:{number}" for path in (ROOT / "app").rglob("*.py")
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.match(line)]
+    assert not offenders, f"these lines may unpickle: {offenders}"
+    weights = [p for p in (ROOT / "models").rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl")]
+    assert not weights, weights
