@@ -91,7 +91,13 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.fixture
-def server(tmp_path: Path, tiny_gan: Path, tiny_vae: Path):
+def server_env() -> dict[str, str]:
+    """Extra SYNTHGEN_* settings for the `server` fixture; a test module may override it."""
+    return {}
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_gan: Path, tiny_vae: Path, server_env: dict[str, str]):
     """A real `synthgen serve` process (uvicorn) on 127.0.0.1 and a free port: yields (url, pid)."""
     models = tmp_path / "models"
     shutil.copytree(tiny_gan, models / "digits-gan")
@@ -99,6 +105,7 @@ def server(tmp_path: Path, tiny_gan: Path, tiny_vae: Path):
     port = _free_port()
     env = {**os.environ, "SYNTHGEN_MAX_BATCH_WAIT_MS": "2", "PYTHONUNBUFFERED": "1"}
     env["SYNTHGEN_DATA_DIR"] = str(tmp_path / "data")
+    env.update(server_env)
     process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--models-dir", str(models),
                                 "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

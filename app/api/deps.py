@@ -7,12 +7,12 @@ import math
 import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from app.errors import AuthError, RateLimitedError, UnsupportedMediaTypeError
-from app.jobs import JobRunner, JobStore
+from app.jobs import JOB_ID, JobRunner, JobStore
 from app.metrics import Metrics
-from app.repository import ModelRepository
+from app.repository import MODEL_NAME, ModelRepository
 from app.settings import Settings
 
 
@@ -35,6 +35,10 @@ def get_store(request: Request) -> JobStore:
 def get_runner(request: Request) -> JobRunner:
     return request.app.state.job_runner
 
+
+ModelName = Annotated[str, Path(description="a model's name (GET /v1/models lists them)", pattern=MODEL_NAME.pattern,
+                                openapi_examples={"GAN": {"value": "mnist-cgan"}, "VAE": {"value": "mnist-cvae"}})]
+JobId = Annotated[str, Path(description="the id POST /v1/jobs returned", pattern=JOB_ID.pattern)]
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]

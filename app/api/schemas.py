@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.repository import MODEL_NAME
 from app.sampling import MAX_SEED
 
 OutputFormat = Literal["json", "npz", "png"]
@@ -59,7 +60,7 @@ class DatasetRequest(_Filters):
 class JobRequest(DatasetRequest):
     """A dataset export run in the background: the same fields as a streamed export, plus the model."""
 
-    model: str = Field(description="model name", examples=["mnist-cgan"])
+    model: str = Field(description="model name", examples=["mnist-cgan"], pattern=MODEL_NAME.pattern)
 
 
 class JobPublic(BaseModel):

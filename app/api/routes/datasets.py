@@ -6,10 +6,10 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path
+from fastapi import APIRouter, Body, Depends
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.schemas import DatasetRequest, ErrorPublic
 from app.datasets import MEDIA_TYPES, plan_dataset, stream_dataset
 from app.filters import FilterSpec
@@ -24,7 +24,6 @@ EXAMPLES = {
                       "value": {"per_class": {"3": 50, "8": 200}, "seed": 1, "format": "tar"}},
     "npz": {"summary": "arrays", "value": {"n": 500, "label": "7", "seed": 2, "format": "npz"}},
 }
-ModelName = Annotated[str, Path(description="model name", openapi_examples={"GAN": {"value": "mnist-cgan"}})]
 
 
 @router.post(

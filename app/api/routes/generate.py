@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
 from app import service
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.disconnect import unless_disconnected
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, GenerateRequest
@@ -23,8 +23,6 @@ GENERATE_EXAMPLES = {
     "npz": {"summary": "arrays for a pipeline", "value": {"n": 100, "seed": 42, "format": "npz"}},
     "json": {"summary": "base64 PNGs in JSON", "value": {"n": 4, "label": 3, "seed": 1, "format": "json"}},
 }
-ModelName = Annotated[str, Path(description="model name (GET /v1/models lists them)",
-                                openapi_examples={"GAN": {"value": "mnist-cgan"}, "VAE": {"value": "mnist-cvae"}})]
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422, 503, 504)}
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path
+from fastapi import APIRouter, Body, Depends
 from fastapi.responses import FileResponse, Response
 
-from app.api.deps import RepositoryDep, RunnerDep, SettingsDep, StoreDep, require_api_key, require_json
+from app.api.deps import JobId, RepositoryDep, RunnerDep, SettingsDep, StoreDep, require_api_key, require_json
 from app.api.schemas import ErrorPublic, JobPublic, JobRequest
 from app.datasets import MEDIA_TYPES, plan_dataset
 from app.errors import ConflictError
@@ -18,7 +18,6 @@ from app.sampling import MAX_SEED
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 404, 422)})
-JobId = Annotated[str, Path(description="the id POST /v1/jobs returned (32 hexadecimal characters)")]
 EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFolder zip",
                          "value": {"model": "mnist-cgan", "per_class": 1000, "seed": 0, "format": "zip"}}}
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends
 
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key
+from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
 from app.errors import ConflictError
 from app.repository import ModelEntry
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)],
-                   responses={401: {"model": ErrorPublic}, 403: {"model": ErrorPublic}})
-ModelName = Path(description="a model folder's name", openapi_examples={"GAN": {"value": "mnist-cgan"},
-                                                                        "VAE": {"value": "mnist-cvae"}})
+                   responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
 
 
 def model_public(entry: ModelEntry, dtype: str, detail: bool = False) -> ModelPublic | ModelDetailPublic:
@@ -39,7 +37,7 @@ async def list_models(repository: RepositoryDep, settings: SettingsDep) -> Model
 @router.get("/{name}", summary="Describe a model", response_model=ModelDetailPublic,
             description="The model's summary plus its whole config.json and card.json.",
             responses={404: {"model": ErrorPublic}})
-async def get_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelDetailPublic:
+async def get_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelDetailPublic:
     return model_public(repository.get(name), settings.dtype, detail=True)
 
 
@@ -48,7 +46,7 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: str 
                          "loaded. A checkpoint that fails to load answers 409 with the reason; a model that was "
                          "serving keeps serving its previous version, and the other models are not affected.",
              responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}})
-async def load_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelPublic:
+async def load_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelPublic:
     entry = await repository.load(name)
     if entry.error:
         raise ConflictError(f"model {name!r} failed to load: {entry.error}")
@@ -58,5 +56,5 @@ async def load_model(repository: RepositoryDep, settings: SettingsDep, name: str
 @router.delete("/{name}", summary="Unload a model", response_model=ModelPublic,
                description="Stops the model's worker and frees its memory; waiting requests fail. The folder stays "
                            "on disk; POST .../load brings it back.", responses={404: {"model": ErrorPublic}})
-async def unload_model(repository: RepositoryDep, settings: SettingsDep, name: str = ModelName) -> ModelPublic:
+async def unload_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelPublic:
     return model_public(await repository.unload(name), settings.dtype)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, File, Form, Path, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, UploadFile
 from fastapi.responses import Response
 
 from app import service
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, InterpolateRequest, OutputFormat
 from app.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1/models", tags=["vae"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422)}
-ModelName = Annotated[str, Path(description="name of a VAE model", openapi_examples={"VAE": {"value": "mnist-cvae"}})]
 INTERPOLATE_EXAMPLES = {
     "morph": {"summary": "a 3 turning into an 8", "value": {"seed_a": 0, "seed_b": 1, "label_a": "3", "label_b": "8",
                                                           "steps": 10, "format": "png"}},
