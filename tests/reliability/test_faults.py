@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,42 @@ def test_no_code_path_unpickles() -> None:
     assert not offenders, f"these lines may unpickle: {offenders}"
     weights = [p for p in (ROOT / "models").rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl")]
     assert not weights, weights
+
+
+async def test_disk_full_during_a_job_fails_it_without_a_result(models_dir: Path) -> None:
+    async with serve(models_dir, max_batch_size=16) as client:
+        runner = client.app.state.job_runner  # type: ignore[attr-defined]
+        job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5000})).json()
+        runner.quota_bytes = 20_000  # the disk fills up while the job runs
+        for _ in range(500):
+            state = (await client.get(f"/v1/jobs/{job['id']}")).json()
+            if state["state"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.01)
+        assert state["state"] == "failed" and "quota" in state["error"]
+        assert "partial result was removed" in state["error"]
+        assert (await client.get(f"/v1/jobs/{job['id']}/result")).status_code == 409
+        assert not list((models_dir.parent / "data" / "results").iterdir())
+
+
+def test_client_disconnect_mid_stream_stops_generation(server: tuple[str, int]) -> None:
+    import httpx
+
+    url, _ = server
+
+    def generated() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        match = re.search(r'^synthgen_samples_generated_total\{model="digits-gan"\} ([0-9.e+]+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    with httpx.stream("POST", f"{url}/v1/models/digits-gan/datasets", json={"per_class": 100_000, "seed": 0},
+                      timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())  # read a little, then hang up
+    time.sleep(1.0)
+    after_hangup = generated()
+    time.sleep(1.0)
+    assert generated() == after_hangup < 1_000_000  # generation stopped long before the million samples
+    queued = re.search(r'^synthgen_queued_samples\{model="digits-gan"\} ([0-9.e+]+)$',
+                       httpx.get(f"{url}/metrics").text, re.M)
+    assert float(queued.group(1)) == 0  # and the queue drained
