@@ -67,7 +67,7 @@ async def soak(url: str, model: str, minutes: float, users: int, pid: int | None
             if pid:
                 memory.append((round(time.monotonic() - started), tree_rss_mb(pid)))
                 print(f"t={memory[-1][0]:5.0f}s rss={memory[-1][1]:7.1f} MB {dict(outcomes)}", flush=True)
-            await asyncio.sleep(30)
+            await asyncio.sleep(15)
 
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         await asyncio.gather(watch(), *(user(client, i) for i in range(users)))
