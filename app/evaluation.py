@@ -165,13 +165,14 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
         "augmented_accuracy": augmented_accuracy,
         "augmentation_gain": augmented_accuracy - real_val_accuracy,
     }
+    fingerprint = dataset.fingerprint()
     card = read_json(folder / "card.json") if (folder / "card.json").is_file() else {"format_version": 1}
     card.update({
         "model": model.name,
         "metrics": {key: round(value, 6) for key, value in metrics.items()},
         "evaluation": {
-            "data": data_spec, "data_fingerprint": dataset.fingerprint(),
-            "data_matches_training": dataset.fingerprint() == training_data.get("fingerprint"),
+            "data": data_spec, "data_fingerprint": fingerprint,
+            "data_matches_training": fingerprint == training_data.get("fingerprint"),
             "n_real_train": len(train_set), "n_real_val": len(val_set), "n_synthetic": len(synthetic),
             "seed": seed, "feature_space": "evaluator penultimate layer", "classifier_epochs": classifier_epochs,
             "evaluated_at": utc_now(), "device": str(dev),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -51,12 +52,12 @@ def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float,
             z, drawn = draw_latents(*args)
         else:
             z, drawn = await asyncio.to_thread(draw_latents, *args)
-        delay = 0.05
+        delay, deadline = 0.05, time.monotonic() + timeout_s
         while True:
             try:
                 return await served.batcher.submit(z, drawn, truncation, timeout_s), drawn.numpy()
             except OverloadedError:
-                if not wait_when_full:
+                if not wait_when_full or time.monotonic() > deadline:  # never wait forever (an unloaded model)
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
