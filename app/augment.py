@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from app import __version__
-from app.checkpoint import SyntheticModel, config_hash, utc_now
+from app.checkpoint import SyntheticModel, utc_now
 from app.data import ZipLimits, read_zip
 from app.errors import DataError, InvalidInputError
 from app.export import ImageFolderZip
@@ -152,7 +152,7 @@ async def stream_augmented(served: ServedModel, upload: Upload, spec: AugmentSpe
         out_labels = np.array([o for _, o in part], dtype=np.int64)
         yield await asyncio.to_thread(writer.add, images, out_labels, range(start, start + len(part)), "synthetic")
     manifest: dict[str, Any] = {
-        "model": model.name, "config_hash": config_hash(model.folder), "augmentations": asdict(spec),
+        "model": model.name, "config_hash": model.config_hash, "augmentations": asdict(spec),
         "copies_per_image": copies, "target_per_class": target_per_class, "include_originals": include_originals,
         "uploaded": {name: upload.classes.count(name) for name in upload.class_names},
         "synthetic": {name: max(0, target_per_class - have[name]) for name in known},

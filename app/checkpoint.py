@@ -151,6 +151,7 @@ class SyntheticModel:
     config: dict[str, Any]
     net: Generator | ConditionalVAE
     card: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""  # of config.json + serving weights, computed once at load (manifests cite it)
 
     @property
     def kind(self) -> str:
@@ -206,7 +207,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
         load_weights(folder / weights[role], nets[role])
     net = nets["vae"] if class_name == "ConditionalVAE" else nets["generator"]
     card = read_json(folder / "card.json") if (folder / "card.json").is_file() else {}
-    return SyntheticModel(name or folder.name, folder, config, net.to(device).eval().requires_grad_(False), card)
+    return SyntheticModel(name or folder.name, folder, config, net.to(device).eval().requires_grad_(False), card,
+                          config_hash(folder))
 
 
 def save_evaluator(folder: Path, classifier: Classifier, summary: dict[str, Any],

@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from app.checkpoint import config_hash, load_model
+    from app.checkpoint import load_model
     from app.export import write_output
     from app.sampling import per_class_labels, sample
     from app.training import resolve_device
@@ -47,7 +47,7 @@ def _generate(args: argparse.Namespace) -> None:
         label = resolve_label(args.label, model.class_names) if args.label is not None else None
         labels = [label] * args.n
     images, drawn = sample(model, args.seed, labels, truncation=args.truncation)
-    manifest = {"model": model.name, "config_hash": config_hash(model.folder), "truncation": args.truncation,
+    manifest = {"model": model.name, "config_hash": model.config_hash, "truncation": args.truncation,
                 "code_version": __version__}
     write_output(Path(args.out), images, drawn, model.class_names, args.seed, manifest)
     print(f"wrote {len(images)} samples of {model.name} to {args.out}")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from app import __version__
-from app.checkpoint import SyntheticModel, config_hash, utc_now
+from app.checkpoint import SyntheticModel, utc_now
 from app.errors import InvalidInputError
 from app.export import ImageFolderZip, WebDatasetTar, npz_bytes
 from app.filters import FilterReport, FilterSpec, fill
@@ -70,7 +70,7 @@ def plan_dataset(model: SyntheticModel, seed: int, per_class: int | dict[str, in
 
 def manifest_for(model: SyntheticModel, plan: DatasetPlan, output: str) -> dict[str, Any]:
     """Everything needed to regenerate the dataset bit for bit, plus the model's quality card."""
-    return {"model": model.name, "config_hash": config_hash(model.folder), "truncation": plan.truncation,
+    return {"model": model.name, "config_hash": model.config_hash, "truncation": plan.truncation,
             "format": output, "requested_counts": plan.counts(model.class_names), "code_version": __version__,
             "created_at": utc_now(), "card": model.card}
 
