@@ -37,7 +37,6 @@ ARCHITECTURES: dict[str, tuple[str, type, dict[str, str]]] = {
                                           "discriminator": "discriminator.safetensors"}),
     "ConditionalVAE": ("vae", VaeConfig, {"decoder": "decoder.safetensors", "encoder": "encoder.safetensors"}),
 }
-KIND_TO_CLASS = {kind: name for name, (kind, _, _) in ARCHITECTURES.items()}
 
 
 def utc_now() -> str:

@@ -27,7 +27,6 @@ from app.filters import FilterSpec
 
 log = logging.getLogger("synthgen.jobs")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 @dataclass
