@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the main job on the default models) and `make test`.
+# The README's commands: `make serve`, `make test` (what CI runs) and `make demo`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,10 +9,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 first: it is the CPU wheel on disk; an unpinned torch would pull several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./clients/python
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/synthgen generate --model models/mnist-cgan --per-class 100 --seed 0 --out out/mnist-cgan.zip
 
 test: install docker-check browser
-	$(BIN)/ruff check app tests
+	$(BIN)/ruff check app tests clients
 	$(BIN)/python -m pytest -q
 
 # The browser tests need Debian's chromium and chromedriver; as root (CI) they are installed, else the tests skip.
@@ -47,7 +47,7 @@ docker-check: install
 	rm -rf .docker-replay
 
 lint: install
-	$(BIN)/ruff check app tests
+	$(BIN)/ruff check app tests clients
 
 clean:
 	rm -rf $(VENV) out

@@ -1,20 +1,19 @@
-"""The `synthgen` command line: train, generate, evaluate, serve and dataset."""
+"""The `synthgen` command line: train, generate, evaluate and serve; `bench` and `dataset` (the Python client's
+command) have their own parsers."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from app import __version__
 from app.errors import InvalidInputError, SynthgenError
-from app.sampling import resolve_label
 
 
 def _train(args: argparse.Namespace) -> None:
-    from app.training import TrainOptions, train
+    from app.ml.training import TrainOptions, train
 
     hyperparameters = json.loads(args.hparams) if args.hparams else {}
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
@@ -26,35 +25,23 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from app.checkpoint import load_model
-    from app.export import write_output
-    from app.sampling import per_class_labels, sample
-    from app.training import resolve_device
+    from app.core.device import resolve_device
+    from app.core.model import load_model
+    from app.core.sampling import sample
+    from app.engine.archives import write_output
+    from app.engine.plans import build_manifest, plan_samples
 
     model = load_model(args.model, resolve_device(args.device))
-    if (args.per_class is None) == (args.n is None):
-        raise InvalidInputError("give exactly one of --per-class N or --n N")
-    count = args.per_class if args.per_class is not None else args.n
-    if count < 1:
-        raise InvalidInputError("--per-class / --n must be at least 1")
-    if args.per_class is not None:
-        if args.label is not None:
-            raise InvalidInputError("--label goes with --n, not with --per-class")
-        if not model.num_classes:
-            raise InvalidInputError(f"{model.name} is unconditional; use --n")
-        labels: list[int | None] = list(per_class_labels(model.num_classes, args.per_class))
-    else:
-        label = resolve_label(args.label, model.class_names) if args.label is not None else None
-        labels = [label] * args.n
-    images, drawn = sample(model, args.seed, labels, truncation=args.truncation)
-    manifest = {"model": model.name, "config_hash": model.config_hash, "truncation": args.truncation,
-                "code_version": __version__}
-    write_output(Path(args.out), images, drawn, model.class_names, args.seed, manifest)
+    plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
+                        truncation=args.truncation, max_samples=sys.maxsize, scope="the command line")
+    images, drawn = sample(model, plan.seed, plan.labels, truncation=plan.truncation)
+    manifest = build_manifest(model, plan, "zip")  # written only into a zip or its unzipped directory
+    write_output(Path(args.out), images, drawn, model.class_names, plan.seed, manifest)
     print(f"wrote {len(images)} samples of {model.name} to {args.out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from app.evaluation import evaluate
+    from app.ml.evaluation import evaluate
 
     card = evaluate(Path(args.model), args.data, test_spec=args.test_data, per_class=args.per_class, seed=args.seed,
                     device=args.device, progress=not args.quiet)
@@ -74,26 +61,6 @@ def _serve(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         raise InvalidInputError(f"invalid settings: {exc}") from exc
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
-
-
-def _dataset(args: argparse.Namespace) -> None:
-    import httpx
-
-    from app.client import Client, SynthgenClientError
-
-    if (args.per_class is None) == (args.n is None):
-        raise InvalidInputError("give exactly one of --per-class N or --n N")
-    request = {key: value for key, value in (("per_class", args.per_class), ("n", args.n), ("label", args.label),
-                                             ("seed", args.seed), ("min_confidence", args.min_confidence))
-               if value is not None}
-    try:
-        with Client(args.server, api_key=args.api_key or os.environ.get("SYNTHGEN_API_KEY")) as client:
-            path = client.download_dataset(args.model, args.out, max_similarity=args.max_similarity, **request)
-    except SynthgenClientError as exc:
-        raise InvalidInputError(f"the server refused: {exc}") from exc
-    except httpx.TransportError as exc:
-        raise InvalidInputError(f"cannot reach {args.server}: {exc}") from exc
-    print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,19 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
     serve.set_defaults(run=_serve)
 
-    dataset = commands.add_parser("dataset", help="have a synthgen server generate a dataset and download it")
-    dataset.add_argument("--server", default=os.environ.get("SYNTHGEN_SERVER", "http://127.0.0.1:8000"))
-    dataset.add_argument("--api-key", default=None, help="or SYNTHGEN_API_KEY")
-    dataset.add_argument("--model", required=True)
-    dataset.add_argument("--per-class", type=int, default=None)
-    dataset.add_argument("--n", type=int, default=None)
-    dataset.add_argument("--label", default=None)
-    dataset.add_argument("--seed", type=int, default=None)
-    dataset.add_argument("--min-confidence", type=float, default=None)
-    dataset.add_argument("--max-similarity", action="store_true")
-    dataset.add_argument("--out", required=True, help="PATH.zip, PATH.tar or PATH.npz")
-    dataset.set_defaults(run=_dataset)
-
+    commands.add_parser("dataset", help="have a synthgen server generate a dataset and download it (needs the "
+                        "client: pip install ./clients/python)", add_help=False)
     commands.add_parser("bench", help="benchmark against the raw model, LitServe and plain FastAPI (--quick: CI)",
                         add_help=False)
     return parser
@@ -170,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         from app.bench.run import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["dataset"]:  # the client's command: synthgen-client dataset --help
+        try:
+            from synthgen_client.cli import main as client
+        except ImportError:
+            print("synthgen dataset: the Python client is not installed: pip install ./clients/python", file=sys.stderr)
+            return 2
+        return client(argv)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,4 +1,4 @@
-"""The package's exception hierarchy; the API maps each class to one HTTP status code."""
+"""The package's exception hierarchy. It knows nothing of HTTP: `app.api.errors` maps each class to a status."""
 
 
 class SynthgenError(Exception):
@@ -46,11 +46,19 @@ class ModelFailureError(SynthgenError):
 
 
 class AuthError(SynthgenError):
-    """Missing (401) or wrong (403) API key."""
+    """The caller is not allowed in."""
 
-    def __init__(self, message: str, status_code: int) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+
+class MissingApiKeyError(AuthError):
+    """No API key was sent, and the server needs one."""
+
+
+class InvalidApiKeyError(AuthError):
+    """The API key sent is not one the server knows."""
+
+
+class ClientDisconnectedError(SynthgenError):
+    """The client closed the connection before the answer was ready; its work was cancelled."""
 
 
 class UnsupportedMediaTypeError(InvalidInputError):

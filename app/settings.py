@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -68,8 +67,3 @@ class Settings(BaseSettings):
         if any(len(key) < 16 for key in value):
             raise ValueError("each API key must be at least 16 characters long")
         return value
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

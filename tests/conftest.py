@@ -17,8 +17,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from app.api.app import create_app
+from app.ml.training import TrainOptions, train
 from app.settings import Settings
-from app.training import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist"

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.augment import AugmentSpec, augment_image
-from app.checkpoint import load_evaluator
-from app.data import load_dataset
-from app.evaluation import predict
+from app.core.nets import Classifier
+from app.engine.augment import AugmentSpec, augment_image
+from app.ml.datasets import load_dataset
+from app.ml.evaluation import predict
 from tests.conftest import MNIST, copy_shipped, serve
 
 pytestmark = pytest.mark.anyio
@@ -67,7 +67,7 @@ async def test_augment_fills_every_class_to_the_target(shipped: Path) -> None:
     assert all(r["file_name"].startswith(f"{r['class_name']}/{r['source']}-") for r in rows)
     synthetic = [r for r in rows if r["source"] == "synthetic"]
     images = np.stack([np.asarray(Image.open(io.BytesIO(archive.read(r["file_name"])))) for r in synthetic])
-    probs, _ = predict(load_evaluator(shipped / "mnist-cgan"), images[..., None])
+    probs, _ = predict(Classifier.from_pretrained(shipped / "mnist-cgan")[0], images[..., None])
     agreement = (probs.argmax(1).numpy() == np.array([int(r["class_name"]) for r in synthetic])).mean()
     assert agreement > 0.95  # synthetic images carry the right labels
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.batcher import MicroBatcher
+from app.engine.batcher import MicroBatcher
 from app.errors import ModelFailureError, OverloadedError, RequestTimeoutError
 
 pytestmark = pytest.mark.anyio
@@ -118,21 +118,23 @@ async def test_failure_fails_only_that_batch(make_batcher) -> None:
 
 
 def test_batches_are_padded_to_a_few_shapes_and_trimmed() -> None:
-    from app.repository import bucket, make_batch_function
+    from app.engine.forward import bucket, forward_pass
 
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 256)] == [1, 2, 4, 8, 64, 128, 256]
     seen: list[int] = []
 
-    class Model:  # the smallest stand-in render() needs: records the batch it was given
-        device = torch.device("cpu")
-        num_classes = 10
-        image_shape = (1, 1, 1)
-
+    class Net:  # the smallest stand-in render() needs: records the batch it was given
         def generate(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             seen.append(len(z))
             return torch.tanh(z[:, :1, None, None])
 
-    run = make_batch_function(Model(), torch.float32)
+    class Model:
+        device = torch.device("cpu")
+        num_classes = 10
+        image_shape = (1, 1, 1)
+        net = Net()
+
+    run = forward_pass(Model(), torch.float32)
     z, labels = latents(5, 0.0)
     out = run(z / 10, labels, torch.ones(5))
     assert seen == [8] and len(out) == 5  # one forward pass of 8, five answers

@@ -7,17 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.checkpoint import load_model
+from app.core.model import load_model
+from app.core.nets.gan import Generator
+from app.core.sampling import sample
 from app.errors import CheckpointError
-from app.nets.gan import Generator
-from app.sampling import sample
 
 
 def test_round_trip_is_bit_identical(tiny_gan: Path, tiny_vae: Path) -> None:
     for folder, role in ((tiny_gan, "generator"), (tiny_vae, "decoder")):
         model = load_model(folder)
         saved = load_file(str(folder / f"{role}.safetensors"))
-        net = model.net if role == "generator" else model.net.decoder
+        net = getattr(model.net, role)
         for key, value in net.state_dict().items():
             assert torch.equal(value, saved[key]), key
         first, _ = sample(model, 3, [1, 2, None])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.data import ImageDataset, load_dataset, read_idx
 from app.errors import DataError
+from app.ml.datasets import ImageDataset, load_dataset, read_idx
 from tests.conftest import MNIST
 
 

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from app.checkpoint import load_evaluator, load_model
-from app.evaluation import predict
-from app.sampling import per_class_labels, sample
+from app.core.model import load_model
+from app.core.nets import Classifier
+from app.core.sampling import per_class_labels, sample
+from app.ml.evaluation import predict
 from tests.conftest import ROOT
 
 DEFAULTS = {"mnist-cgan": "gan", "mnist-cvae": "vae"}
@@ -23,7 +24,7 @@ def test_default_model_loads_and_samples(name: str, kind: str) -> None:
     assert images.shape == (50, 28, 28, 1) and images.dtype == np.uint8
     assert labels.tolist() == per_class_labels(10, 5)
     assert 0 < images.mean() < 128  # dark background, bright strokes: digits, not noise or blank frames
-    probs, _ = predict(load_evaluator(folder), images)
+    probs, _ = predict(Classifier.from_pretrained(folder)[0], images)
     assert (probs.argmax(1).numpy() == labels).mean() >= 0.8  # the label asked for is the digit drawn
 
 

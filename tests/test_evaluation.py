@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.checkpoint import load_evaluator
-from app.data import load_dataset
-from app.evaluation import (
+from app.core.nets import Classifier
+from app.ml.datasets import load_dataset
+from app.ml.evaluation import (
     evaluate,
     frechet_distance,
     memorisation_rate,
@@ -71,5 +71,5 @@ def test_evaluate_writes_card_and_evaluator(tiny_vae: Path, tmp_path: Path) -> N
     assert card["evaluation"]["n_synthetic"] == 200 and card["evaluation"]["data_matches_training"]
     assert card["test_metrics"]["n"] == 200
     assert card["training"]["epochs_done"] == 2  # the training summary is kept
-    evaluator = load_evaluator(tiny_vae)
+    evaluator = Classifier.from_pretrained(tiny_vae)[0]
     assert evaluator(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

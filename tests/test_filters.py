@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.checkpoint import load_evaluator, load_model
-from app.evaluation import predict
-from app.sampling import sample
+from app.core.model import load_model
+from app.core.nets import Classifier
+from app.core.sampling import sample
+from app.ml.evaluation import predict
 from tests.conftest import copy_shipped, serve
 
 pytestmark = pytest.mark.anyio
@@ -25,7 +26,7 @@ def shipped(tmp_path: Path) -> Path:
 
 
 def _agreement(folder: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    probs, _ = predict(load_evaluator(folder), images[..., None])
+    probs, _ = predict(Classifier.from_pretrained(folder)[0], images[..., None])
     return float((probs.argmax(1).numpy() == labels).mean())
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.checkpoint import load_model
 from app.cli import main
-from app.data import load_dataset
-from app.sampling import sample
+from app.core.model import load_model
+from app.core.sampling import sample
+from app.ml.datasets import load_dataset
 
 
 def _generate(model: Path, out: Path, *args: str) -> int:
@@ -69,7 +69,7 @@ def test_zip_and_directory_layout(tiny_gan: Path, tmp_path: Path) -> None:
         (["--n", "3", "--label", "cat"], "unknown label 'cat'"),
         (["--n", "3", "--per-class", "2"], "exactly one of"),
         (["--n", "0"], "at least 1"),
-        (["--per-class", "2", "--label", "1"], "--label goes with --n"),
+        (["--per-class", "2", "--label", "1"], "label goes with n"),
     ],
 )
 def test_bad_arguments_exit_cleanly(tiny_gan: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:

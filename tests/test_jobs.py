@@ -85,7 +85,7 @@ async def test_quota_and_bad_jobs(models_dir: Path) -> None:
 def test_finished_results_expire_after_the_ttl(tmp_path: Path) -> None:
     import time
 
-    from app.jobs import JobStore
+    from app.engine.jobs import JobStore
 
     store = JobStore(tmp_path)
     job = store.create("m", {"n": 1}, 1, "zip")
@@ -101,7 +101,7 @@ def test_finished_results_expire_after_the_ttl(tmp_path: Path) -> None:
 def test_crashed_replicas_jobs_fail_once_their_heartbeat_is_stale(tmp_path: Path) -> None:
     import time
 
-    from app.jobs import JobStore
+    from app.engine.jobs import JobStore
 
     store = JobStore(tmp_path)
     crashed, alive = store.create("m", {"n": 1}, 1, "zip"), store.create("m", {"n": 1}, 1, "zip")

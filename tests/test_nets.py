@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from app.nets.classifier import Classifier, ClassifierConfig
-from app.nets.gan import Discriminator, GanConfig, Generator
-from app.nets.vae import ConditionalVAE, VaeConfig
+from app.core.nets.classifier import Classifier, ClassifierConfig
+from app.core.nets.gan import Discriminator, GanConfig, Generator
+from app.core.nets.vae import ConditionalVAE, VaeConfig
 
 
 @pytest.mark.parametrize(("height", "width", "channels"), [(28, 28, 1), (8, 8, 1), (32, 24, 3)])

@@ -9,23 +9,22 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.api.deps import RateLimiter
-from app.api.disconnect import ClientDisconnected
-from app.api.errors import error_response, install_error_handlers
+from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import augment, datasets, generate, health, jobs, models, vae
-from app.jobs import HEARTBEAT_S, JobRunner, JobStore
-from app.metrics import Metrics
-from app.repository import ModelRepository
+from app.core.device import resolve_device
+from app.engine.jobs import HEARTBEAT_S, JobRunner, JobStore
+from app.engine.metrics import Metrics
+from app.engine.repository import ModelRepository
 from app.settings import Settings
-from app.training import resolve_device
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DESCRIPTION = """Synthetic image datasets from trained GAN and VAE checkpoints.
@@ -55,8 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository = ModelRepository(settings, device, executor, metrics)
         app.state.repository = repository
         store = JobStore(settings.data_dir)
-        runner = JobRunner(store, repository, settings.jobs_quota_bytes, settings.max_batch_size,
-                           settings.request_timeout_s, settings.max_concurrent_jobs, settings.filter_max_rounds)
+        runner = JobRunner(store, repository, settings)
         app.state.jobs, app.state.job_runner = store, runner
         housekeeping = [asyncio.create_task(_keep_jobs(store, settings.job_ttl_s)),
                         asyncio.create_task(runner.heartbeat()), asyncio.create_task(repository.supervise())]
@@ -92,10 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.rate_limit_per_s:
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     install_error_handlers(app)
-
-    @app.exception_handler(ClientDisconnected)
-    async def client_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
-        return error_response(request, 499, "the client closed the connection; its samples were cancelled")
 
     for module in (health, models, generate, vae, datasets, jobs, augment):
         app.include_router(module.router)

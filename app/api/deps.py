@@ -9,10 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from app.errors import AuthError, RateLimitedError, UnsupportedMediaTypeError
-from app.jobs import JOB_ID, JobRunner, JobStore
-from app.metrics import Metrics
-from app.repository import MODEL_NAME, ModelRepository
+from app.engine.jobs import JOB_ID, JobRunner, JobStore
+from app.engine.metrics import Metrics
+from app.engine.repository import MODEL_NAME, ModelRepository
+from app.errors import InvalidApiKeyError, MissingApiKeyError, RateLimitedError, UnsupportedMediaTypeError
 from app.settings import Settings
 
 
@@ -74,11 +74,11 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
     if settings.api_keys:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise AuthError("missing API key: send the header 'Authorization: Bearer <key>'", 401)
+            raise MissingApiKeyError("missing API key: send the header 'Authorization: Bearer <key>'")
         # compare against every key, always, in constant time
         matches = [hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys]
         if not any(matches):
-            raise AuthError("the API key is not valid", 403)
+            raise InvalidApiKeyError("the API key is not valid")
         caller = f"key:{matches.index(True)}"  # the key's position, never the key itself
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:

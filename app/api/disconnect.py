@@ -8,11 +8,9 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from app.errors import ClientDisconnectedError
+
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before the answer was ready."""
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -34,5 +32,5 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise ClientDisconnected
+        raise ClientDisconnectedError("the client closed the connection; its samples were cancelled")
     return task.result()

@@ -1,19 +1,23 @@
-"""The one place where exceptions become HTTP status codes. Every error body is `{"detail": ..., "request_id": ...}`."""
+"""The one place where exceptions become HTTP answers. Every error body is `{"detail": ..., "request_id": ...}`."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app.errors import (
-    AuthError,
     CheckpointError,
+    ClientDisconnectedError,
     ConflictError,
+    InvalidApiKeyError,
     InvalidInputError,
+    MissingApiKeyError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
@@ -26,13 +30,17 @@ from app.errors import (
 
 log = logging.getLogger("synthgen.api")
 
-STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
+# The first class an error is an instance of gives its status, so subclasses come before their bases.
+STATUS_BY_ERROR: list[tuple[type[SynthgenError], int]] = [
     (PayloadTooLargeError, 413),
     (UnsupportedMediaTypeError, 415),
     (InvalidInputError, 422),
+    (MissingApiKeyError, 401),
+    (InvalidApiKeyError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
     (RateLimitedError, 429),
+    (ClientDisconnectedError, 499),  # nginx's "client closed request": only logs and metrics see it
     (OverloadedError, 503),
     (RequestTimeoutError, 504),
     (QuotaExceededError, 507),
@@ -41,9 +49,28 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
 ]
 
 
+def status_and_headers(exc: SynthgenError) -> tuple[int, dict[str, str] | None]:
+    status = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
+    if isinstance(exc, OverloadedError):
+        return status, {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, MissingApiKeyError):
+        return status, {"WWW-Authenticate": "Bearer"}
+    return status, None
+
+
 def error_response(request: Request, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
+
+
+async def send_error(send: Send, exc: SynthgenError, request_id: str) -> None:
+    """Answer with an error from raw ASGI (the middleware, outside FastAPI's exception handlers)."""
+    status, headers = status_and_headers(exc)
+    body = json.dumps({"detail": str(exc), "request_id": request_id}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _location(loc: tuple) -> str:
@@ -53,11 +80,7 @@ def _location(loc: tuple) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SynthgenError)
     async def synthgen_error(request: Request, exc: SynthgenError) -> JSONResponse:
-        if isinstance(exc, AuthError):
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-            return error_response(request, exc.status_code, str(exc), headers)
-        status = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverloadedError) else None
+        status, headers = status_and_headers(exc)
         if status >= 500:
             log.error("request failed: %s", exc)
         return error_response(request, status, str(exc), headers)

@@ -10,16 +10,14 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.metrics import Metrics
+from app.api.errors import send_error
+from app.engine.metrics import Metrics
+from app.errors import PayloadTooLargeError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _UPLOAD_ROUTES = re.compile(r"^/v1/.*/(reconstruct|inpaint)$|^/v1/augment$")
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class RequestContextMiddleware:
@@ -62,12 +60,9 @@ class RequestContextMiddleware:
                 return await receive()
 
             await self.app(scope, replay, send_with_id)
-        except _TooLarge:
+        except PayloadTooLargeError as exc:
             if not response_started:
-                await _send_json(send_with_id, 413, {
-                    "detail": f"the request body is over the limit of {limit} bytes; send less "
-                              "(the limit is the SYNTHGEN_MAX_BODY_BYTES / SYNTHGEN_MAX_UPLOAD_BYTES setting)",
-                    "request_id": request_id})
+                await send_error(send_with_id, exc, request_id)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -82,8 +77,10 @@ class RequestContextMiddleware:
 
 async def _read_body(receive: Receive, limit: int, content_length: str) -> bytes | None:
     """The whole body, refusing (by Content-Length, then by counting) more than `limit` bytes."""
+    too_large = PayloadTooLargeError(f"the request body is over the limit of {limit} bytes; send less (the limit is "
+                                     "the SYNTHGEN_MAX_BODY_BYTES / SYNTHGEN_MAX_UPLOAD_BYTES setting)")
     if content_length.isdigit() and int(content_length) > limit:
-        raise _TooLarge
+        raise too_large
     body = bytearray()
     while True:
         message = await receive()
@@ -91,13 +88,6 @@ async def _read_body(receive: Receive, limit: int, content_length: str) -> bytes
             return None
         body += message.get("body", b"")
         if len(body) > limit:
-            raise _TooLarge
+            raise too_large
         if not message.get("more_body", False):
             return bytes(body)
-
-
-async def _send_json(send: Send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

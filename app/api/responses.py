@@ -9,9 +9,9 @@ import math
 from fastapi.responses import JSONResponse, Response
 
 from app.api.schemas import OutputFormat, SamplePublic, SamplesPublic
-from app.export import npz_bytes
-from app.plots import encode_png, image_grid
-from app.service import INLINE_SAMPLES, Samples
+from app.core.images import encode_png, image_grid
+from app.engine.archives import npz_bytes
+from app.engine.generation import INLINE_SAMPLES, Samples
 
 # OpenAPI description of the three formats, for the routes' `responses=`.
 SAMPLE_RESPONSES: dict[int | str, dict] = {

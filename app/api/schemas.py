@@ -6,8 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.repository import MODEL_NAME
-from app.sampling import MAX_SEED
+from app.core.sampling import MAX_SEED
+from app.engine.filters import FilterSpec
+from app.engine.repository import MODEL_NAME
+from app.engine.states import JobState, ModelStatus
 
 OutputFormat = Literal["json", "npz", "png"]
 ArchiveFormat = Literal["zip", "tar", "npz"]
@@ -22,6 +24,9 @@ class _Filters(_Strict):
                                          "evaluator gives its label at least this probability (rejection sampling)")
     max_similarity: bool = Field(False, description="drop samples closer to a training image than the model's "
                                  "memorisation threshold")
+
+    def filters(self) -> FilterSpec:
+        return FilterSpec(self.min_confidence, self.max_similarity)
 
 
 class GenerateRequest(_Filters):
@@ -66,7 +71,7 @@ class JobRequest(DatasetRequest):
 class JobPublic(BaseModel):
     id: str
     model: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     done: int = Field(description="samples generated so far")
     total: int
     eta_s: float | None = Field(None, description="estimated seconds left while running")
@@ -78,10 +83,6 @@ class JobPublic(BaseModel):
     result_bytes: int | None = None
     result_url: str | None = Field(None, description="where to download the archive once succeeded")
     request: dict[str, Any]
-
-
-class JobsPublic(BaseModel):
-    jobs: list[JobPublic]
 
 
 class AugmentationsRequest(_Strict):
@@ -113,7 +114,7 @@ class SamplesPublic(BaseModel):
 class ModelPublic(BaseModel):
     name: str
     kind: Literal["gan", "vae"] | None
-    status: Literal["loading", "ready", "failed", "unloaded"]
+    status: ModelStatus
     error: str | None = None
     height: int | None = None
     width: int | None = None
@@ -142,5 +143,5 @@ class ErrorPublic(BaseModel):
 
 class ReadyPublic(BaseModel):
     ready: bool
-    models: dict[str, str]
+    models: dict[str, ModelStatus]
     problems: list[str] = []

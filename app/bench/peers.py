@@ -16,9 +16,9 @@ import litserve as ls
 import torch
 from fastapi import FastAPI, Response
 
-from app.checkpoint import SyntheticModel, load_model
-from app.export import npz_bytes
-from app.sampling import draw_latents, render
+from app.core.model import SyntheticModel, load_model
+from app.core.sampling import draw_latents, render
+from app.engine.archives import npz_bytes
 
 
 def _generate(model: SyntheticModel, requests: list[tuple[int, int]]) -> list[bytes]:

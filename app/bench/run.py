@@ -30,10 +30,10 @@ import httpx
 import numpy as np
 import torch
 
-from app.checkpoint import load_model
-from app.export import npz_bytes
-from app.plots import encode_png
-from app.sampling import draw_latents, render
+from app.core.images import encode_png
+from app.core.model import load_model
+from app.core.sampling import draw_latents, render
+from app.engine.archives import npz_bytes
 
 
 def _free_port() -> int:

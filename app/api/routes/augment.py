@@ -12,8 +12,7 @@ from pydantic import ValidationError
 
 from app.api.deps import RepositoryDep, SettingsDep, require_api_key
 from app.api.schemas import AugmentationsRequest, ErrorPublic
-from app.augment import AugmentSpec, check_request, parse_upload, stream_augmented
-from app.data import ZipLimits
+from app.engine.augment import AugmentRequest, AugmentSpec, check_request, parse_upload, stream_augmented, zip_limits
 from app.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1", tags=["datasets"], dependencies=[Depends(require_api_key)])
@@ -53,16 +52,11 @@ async def augment(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'augmentations'}: {e['msg']}" for e in exc.errors())
         raise InvalidInputError(f"augmentations: {problems}") from None
-    data = await dataset.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise InvalidInputError(f"the upload is over the limit of {settings.max_upload_bytes} bytes")
-    limits = ZipLimits(max_bytes=settings.max_decompressed_bytes, max_files=settings.max_archive_files,
-                       max_pixels=settings.max_image_pixels)
-    upload = await asyncio.to_thread(parse_upload, data, served.model, convert, limits)
-    del data
-    check_request(upload, copies_per_image, target_per_class, settings.max_augment_outputs)
-    stream = stream_augmented(served, upload, spec, copies_per_image, target_per_class, seed, include_originals,
-                              settings.request_timeout_s, settings.max_batch_size)
+    request = AugmentRequest(spec, copies_per_image, target_per_class, seed, include_originals, convert)
+    # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
+    upload = await asyncio.to_thread(parse_upload, await dataset.read(), served.model, convert, zip_limits(settings))
+    check_request(upload, request, settings.max_augment_outputs)
+    stream = stream_augmented(served, upload, request, settings)
 
     async def archive() -> AsyncIterator[bytes]:
         try:

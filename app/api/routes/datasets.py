@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,9 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.schemas import DatasetRequest, ErrorPublic
-from app.datasets import MEDIA_TYPES, plan_dataset, stream_dataset
-from app.filters import FilterSpec
-from app.sampling import MAX_SEED
+from app.engine.exports import MEDIA_TYPES, export_limit, stream_export
+from app.engine.plans import plan_samples
 
 router = APIRouter(prefix="/v1/models", tags=["datasets"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422, 503, 504)}
@@ -45,12 +43,10 @@ EXAMPLES = {
 async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=EXAMPLES)], repository: RepositoryDep,
                          settings: SettingsDep, name: ModelName) -> StreamingResponse:
     served = repository.ready_model(name)
-    model = served.model
-    seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
-    limit = settings.max_npz_samples if body.format == "npz" else settings.max_dataset_samples
-    plan = plan_dataset(model, seed, body.per_class, body.n, body.label, body.truncation, limit)
-    stream = stream_dataset(served, plan, body.format, settings.max_batch_size, settings.request_timeout_s,
-                            FilterSpec(body.min_confidence, body.max_similarity), settings.filter_max_rounds)
+    plan = plan_samples(served.model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
+                        truncation=body.truncation, filters=body.filters(),
+                        max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
+    stream = stream_export(served, plan, body.format, settings)
     first = await anext(stream)  # errors before the first byte still become proper HTTP answers
 
     async def archive() -> AsyncIterator[bytes]:
@@ -61,6 +57,6 @@ async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=E
         finally:
             await stream.aclose()  # a client that went away stops the generation
 
-    filename = f"{model.name}-seed{seed}.{body.format}"
-    return StreamingResponse(archive(), media_type=MEDIA_TYPES[body.format],
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"', "X-Seed": str(seed)})
+    filename = f"{name}-seed{plan.seed}.{body.format}"
+    return StreamingResponse(archive(), media_type=MEDIA_TYPES[body.format], headers={
+        "Content-Disposition": f'attachment; filename="{filename}"', "X-Seed": str(plan.seed)})

@@ -7,13 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
-from app import service
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.disconnect import unless_disconnected
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, GenerateRequest
-from app.errors import InvalidInputError
-from app.filters import FilterSpec
+from app.engine.generation import generate_samples
+from app.engine.plans import plan_samples
 
 router = APIRouter(prefix="/v1/models", tags=["generate"], dependencies=[Depends(require_api_key)])
 
@@ -42,13 +41,10 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
 )
 async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
                    repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> Response:
-    if body.n > settings.max_samples_per_request:
-        raise InvalidInputError(f"n={body.n} is over the limit of {settings.max_samples_per_request} samples per "
-                                "request; ask for fewer, or use a dataset export")
     served = repository.ready_model(name)
     request.state.n = body.n
-    spec = FilterSpec(body.min_confidence, body.max_similarity)
-    samples = await unless_disconnected(request, service.generate(
-        served, body.n, body.label, body.seed, body.truncation, settings.request_timeout_s, spec,
-        settings.filter_max_rounds))
+    plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
+                        filters=body.filters(), max_samples=settings.max_samples_per_request,
+                        scope="one request (use a dataset export for more)")
+    samples = await unless_disconnected(request, generate_samples(served, plan, settings))
     return await samples_response(samples, body.format)

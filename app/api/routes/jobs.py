@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends
@@ -10,11 +9,11 @@ from fastapi.responses import FileResponse, Response
 
 from app.api.deps import JobId, RepositoryDep, RunnerDep, SettingsDep, StoreDep, require_api_key, require_json
 from app.api.schemas import ErrorPublic, JobPublic, JobRequest
-from app.datasets import MEDIA_TYPES, plan_dataset
+from app.engine.exports import MEDIA_TYPES, export_limit
+from app.engine.jobs import Job, estimate_bytes
+from app.engine.plans import plan_samples
+from app.engine.states import JobState
 from app.errors import ConflictError
-from app.filters import FilterSpec
-from app.jobs import Job, estimate_bytes
-from app.sampling import MAX_SEED
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 404, 422)})
@@ -23,7 +22,7 @@ EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFold
 
 
 def job_public(job: Job) -> JobPublic:
-    url = f"/v1/jobs/{job.id}/result" if job.state == "succeeded" else None
+    url = f"/v1/jobs/{job.id}/result" if job.state == JobState.SUCCEEDED else None
     return JobPublic(**{k: v for k, v in vars(job).items()}, eta_s=job.eta_s, result_url=url)
 
 
@@ -37,18 +36,18 @@ async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)
                      repository: RepositoryDep, settings: SettingsDep, store: StoreDep,
                      runner: RunnerDep) -> JobPublic:
     model = repository.ready_model(body.model).model
-    seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
-    limit = settings.max_npz_samples if body.format == "npz" else settings.max_dataset_samples
-    plan = plan_dataset(model, seed, body.per_class, body.n, body.label, body.truncation, limit)
+    plan = plan_samples(model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
+                        truncation=body.truncation, filters=body.filters(),
+                        max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
     runner.check_quota(estimate_bytes(plan, model.image_shape, body.format))
-    job = store.create(model.name, {**body.model_dump(), "seed": seed}, len(plan), body.format)
-    runner.submit(job, plan, FilterSpec(body.min_confidence, body.max_similarity))
+    job = store.create(model.name, {**body.model_dump(), "seed": plan.seed}, len(plan), body.format)
+    runner.submit(job, plan)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 
 
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic,
-            description="State (queued, running, succeeded, failed, cancelled), progress, ETA and error.")
+            description="State (queued, running, succeeded, failed), progress, ETA and error.")
 async def get_job(job_id: JobId, store: StoreDep) -> JobPublic:
     return job_public(store.get(job_id))
 
@@ -59,7 +58,7 @@ async def get_job(job_id: JobId, store: StoreDep) -> JobPublic:
                        409: {"model": ErrorPublic}})
 async def get_result(job_id: JobId, store: StoreDep) -> FileResponse:
     job = store.get(job_id)
-    if job.state != "succeeded":
+    if job.state != JobState.SUCCEEDED:
         raise ConflictError(f"job {job_id} is {job.state}" + (f" ({job.error})" if job.error else "")
                             + "; its result is ready once it succeeded")
     filename = f"{job.model}-seed{job.request['seed']}.{job.format}"

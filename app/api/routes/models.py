@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends
 
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
+from app.engine.repository import ModelEntry
 from app.errors import ConflictError
-from app.repository import ModelEntry
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})

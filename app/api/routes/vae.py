@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, File, Form, UploadFile
 from fastapi.responses import Response
 
-from app import service
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, InterpolateRequest, OutputFormat
+from app.engine import vae
 from app.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1/models", tags=["vae"], dependencies=[Depends(require_api_key)])
@@ -25,11 +25,9 @@ ConvertForm = Annotated[bool, Form(description="resize/convert uploads to the mo
                                                "size mismatch is a 422")]
 
 
-async def _read(upload: UploadFile, limit: int) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise InvalidInputError(f"{upload.filename}: over the upload limit of {limit} bytes")
-    return data
+async def _read(uploads: list[UploadFile], default_name: str) -> list[vae.Upload]:
+    """The files' names and bytes (the middleware has already bounded the whole body)."""
+    return [(upload.filename or f"{default_name} {i}", await upload.read()) for i, upload in enumerate(uploads)]
 
 
 def _split_labels(labels: str | None) -> list[str | int] | None:
@@ -45,13 +43,11 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
                       labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
                       convert: ConvertForm = False, format: FormatForm = "png") -> Response:
     served = repository.ready_model(name)
-    model = served.model
-    service.require_vae(model)
+    vae.require_vae(served.model)
     if len(files) > settings.max_upload_files:
         raise InvalidInputError(f"{len(files)} files is over the limit of {settings.max_upload_files} per request")
-    images = [service.decode_upload(await _read(f, settings.max_upload_bytes), f.filename or f"file {i}", model,
-                                    convert, settings.max_image_pixels) for i, f in enumerate(files)]
-    samples = await service.reconstruct(model, served.executor, images, _split_labels(labels))
+    images = await vae.decode_uploads(served.model, await _read(files, "file"), convert, settings.max_image_pixels)
+    samples = await vae.reconstruct(served, images, _split_labels(labels))
     return await samples_response(samples, format)
 
 
@@ -62,8 +58,7 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
 async def interpolate(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
                       repository: RepositoryDep, name: ModelName) -> Response:
     served = repository.ready_model(name)
-    samples = await service.interpolate(served.model, served.executor, body.seed_a, body.seed_b, body.label_a,
-                                        body.label_b, body.steps)
+    samples = await vae.interpolate(served, body.seed_a, body.seed_b, body.label_a, body.label_b, body.steps)
     return await samples_response(samples, body.format)
 
 
@@ -78,11 +73,9 @@ async def inpaint(repository: RepositoryDep, settings: SettingsDep, name: ModelN
                   iterations: Annotated[int, Form(ge=1, le=500)] = 60,
                   convert: ConvertForm = False, format: FormatForm = "png") -> Response:
     served = repository.ready_model(name)
-    model = served.model
-    service.require_vae(model)
-    pixels = service.decode_upload(await _read(image, settings.max_upload_bytes), image.filename or "image", model,
-                                   convert, settings.max_image_pixels)
-    holes = service.decode_upload(await _read(mask, settings.max_upload_bytes), mask.filename or "mask", model,
-                                  convert, settings.max_image_pixels, mask=True)
-    samples = await service.inpaint(model, served.executor, pixels, holes, label, iterations)
+    vae.require_vae(served.model)
+    pixels = await vae.decode_uploads(served.model, await _read([image], "image"), convert, settings.max_image_pixels)
+    holes = await vae.decode_uploads(served.model, await _read([mask], "mask"), convert, settings.max_image_pixels,
+                                     mask=True)
+    samples = await vae.inpaint(served, pixels[0], holes[0], label, iterations)
     return await samples_response(samples, format)

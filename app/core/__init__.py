@@ -1,0 +1,1 @@
+"""What the command line, training and the server share: networks, the checkpoint format, sampling, images, zips."""

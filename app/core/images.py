@@ -1,0 +1,84 @@
+"""Pixels: uint8 ↔ the networks' [-1, 1] range, decoding uploaded images safely, PNG encoding and sample grids."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import DataError, InvalidInputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 4096 * 4096
+PIXEL_NORMALISATION = {"from_uint8": "x / 127.5 - 1", "range": [-1.0, 1.0], "layout": "NCHW"}
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 `[N, H, W, C]` → float32 `[N, C, H, W]` in [-1, 1]."""
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:
+        images = images.copy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float `[N, C, H, W]` in [-1, 1] → uint8 `[N, H, W, C]`, rounding to the nearest level."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode PNG/JPEG bytes, refusing corrupt files and decompression bombs before the pixels are read."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DataError(f"{name}: {width}×{height} pixels is over the limit of {max_pixels}")
+        if image.format not in ("PNG", "JPEG"):
+            raise DataError(f"{name}: {image.format} images are not supported; use PNG or JPEG")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise DataError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
+    return image
+
+
+def decode_to_shape(data: bytes, name: str, shape: tuple[int, int, int], owner: str, convert: bool,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """PNG/JPEG bytes → uint8 `[H, W, C]` of `shape` (what `owner`, a model, works on); resized only when
+    `convert`, else a size mismatch is refused."""
+    image = decode_image(data, name, max_pixels)
+    height, width, channels = shape
+    mode = "L" if channels == 1 else "RGB"
+    if image.size != (width, height) or image.mode != mode:
+        if not convert and image.size != (width, height):
+            raise InvalidInputError(f"{name}: {image.size[0]}×{image.size[1]} pixels, but {owner} works on "
+                                    f"{width}×{height}; resize it or pass convert=true")
+        image = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 `[H, W, C]` (C = 1 or 3) → PNG bytes (deterministic for the same pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
+    """uint8 `[N, H, W, C]` → one uint8 `[H', W', C]` grid, `columns` wide (default: about square)."""
+    n, h, w, c = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / columns))
+    grid = np.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = image
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid

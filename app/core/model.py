@@ -1,0 +1,63 @@
+"""A generator checkpoint loaded for sampling: the network, its config and card, and the hash manifests cite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.core.checkpoint import config_hash, read_json
+from app.core.nets import SyntheticNet
+from app.errors import CheckpointError
+
+
+@dataclass
+class SyntheticModel:
+    """A loaded checkpoint folder: the generative network (GAN generator or VAE) and its metadata."""
+
+    name: str
+    folder: Path
+    config: dict[str, Any]
+    net: SyntheticNet
+    card: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""  # of config.json + serving weights, computed once at load (manifests cite it)
+
+    @property
+    def kind(self) -> str:
+        return self.net.kind
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.net.cfg.latent_dim
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels)."""
+        return self.net.cfg.height, self.net.cfg.width, self.net.cfg.channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> SyntheticModel:
+    """Load a checkpoint folder for sampling (eval mode, serving parts only) on `device`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
+    net, config = SyntheticNet.from_pretrained(folder, serving=True)
+    names = config.get("class_names")
+    if not isinstance(names, list) or len(names) != net.cfg.num_classes:
+        raise CheckpointError(f"{folder / 'config.json'}: class_names must list {net.cfg.num_classes} names")
+    card = read_json(folder / "card.json") if (folder / "card.json").is_file() else {}
+    return SyntheticModel(name or folder.name, folder, config, net.to(device), card, config_hash(folder))

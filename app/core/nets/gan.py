@@ -1,0 +1,118 @@
+"""A class-conditional DCGAN: generator with label embedding, projection discriminator with a class head."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from app.core.checkpoint import register
+from app.core.nets.base import SyntheticNet, upsampling_steps
+
+
+@dataclass
+class GanConfig:
+    """Hyper-parameters of a (conditional) GAN; `num_classes == 0` makes it unconditional."""
+
+    height: int
+    width: int
+    channels: int
+    num_classes: int
+    latent_dim: int = 64
+    g_channels: int = 32
+    d_channels: int = 32
+    embed_dim: int = 32
+    aux_classifier: bool = True
+    n_up: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.n_up:
+            self.n_up = upsampling_steps(self.height, self.width)
+
+
+class Generator(nn.Module):
+    """z (+ label) → image in [-1, 1]: linear to a small grid, `n_up` transposed-conv ×2 stages, 3×3 conv, tanh."""
+
+    def __init__(self, cfg: GanConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        scale = 2**cfg.n_up
+        self.base_h, self.base_w = math.ceil(cfg.height / scale), math.ceil(cfg.width / scale)
+        widths = [cfg.g_channels * 2 ** (cfg.n_up - i) for i in range(cfg.n_up + 1)]
+        self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim) if cfg.num_classes else None
+        in_dim = cfg.latent_dim + (cfg.embed_dim if cfg.num_classes else 0)
+        self.project = nn.Sequential(
+            nn.Linear(in_dim, widths[0] * self.base_h * self.base_w, bias=False),
+            nn.BatchNorm1d(widths[0] * self.base_h * self.base_w),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        for c_in, c_out in itertools.pairwise(widths):
+            stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+        self.stages = nn.Sequential(*stages)
+        self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        x = self.project(z).view(len(z), -1, self.base_h, self.base_w)
+        x = torch.tanh(self.to_image(self.stages(x)))
+        top, left = (x.shape[2] - self.cfg.height) // 2, (x.shape[3] - self.cfg.width) // 2
+        return x[:, :, top : top + self.cfg.height, left : left + self.cfg.width]
+
+
+class Discriminator(nn.Module):
+    """Image (+ label) → realness score: DCGAN convolutions, conditioning by projection (Miyato & Koyama, 2018)
+    and, with `aux_classifier`, class logits from the same features (AC-GAN style)."""
+
+    def __init__(self, cfg: GanConfig) -> None:
+        super().__init__()
+        widths = [cfg.d_channels * 2**i for i in range(cfg.n_up + 1)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 3, 1, 1), nn.LeakyReLU(0.2)]
+        for c_in, c_out in itertools.pairwise(widths):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        layers.append(nn.Flatten())
+        self.features = nn.Sequential(*layers)
+        flat = widths[-1] * math.ceil(cfg.height / 2**cfg.n_up) * math.ceil(cfg.width / 2**cfg.n_up)
+        self.score = nn.Linear(flat, 1)
+        self.embed = nn.Embedding(cfg.num_classes, flat) if cfg.num_classes else None
+        has_classifier = cfg.aux_classifier and cfg.num_classes
+        self.classify = nn.Linear(flat, cfg.num_classes) if has_classifier else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score_and_logits(x, labels)[0]
+
+    def score_and_logits(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Realness score `[N]` and class logits `[N, K]` (None without `aux_classifier`)."""
+        h = self.features(x)
+        out = self.score(h).squeeze(1)
+        if self.embed is not None:
+            out = out + (self.embed(labels) * h).sum(dim=1)
+        return out, (self.classify(h) if self.classify is not None else None)
+
+
+@register
+class ConditionalGAN(SyntheticNet):
+    """The generator (what serving loads) and the discriminator (kept with the checkpoint for further training)."""
+
+    kind = "gan"
+    config_class = GanConfig
+    weight_files: ClassVar[dict[str, str]] = {"generator": "generator.safetensors",
+                                              "discriminator": "discriminator.safetensors"}
+    serving_parts = ("generator",)
+
+    def __init__(self, cfg: GanConfig) -> None:
+        super().__init__(cfg)
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg)
+
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.generator(z, labels)

@@ -1,0 +1,183 @@
+"""Writing generated samples to disk: `.npz` arrays, a PNG grid, or ImageFolder PNGs in a directory or a zip.
+
+The ImageFolder layout is `<class_name>/<8-digit index>.png` with `labels.csv`
+(file_name,label,class_name,seed,index) and `manifest.json`; the same inputs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+import zipfile
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core.images import encode_png, image_grid
+from app.errors import InvalidInputError
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identical between runs
+LABELS_HEADER = ["file_name", "label", "class_name", "seed", "index"]
+
+
+def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int], indices: np.ndarray | None = None) -> bytes:
+    """`images` as uint8 [N,H,W] (one channel) or [N,H,W,C], `labels` as int64 [N] (and the sample `indices`
+    when they are not 0..N-1), in an uncompressed .npz."""
+    buffer = io.BytesIO()
+    arrays = {"images": images[..., 0] if images.shape[-1] == 1 else images,
+              "labels": np.asarray(labels, dtype=np.int64)}
+    if indices is not None:
+        arrays["indices"] = np.asarray(indices, dtype=np.int64)
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def sample_file_name(class_name: str, index: int) -> str:
+    return f"{class_name}/{index:08d}.png"
+
+
+class _Sink:
+    """A write-only, unseekable stream that keeps what was written until `take()`."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._position = 0
+
+    def write(self, data: bytes) -> int:
+        self._chunks.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self._chunks = b"".join(self._chunks), []
+        return data
+
+
+class ImageFolderZip:
+    """Writes the ImageFolder layout into a zip as a stream: add samples batch by batch and `take()` the bytes
+    written so far, so an archive of any size needs only one batch in memory. With `sources`, files are named
+    `<class>/<source>-<index>.png` and labels.csv gets a `source` column (original, augmented, synthetic)."""
+
+    SOURCES = ("original", "augmented", "synthetic")
+
+    def __init__(self, class_names: list[str], seed: int, sources: bool = False) -> None:
+        self.class_names, self.seed, self.sources = class_names, seed, sources
+        self._sink = _Sink()
+        self._zip = zipfile.ZipFile(self._sink, "w", compression=zipfile.ZIP_STORED)  # type: ignore[arg-type]
+        # 16-17 bytes a sample, for labels.csv at the end
+        self._labels, self._indices, self._source = array("q"), array("q"), array("b")
+
+    def _class(self, label: int) -> str:
+        return self.class_names[label] if self.class_names else "samples"
+
+    def _name(self, label: int, index: int, source: int) -> str:
+        if not self.sources:
+            return sample_file_name(self._class(label), index)
+        return f"{self._class(label)}/{self.SOURCES[source]}-{index:08d}.png"
+
+    def _write(self, name: str, data: bytes) -> None:
+        info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+        info.external_attr = 0o644 << 16
+        self._zip.writestr(info, data)
+
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range,
+            source: str = "synthetic") -> bytes:
+        """Add PNGs for these samples; returns the archive bytes produced."""
+        code = self.SOURCES.index(source)
+        for image, label, index in zip(images, labels.tolist(), indices):
+            self._write(self._name(label, index, code), encode_png(image))
+            self._labels.append(int(label))
+            self._indices.append(int(index))
+            self._source.append(code)
+        return self._sink.take()
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self._class(label) for label in self._labels).items()))
+
+    def finish(self, manifest: dict[str, Any]) -> bytes:
+        """Write labels.csv and manifest.json and close the archive; returns the last bytes."""
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(LABELS_HEADER + (["source"] if self.sources else []))
+        for label, index, code in zip(self._labels, self._indices, self._source):
+            row = [self._name(label, index, code), label, self.class_names[label] if self.class_names else "",
+                   self.seed, index]
+            writer.writerow(row + ([self.SOURCES[code]] if self.sources else []))
+        manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": self.counts()}
+        self._write("labels.csv", text.getvalue().encode())
+        self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
+        self._zip.close()
+        return self._sink.take()
+
+
+class WebDatasetTar:
+    """Writes samples as a WebDataset tar stream: `<key>.png`, `<key>.cls` (the label) and `<key>.json` per sample,
+    keys being 8-digit indices; bytes come out batch by batch like `ImageFolderZip`."""
+
+    def __init__(self, class_names: list[str], seed: int) -> None:
+        self.class_names, self.seed = class_names, seed
+        self._sink = _Sink()
+        self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in finish)
+        self._count = 0
+
+    def _write(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
+        for image, label, index in zip(images, labels.tolist(), indices):
+            key = f"{index:08d}"
+            class_name = self.class_names[label] if self.class_names else None
+            self._write(f"{key}.png", encode_png(image))
+            self._write(f"{key}.cls", str(label).encode())
+            self._write(f"{key}.json", json.dumps({"label": label, "class_name": class_name, "seed": self.seed,
+                                                   "index": index}, sort_keys=True).encode())
+            self._count += 1
+        return self._sink.take()
+
+    def finish(self, manifest: dict[str, Any]) -> bytes:
+        """Append `manifest.json` (read by neither WebDataset nor tar tools as a sample) and close the stream."""
+        self._write("manifest.json", (json.dumps({**manifest, "seed": self.seed, "count": self._count},
+                                                 sort_keys=True, indent=2) + "\n").encode())
+        self._tar.close()
+        return self._sink.take()
+
+
+def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
+                 manifest: dict[str, Any]) -> None:
+    """Write samples to `path`: `.npz`, `.zip`, a `.png` grid (a row per class when balanced), or a directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".png":
+        counts = np.bincount(labels)
+        balanced = len(class_names) > 1 and len(set(counts.tolist())) == 1 and np.all(np.diff(labels) >= 0)
+        path.write_bytes(encode_png(image_grid(images, columns=int(counts[0]) if balanced else None, scale=2)))
+        return
+    if path.suffix == ".npz":
+        path.write_bytes(npz_bytes(images, labels))
+        return
+    if path.suffix not in ("", ".zip"):
+        raise InvalidInputError(f"--out {path}: use a .npz, .zip or .png file, or a directory without a suffix")
+    archive = ImageFolderZip(class_names, seed)
+    data = archive.add(images, labels, range(len(images))) + archive.finish(manifest)
+    if path.suffix == ".zip":
+        path.write_bytes(data)
+        return
+    if path.exists() and any(path.iterdir()):
+        raise InvalidInputError(f"--out {path}: the directory is not empty; choose a new one")
+    with zipfile.ZipFile(io.BytesIO(data)) as written:
+        for name in written.namelist():
+            target = path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(written.read(name))

@@ -1,0 +1,67 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process, as in the tests)."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app.engine.states import ModelStatus
+
+_BATCH_BUCKETS = tuple(float(2**i) for i in range(0, 17))
+
+
+class ModelObserver:
+    """The micro-batcher's measurements for one model (implements `app.engine.batcher.BatchObserver`)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
+
+    def batch_done(self, samples: int, requests: int, seconds: float) -> None:
+        self._metrics.batch_samples.labels(self._model).observe(samples)
+        self._metrics.forward_passes.labels(self._model).inc()
+        self._metrics.compute_seconds.labels(self._model).observe(seconds)
+        self._metrics.samples_generated.labels(self._model).inc(samples)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._metrics.queue_wait_seconds.labels(self._model).observe(seconds)
+
+    def queued(self, samples: int) -> None:
+        self._metrics.queued_samples.labels(self._model).set(samples)
+
+
+class Metrics:
+    """Requests, latency, queue wait, compute time, batch sizes, forward passes, queue depth, samples, model
+    status and CUDA memory."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("synthgen_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.request_seconds = Histogram("synthgen_request_seconds", "HTTP request latency", ["route"], registry=r)
+        self.queue_wait_seconds = Histogram("synthgen_queue_wait_seconds", "time from submit to first batch",
+                                            ["model"], registry=r)
+        self.compute_seconds = Histogram("synthgen_compute_seconds", "forward pass + encoding per batch", ["model"],
+                                         registry=r)
+        self.batch_samples = Histogram("synthgen_batch_samples", "samples per forward pass", ["model"],
+                                       buckets=_BATCH_BUCKETS, registry=r)
+        self.forward_passes = Counter("synthgen_forward_passes_total", "forward passes", ["model"], registry=r)
+        self.queued_samples = Gauge("synthgen_queued_samples", "samples waiting for a batch", ["model"], registry=r)
+        self.samples_generated = Counter("synthgen_samples_generated_total", "samples generated", ["model"],
+                                         registry=r)
+        self.model_status = Gauge("synthgen_model_status", "1 for the model's current status", ["model", "status"],
+                                  registry=r)
+        self.device_memory = Gauge("synthgen_device_memory_bytes", "CUDA memory allocated", ["device"], registry=r)
+
+    def observer(self, model: str) -> ModelObserver:
+        return ModelObserver(self, model)
+
+    def set_status(self, model: str, status: ModelStatus) -> None:
+        for name in ModelStatus:
+            self.model_status.labels(model, name).set(1 if name == status else 0)
+
+    def render(self) -> bytes:
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                self.device_memory.labels(f"cuda:{index}").set(torch.cuda.memory_allocated(index))
+        return generate_latest(self.registry)

@@ -1,0 +1,174 @@
+"""The model repository: discovers `models/<name>/`, loads each onto the device with its own micro-batcher, and
+loads, unloads and reloads models at run time. A model that fails to load is reported and stops no other."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.core.model import SyntheticModel, load_model
+from app.engine.batcher import MicroBatcher
+from app.engine.filters import Judge, load_judge
+from app.engine.forward import DTYPES, forward_pass
+from app.engine.metrics import Metrics
+from app.engine.states import ModelStatus
+from app.errors import ConflictError, InvalidInputError, NotFoundError, SynthgenError
+from app.settings import Settings
+
+log = logging.getLogger("synthgen.repository")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_model_name(name: str) -> str:
+    """Model names are folder names: letters, digits, '.', '_' and '-', no path tricks."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise InvalidInputError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                                "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class ServedModel:
+    """What a ready model offers the service layer: the model, its batcher, its filter judge, the device thread."""
+
+    model: SyntheticModel
+    batcher: MicroBatcher
+    judge: Judge | None
+    executor: Executor
+
+
+@dataclass
+class ModelEntry:
+    """A model's place in the repository: its status and, when ready, the model and its batcher."""
+
+    name: str
+    folder: Path
+    status: ModelStatus = ModelStatus.UNLOADED
+    error: str | None = None
+    model: SyntheticModel | None = None
+    batcher: MicroBatcher | None = None
+    judge: Judge | None = None
+
+
+class ModelRepository:
+    """All models of `settings.models_dir`, by name."""
+
+    def __init__(self, settings: Settings, device: torch.device, executor: Executor, metrics: Metrics) -> None:
+        self.settings, self.device, self.executor, self.metrics = settings, device, executor, metrics
+        self.entries: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def discover(self) -> list[str]:
+        """Names of the model folders (those with a config.json), sorted."""
+        root = self.settings.models_dir
+        if not root.is_dir():
+            return []
+        names = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file() and MODEL_NAME.match(p.name))
+        for name in names:
+            self.entries.setdefault(name, ModelEntry(name, root / name))
+        return names
+
+    def get(self, name: str) -> ModelEntry:
+        validate_model_name(name)
+        entry = self.entries.get(name)
+        if entry is None:
+            self.discover()
+            entry = self.entries.get(name)
+        if entry is None:
+            raise NotFoundError(f"no model named {name!r}; GET /v1/models lists them")
+        return entry
+
+    def ready_model(self, name: str) -> ServedModel:
+        """The model if it serves, else 409 saying how to load it."""
+        entry = self.get(name)
+        if entry.status != ModelStatus.READY or entry.model is None or entry.batcher is None:
+            detail = f": {entry.error}" if entry.error else ""
+            raise ConflictError(f"model {name!r} is {entry.status}{detail}; load it with POST /v1/models/{name}/load")
+        return ServedModel(entry.model, entry.batcher, entry.judge, self.executor)
+
+    async def load_all(self) -> None:
+        for name in self.discover():
+            await self.load(name)
+
+    async def load(self, name: str) -> ModelEntry:
+        """(Re)load a model: the new version replaces the old only once it loaded; a failure is kept in `error`
+        (and a model that was serving keeps serving its old version)."""
+        entry = self.get(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if entry.status != ModelStatus.READY:  # a reload serves the old version until the new one is in
+                self._set_status(entry, ModelStatus.LOADING)
+            try:
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(self.executor, load_model, entry.folder, self.device, name)
+                judge = await loop.run_in_executor(self.executor, load_judge, entry.folder, self.device)
+            except SynthgenError as exc:
+                log.error("model %s failed to load: %s", name, exc)
+                if entry.status == ModelStatus.READY:
+                    entry.error = f"{exc}; still serving the version loaded before"
+                else:
+                    entry.error = str(exc)
+                    self._set_status(entry, ModelStatus.FAILED)
+                return entry
+            await self._stop(entry)
+            dtype = DTYPES[self.settings.dtype] if self.device.type == "cuda" else torch.float32
+            batcher = MicroBatcher(forward_pass(model, dtype), self.executor,
+                                   max_batch_size=self.settings.max_batch_size,
+                                   max_wait_s=self.settings.max_batch_wait_ms / 1000,
+                                   max_queued_samples=self.settings.max_queued_samples,
+                                   observer=self.metrics.observer(name))
+            batcher.start()
+            entry.model, entry.batcher, entry.judge, entry.error = model, batcher, judge, None
+            self._set_status(entry, ModelStatus.READY)
+            log.info("model %s ready on %s", name, self.device)
+            return entry
+
+    async def unload(self, name: str) -> ModelEntry:
+        entry = self.get(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            await self._stop(entry)
+            entry.error = None
+            self._set_status(entry, ModelStatus.UNLOADED)
+        return entry
+
+    async def close(self) -> None:
+        for entry in self.entries.values():
+            await self._stop(entry)
+
+    async def supervise(self, every_s: float = 1.0) -> None:
+        """Restart a ready model's worker that died (its queue is kept, so waiting requests carry on); until it
+        is back, /readyz reports it."""
+        while True:
+            await asyncio.sleep(every_s)
+            for entry in list(self.entries.values()):
+                if entry.status == ModelStatus.READY and entry.batcher is not None and not entry.batcher.running:
+                    log.error("the worker of model %s died; restarting it", entry.name)
+                    entry.batcher.start()
+
+    async def _stop(self, entry: ModelEntry) -> None:
+        if entry.batcher is not None:
+            await entry.batcher.stop()
+        entry.model, entry.batcher, entry.judge = None, None, None
+
+    def _set_status(self, entry: ModelEntry, status: ModelStatus) -> None:
+        entry.status = status
+        self.metrics.set_status(entry.name, status)
+
+    def not_ready(self) -> list[str]:
+        """What keeps the server from being ready: models not ready, workers not running."""
+        problems = []
+        for entry in self.entries.values():
+            if entry.status == ModelStatus.UNLOADED:
+                continue
+            if entry.status != ModelStatus.READY:
+                problems.append(f"model {entry.name} is {entry.status}" + (f": {entry.error}" if entry.error else ""))
+            elif entry.batcher is None or not entry.batcher.running:
+                problems.append(f"model {entry.name}: worker not running")
+        if not any(entry.status == ModelStatus.READY for entry in self.entries.values()):
+            problems.append("no model is loaded")
+        return problems

@@ -1,0 +1,238 @@
+"""Image datasets from IDX files, ImageFolder directories or zips, `.npz` arrays and scikit-learn's digits.
+
+A data SPEC names one of them: a path (`.npz`, `.zip`, an IDX images file, a directory of IDX files or of class
+sub-folders) or the word `digits`; an optional `#START:STOP` suffix keeps that slice of the examples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.core.images import MAX_IMAGE_PIXELS, decode_image, to_model_range
+from app.core.safezip import ZipLimits, check_image_file, read_zip
+from app.errors import DataError
+
+_IDX_UBYTE = 0x08
+_SLICE = re.compile(r"^(?P<path>.*)#(?P<start>-?\d*):(?P<stop>-?\d*)$")
+
+
+@dataclass
+class ImageDataset:
+    """Images as uint8 `[N, H, W, C]`, labels as int64 `[N]` indexing `class_names`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} {list(self.images.shape)}")
+        if self.labels.shape != (len(self.images),):
+            raise DataError(f"{len(self.labels)} labels for {len(self.images)} images: the counts must match")
+        if len(self.images) == 0:
+            raise DataError("the dataset is empty")
+        if self.labels.min() < 0 or self.labels.max() >= max(len(self.class_names), 1):
+            raise DataError(f"labels must lie in 0..{len(self.class_names) - 1}, "
+                            f"got {self.labels.min()}..{self.labels.max()}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(height, width, channels)."""
+        _, h, w, c = self.images.shape
+        return h, w, c
+
+    def subset(self, index: np.ndarray | slice) -> ImageDataset:
+        return ImageDataset(self.images[index], self.labels[index], self.class_names)
+
+    def fingerprint(self) -> str:
+        """sha256 of the shapes, pixels, labels and class names: identifies the training data in a checkpoint."""
+        digest = hashlib.sha256()
+        digest.update(repr((self.images.shape, self.class_names)).encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(self.labels.astype("<i8").tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """A seeded random (train, validation) split; the same seed always gives the same split."""
+        n_val = round(len(self) * val_fraction)
+        if not 0 < n_val < len(self):
+            raise DataError(f"a validation fraction of {val_fraction} leaves no train or no validation examples")
+        order = np.random.default_rng(seed).permutation(len(self))
+        return self.subset(np.sort(order[n_val:])), self.subset(np.sort(order[:n_val]))
+
+    def to_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images as float32 `[N, C, H, W]` in [-1, 1] (the networks' pixel normalisation) and int64 labels."""
+        return to_model_range(self.images), torch.from_numpy(self.labels.astype(np.int64))
+
+
+def load_dataset(spec: str) -> ImageDataset:
+    """Load the dataset a SPEC names (see the module docstring)."""
+    match = _SLICE.match(spec)
+    part: slice | None = None
+    if match:
+        spec = match["path"]
+        part = slice(int(match["start"]) if match["start"] else None, int(match["stop"]) if match["stop"] else None)
+    dataset = _load_whole(spec)
+    if part is not None:
+        dataset = dataset.subset(part)
+        if len(dataset) == 0:
+            raise DataError(f"the slice #{match['start']}:{match['stop']} of {spec!r} is empty")
+    return dataset
+
+
+def _load_whole(spec: str) -> ImageDataset:
+    if spec == "digits":
+        return load_sklearn_digits()
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{spec!r} is neither an existing path nor 'digits'")
+    if path.is_dir():
+        idx_images = sorted(path.glob("*idx3-ubyte*"))
+        if len(idx_images) == 1:
+            return load_idx_pair(idx_images[0])
+        if len(idx_images) > 1:
+            raise DataError(f"{path} holds several IDX image files; name one: {[p.name for p in idx_images]}")
+        return load_image_folder(path)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if path.suffix == ".zip":
+        return load_image_zip(path)
+    if "idx3-ubyte" in path.name:
+        return load_idx_pair(path)
+    raise DataError(f"{path}: unknown data format; use an .npz, a .zip, an IDX images file or an ImageFolder directory")
+
+
+def load_sklearn_digits() -> ImageDataset:
+    """scikit-learn's 8×8 digits (1,797 images), scaled from 0..16 to 0..255."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
+        raise DataError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from exc
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return ImageDataset(images, bunch.target.astype(np.int64), [str(i) for i in range(10)])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (MNIST's format), gzipped or not, of unsigned bytes."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read or decompress ({exc})") from exc
+    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    if raw[2] != _IDX_UBYTE:
+        raise DataError(f"{path}: IDX data type 0x{raw[2]:02x} is not supported; only unsigned bytes (0x08) are")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: truncated or padded IDX data: header says {dims} = {expected} bytes, "
+                        f"file holds {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_pair(images_path: Path) -> ImageDataset:
+    """IDX images `[N, H, W]` with the labels file beside them (`idx3`→`idx1`, `images`→`labels` in the name)."""
+    labels_name = images_path.name.replace("idx3", "idx1").replace("images", "labels").removesuffix(".gz")
+    candidates = [images_path.with_name(labels_name), images_path.with_name(labels_name + ".gz")]
+    labels_path = next((path for path in candidates if path.exists()), None)
+    if labels_path is None:
+        raise DataError(f"{images_path}: no labels file {labels_name}[.gz] beside it")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: IDX images must have 3 dimensions [N, H, W], got {images.ndim}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: IDX labels must have 1 dimension, got {labels.ndim}")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path.name}")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    return ImageDataset(images[..., None].copy(), labels.astype(np.int64), [str(i) for i in range(n_classes)])
+
+
+def load_npz(path: Path) -> ImageDataset:
+    """An `.npz` with `images` (uint8 [N,H,W] or [N,H,W,C]), `labels` and optionally `class_names`."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz without pickled objects ({exc})") from exc
+    missing = {"images", "labels"} - arrays.keys()
+    if missing:
+        raise DataError(f"{path}: missing arrays {sorted(missing)}; an .npz needs 'images' and 'labels'")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(f"{path}: 'images' must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {list(images.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if "class_names" in arrays:
+        class_names = [str(name) for name in arrays["class_names"].tolist()]
+    else:
+        class_names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    return ImageDataset(np.ascontiguousarray(images), labels.astype(np.int64), class_names)
+
+
+def images_to_dataset(entries: dict[str, list[tuple[str, bytes]]], source: str,
+                      max_pixels: int = MAX_IMAGE_PIXELS) -> ImageDataset:
+    """Class folder → [(name, PNG/JPEG bytes)] into one dataset (classes sorted; one size; grayscale or RGB)."""
+    if not entries:
+        raise DataError(f"{source}: no class sub-folders with images; expected <class_name>/<image>.png")
+    class_names = sorted(entries)
+    decoded: list[tuple[Image.Image, int, str]] = []
+    for label, class_name in enumerate(class_names):
+        files = entries[class_name]
+        if not files:
+            raise DataError(f"{source}: class folder {class_name!r} holds no images")
+        decoded.extend((decode_image(data, name, max_pixels), label, name) for name, data in sorted(files))
+    grayscale = all(image.mode in ("1", "L", "I;16", "I") for image, _, _ in decoded)
+    size = decoded[0][0].size
+    arrays = []
+    for image, _, name in decoded:
+        if image.size != size:
+            raise DataError(f"{name}: size {image.size} differs from {size}; all images must share one size")
+        converted = np.asarray(image.convert("L" if grayscale else "RGB"), dtype=np.uint8)
+        arrays.append(converted[..., None] if grayscale else converted)
+    labels = np.array([label for _, label, _ in decoded], dtype=np.int64)
+    return ImageDataset(np.stack(arrays), labels, class_names)
+
+
+def load_image_folder(root: Path) -> ImageDataset:
+    """ImageFolder layout: `root/<class_name>/<image>`; files at the top level (labels.csv …) are ignored."""
+    entries: dict[str, list[tuple[str, bytes]]] = {}
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = entries.setdefault(class_dir.name, [])
+        for file in sorted(class_dir.iterdir()):
+            if file.name.startswith("."):
+                continue
+            if file.is_symlink() or not file.is_file():
+                raise DataError(f"{file}: class folders may hold only plain image files")
+            check_image_file(str(file))
+            files.append((str(file), file.read_bytes()))
+    return images_to_dataset(entries, str(root))
+
+
+def load_image_zip(path: Path, limits: ZipLimits | None = None) -> ImageDataset:
+    """ImageFolder layout inside a zip (optionally under one top folder), read with bounded decompression."""
+    entries, _ = read_zip(path, limits)
+    if "" in entries:
+        raise DataError(f"{path}: images at the top level; put them in class folders <class>/<image>")
+    return images_to_dataset(entries, str(path), (limits or ZipLimits()).max_pixels)

@@ -1,0 +1,189 @@
+"""Quality metrics of a generator against real data, written to the model's `card.json`.
+
+All feature-space metrics use the penultimate layer of a small CNN trained on the real training split (the
+evaluator, shipped with the model as `evaluator.safetensors`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.core.checkpoint import save_features, utc_now
+from app.core.device import resolve_device
+from app.core.images import to_model_range
+from app.core.model import load_model
+from app.core.nets import Classifier, ClassifierConfig
+from app.core.sampling import per_class_labels, sample
+from app.ml.card import update_card
+from app.ml.datasets import ImageDataset, load_dataset
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 8, seed: int = 0,
+                     device: torch.device | str = "cpu", batch_size: int = 128, progress: bool = False) -> Classifier:
+    """Train the small CNN on uint8 `[N, H, W, C]` images with Adam; deterministic for a seed on CPU."""
+    torch.manual_seed(seed)
+    _, h, w, c = images.shape
+    model = Classifier(ClassifierConfig(h, w, c, num_classes)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = epochs * max(1, len(images) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    x, y = to_model_range(images).to(device), torch.from_numpy(labels.astype(np.int64)).to(device)
+    shuffle = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(epochs), desc="classifier", disable=not progress, leave=False):
+        order = torch.randperm(len(x), generator=shuffle).to(device)
+        for start in range(0, len(x) - batch_size + 1, batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def predict(model: Classifier, images: np.ndarray, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities `[N, K]`, features `[N, D]`) of uint8 images."""
+    device = next(model.parameters()).device
+    probs, feats = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_model_range(images[start : start + batch_size]).to(device)
+        f = model.features(x)
+        feats.append(f.float().cpu())
+        probs.append(model.head(f).softmax(dim=1).float().cpu())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
+    probs, _ = predict(model, images)
+    return float((probs.argmax(dim=1).numpy() == labels).mean())
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets `[N, D]`."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    sqrt_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    trace_sqrt = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * trace_sqrt)
+
+
+def _nearest(query: torch.Tensor, reference: torch.Tensor, k: int = 1, exclude_self: bool = False) -> torch.Tensor:
+    """Distance from each query row to its k-th nearest reference row (chunked to bound memory)."""
+    out = []
+    for start in range(0, len(query), 2048):
+        d = torch.cdist(query[start : start + 2048], reference)
+        if exclude_self:
+            d[torch.arange(len(d)), torch.arange(start, start + len(d))] = float("inf")
+        out.append(d.kthvalue(k, dim=1).values)
+    return torch.cat(out)
+
+
+def _coverage(query: torch.Tensor, reference: torch.Tensor, radii: torch.Tensor) -> float:
+    """Share of query rows inside at least one reference ball."""
+    inside = []
+    for start in range(0, len(query), 2048):
+        d = torch.cdist(query[start : start + 2048], reference)
+        inside.append((d <= radii[None, :]).any(dim=1))
+    return float(torch.cat(inside).float().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN manifolds."""
+    real_radii = _nearest(real, real, k + 1)  # the nearest is the point itself
+    fake_radii = _nearest(fake, fake, k + 1)
+    return _coverage(fake, real, real_radii), _coverage(real, fake, fake_radii)
+
+
+def memorisation_threshold(train: torch.Tensor, percentile: float = 1.0) -> float:
+    """The `percentile`-th percentile of real-to-real nearest-neighbour distances within the training features."""
+    return float(np.percentile(_nearest(train, train, exclude_self=True).numpy(), percentile))
+
+
+def memorisation_rate(train: torch.Tensor, samples: torch.Tensor, threshold: float) -> float:
+    """Share of samples whose nearest training image is closer than the threshold."""
+    return float((_nearest(samples, train) < threshold).float().mean())
+
+
+def sliced_wasserstein(real: np.ndarray, fake: np.ndarray, projections: int = 128, seed: int = 0) -> float:
+    """Mean 1-Wasserstein distance of pixel vectors (in [0, 1]) along random unit directions, via 100 quantiles."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.from_numpy(real.reshape(len(real), -1)).float() / 255.0
+    b = torch.from_numpy(fake.reshape(len(fake), -1)).float() / 255.0
+    directions = F.normalize(torch.randn(a.shape[1], projections, generator=gen), dim=0)
+    levels = torch.linspace(0, 1, 100)
+    qa, qb = torch.quantile(a @ directions, levels, dim=0), torch.quantile(b @ directions, levels, dim=0)
+    return float((qa - qb).abs().mean())
+
+
+def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_class: int = 1000, seed: int = 0,
+             device: str = "auto", progress: bool = True, classifier_epochs: int = 8) -> dict[str, Any]:
+    """Evaluate a model against real data; writes the evaluator and the metrics into its folder, returns the card."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    model = load_model(folder, dev)
+    dataset = load_dataset(data_spec)
+    training_data = model.config["training_data"]
+    train_set, val_set = dataset.split(training_data.get("val_fraction", 0.1), training_data.get("split_seed", 0))
+    k = model.num_classes
+    evaluator = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed, dev, progress=progress)
+    real_val_accuracy = accuracy(evaluator, val_set.images, val_set.labels)
+    _, real_feats = predict(evaluator, train_set.images)
+    threshold = memorisation_threshold(real_feats)
+    evaluator.save_pretrained(folder, trained_on=data_spec, val_accuracy=round(real_val_accuracy, 4),
+                              memorisation_threshold=threshold)
+    save_features(folder, real_feats)
+
+    synthetic = ImageDataset(*sample(model, seed, per_class_labels(k, per_class)), model.class_names)
+    _, val_feats = predict(evaluator, val_set.images)
+    synth_probs, synth_feats = predict(evaluator, synthetic.images)
+    precision, recall = precision_recall(real_feats[:5000], synth_feats[:5000])
+    tstr = train_classifier(synthetic.images, synthetic.labels, k, classifier_epochs, seed, dev, progress=progress)
+    augmented = train_classifier(np.concatenate([train_set.images, synthetic.images]),
+                                 np.concatenate([train_set.labels, synthetic.labels]), k, classifier_epochs, seed, dev,
+                                 progress=progress)
+    augmented_accuracy = accuracy(augmented, val_set.images, val_set.labels)
+    metrics = {
+        "frechet_distance": frechet_distance(real_feats, synth_feats),
+        "frechet_distance_real_val": frechet_distance(real_feats, val_feats),
+        "precision": precision,
+        "recall": recall,
+        "label_agreement": float((synth_probs.argmax(1).numpy() == synthetic.labels).mean()),
+        "memorisation_rate": memorisation_rate(real_feats, synth_feats, threshold),
+        "memorisation_rate_real_val": memorisation_rate(real_feats, val_feats, threshold),
+        "memorisation_threshold": threshold,
+        "sliced_wasserstein": sliced_wasserstein(train_set.images, synthetic.images, seed=seed),
+        "sliced_wasserstein_real_val": sliced_wasserstein(train_set.images, val_set.images, seed=seed),
+        "tstr_accuracy": accuracy(tstr, val_set.images, val_set.labels),
+        "real_accuracy": real_val_accuracy,
+        "augmented_accuracy": augmented_accuracy,
+        "augmentation_gain": augmented_accuracy - real_val_accuracy,
+    }
+    fingerprint = dataset.fingerprint()
+    sections: dict[str, Any] = {}
+    if test_spec:
+        test = load_dataset(test_spec)
+        sections["test_metrics"] = {
+            "data": test_spec, "n": len(test),
+            "tstr_accuracy": round(accuracy(tstr, test.images, test.labels), 6),
+            "real_accuracy": round(accuracy(evaluator, test.images, test.labels), 6),
+            "augmented_accuracy": round(accuracy(augmented, test.images, test.labels), 6),
+        }
+    return update_card(folder, **sections, metrics={key: round(value, 6) for key, value in metrics.items()},
+                       evaluation={
+                           "data": data_spec, "data_fingerprint": fingerprint,
+                           "data_matches_training": fingerprint == training_data.get("fingerprint"),
+                           "n_real_train": len(train_set), "n_real_val": len(val_set), "n_synthetic": len(synthetic),
+                           "seed": seed, "feature_space": "evaluator penultimate layer",
+                           "classifier_epochs": classifier_epochs, "evaluated_at": utc_now(), "device": str(dev),
+                           "seconds": round(time.perf_counter() - started, 1)})

@@ -1,0 +1,324 @@
+"""Training of the GAN and the VAE: one loop, two trainers, checkpoints that resume where they stopped."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from app.core.checkpoint import read_json, utc_now, write_json
+from app.core.device import resolve_device
+from app.core.images import PIXEL_NORMALISATION, encode_png, image_grid, to_uint8
+from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, SyntheticNet, VaeConfig
+from app.core.sampling import draw_latents, per_class_labels
+from app.errors import CheckpointError, InvalidInputError
+from app.ml.card import update_card
+from app.ml.datasets import ImageDataset, load_dataset
+from app.ml.plots import loss_plot
+
+STATE_FILE = "training_state.safetensors"
+STATE_META = "training_state.json"
+
+
+@dataclass
+class TrainOptions:
+    """What `synthgen train` takes."""
+
+    arch: str
+    data: str
+    out: Path
+    epochs: int = 30
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    lr: float = 2e-4
+    checkpoint_every: int = 1
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{index}.{key}": torch.as_tensor(value).cpu().contiguous()
+            for index, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def _load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+class GanTrainer:
+    """Non-saturating logistic loss, a class head on the discriminator (trained on real images) that also
+    steers the generator, a mode-seeking term against collapse within a class, and an EMA generator for sampling."""
+
+    def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999,
+                 betas: tuple[float, float] = (0.5, 0.999), mode_seeking: float = 0.1,
+                 class_weight: float = 1.0) -> None:
+        self.hparams, self.device, self.ema_decay = hparams, device, ema_decay
+        self.mode_seeking, self.class_weight = mode_seeking, class_weight
+        # The checkpoint holds the EMA generator (what serving samples from) and the discriminator.
+        self.net = ConditionalGAN(hparams).to(device)
+        self.generator = copy.deepcopy(self.net.generator)  # the generator the optimizer trains
+        self.discriminator = self.net.discriminator
+        self.ema = self.net.generator.eval().requires_grad_(False)
+        self.optimizers = {
+            "opt_g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
+            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas),
+        }
+
+    def _labels(self, n: int) -> torch.Tensor | None:
+        return torch.randint(self.hparams.num_classes, (n,), device=self.device) if self.hparams.num_classes else None
+
+    @staticmethod
+    def _d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        n = len(x)
+        half = self._labels(n // 2)
+        fake_y = None if half is None else torch.cat([half, half, half[: n % 2]])  # pairs share a label
+        z = torch.randn(n, self.hparams.latent_dim, device=self.device)
+        fake = self.generator(z, fake_y)
+        d_real, class_real = self.discriminator.score_and_logits(x, y)
+        d_fake = self.discriminator(fake.detach(), fake_y)
+        d_loss = self._d_loss(d_real, d_fake)
+        # The class head learns from real images only, then teaches the generator.
+        d_class = F.cross_entropy(class_real, y) if class_real is not None else torch.zeros((), device=self.device)
+        self.optimizers["opt_d"].zero_grad(set_to_none=True)
+        (d_loss + self.class_weight * d_class).backward()
+        self.optimizers["opt_d"].step()
+        d_gen, class_gen = self.discriminator.score_and_logits(fake, fake_y)
+        g_loss = F.softplus(-d_gen).mean()
+        if class_gen is not None:
+            g_loss = g_loss + self.class_weight * F.cross_entropy(class_gen, fake_y)
+        if self.mode_seeking:
+            # Mode seeking (Mao et al., 2019): two latents with one label must not map to one image.
+            k = n // 2
+            spread = (fake[:k] - fake[k : 2 * k]).abs().mean() / (z[:k] - z[k : 2 * k]).abs().mean()
+            g_loss = g_loss + self.mode_seeking / (spread + 1e-5)
+        self.optimizers["opt_g"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.optimizers["opt_g"].step()
+        steps = float(next(iter(self.optimizers["opt_g"].state.values()))["step"])
+        decay = min(self.ema_decay, (1 + steps) / (10 + steps))  # warm-up: early weights are not averaged in
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        return {"d_loss": d_loss.item(), "d_class": d_class.item(), "g_loss": g_loss.item(),
+                "d_real": d_real.mean().item()}
+
+    @torch.no_grad()
+    def validate(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        self.discriminator.eval()
+        d_real = self.discriminator(x, y)
+        fake_y = self._labels(len(x))
+        d_fake = self.discriminator(self.ema(torch.randn(len(x), self.hparams.latent_dim, device=self.device), fake_y),
+                                    fake_y)
+        self.discriminator.train()
+        return {"d_loss": self._d_loss(d_real, d_fake).item(), "d_real": d_real.mean().item()}
+
+    @torch.no_grad()
+    def refresh_ema_statistics(self, seed: int, batches: int = 16, batch_size: int = 256) -> None:
+        """Recompute the EMA generator's batch-norm statistics from its own activations ("standing statistics")."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        norms = [m for m in self.ema.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        self.ema.train()
+        for _ in range(batches):
+            z = torch.randn(batch_size, self.hparams.latent_dim, device=self.device, generator=gen)
+            y = (torch.randint(self.hparams.num_classes, (batch_size,), device=self.device, generator=gen)
+                 if self.hparams.num_classes else None)
+            self.ema(z, y)
+        for m in norms:
+            m.momentum = 0.1
+        self.ema.eval()
+
+    def sample(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.ema(z.to(self.device), None if y is None else y.to(self.device))
+
+    def private(self) -> dict[str, nn.Module]:
+        return {"generator_raw": self.generator}
+
+
+class VaeTrainer:
+    """Negative ELBO with Adam."""
+
+    def __init__(self, hparams: VaeConfig, device: torch.device, lr: float) -> None:
+        self.hparams, self.device = hparams, device
+        self.net = self.vae = ConditionalVAE(hparams).to(device)
+        self.optimizers = {"opt": torch.optim.Adam(self.vae.parameters(), lr=lr)}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        losses = self.vae.loss(x, y)
+        self.optimizers["opt"].zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizers["opt"].step()
+        return {k: v.item() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def validate(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        self.vae.eval()
+        losses = {k: v.item() for k, v in self.vae.loss(x, y).items()}
+        self.vae.train()
+        return losses
+
+    def refresh_ema_statistics(self, seed: int) -> None:
+        """VAEs keep no EMA copy."""
+
+    def sample(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        self.vae.eval()
+        with torch.no_grad():
+            images = self.vae.decode(z.to(self.device), None if y is None else y.to(self.device))
+        self.vae.train()
+        return images
+
+    def private(self) -> dict[str, nn.Module]:
+        return {}
+
+
+Trainer = GanTrainer | VaeTrainer
+
+
+def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device: torch.device) -> Trainer:
+    height, width, channels = dataset.shape
+    common = {"height": height, "width": width, "channels": channels, "num_classes": len(dataset.class_names)}
+    try:
+        if arch == "gan":
+            return GanTrainer(GanConfig(**common, **options.hyperparameters), device, options.lr)
+        if arch == "vae":
+            return VaeTrainer(VaeConfig(**common, **options.hyperparameters), device, options.lr)
+    except TypeError as exc:
+        raise InvalidInputError(f"bad hyper-parameter for {arch}: {exc}") from exc
+    raise InvalidInputError(f"unknown architecture {arch!r}; use gan or vae")
+
+
+def _save(trainer: Trainer, out: Path, metadata: dict[str, Any], epoch: int, history: dict[str, list[float]],
+          shuffle: torch.Generator, elapsed: float) -> None:
+    trainer.net.save_pretrained(out, **metadata)
+    state = {f"{role}.{k}": v.detach().cpu().contiguous()
+             for role, module in trainer.private().items() for k, v in module.state_dict().items()}
+    for prefix, optimizer in trainer.optimizers.items():
+        state.update(_optimizer_tensors(prefix, optimizer))
+    state["rng.torch"] = torch.get_rng_state()
+    state["rng.shuffle"] = shuffle.get_state()
+    save_file(state, str(out / STATE_FILE))
+    write_json(out / STATE_META, {"epochs_done": epoch, "history": history, "elapsed_seconds": elapsed})
+    last = {k: v[-1] for k, v in history.items()}
+    update_card(out, training={**metadata["training"], "epochs_done": epoch, "seconds": round(elapsed, 1),
+                               "final_losses": last})
+
+
+def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int, dict[str, list[float]], float]:
+    net, _ = SyntheticNet.from_pretrained(out)
+    if type(net) is not type(trainer.net):
+        raise CheckpointError(f"{out} holds a {type(net).__name__}, not a {type(trainer.net).__name__}")
+    trainer.net.load_parts(out)
+    try:
+        state = load_file(str(out / STATE_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{out / STATE_FILE}: cannot resume from it ({exc})") from exc
+    for role, module in trainer.private().items():
+        module.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(role + ".")})
+    for prefix, optimizer in trainer.optimizers.items():
+        _load_optimizer(prefix, optimizer, state)
+    torch.set_rng_state(state["rng.torch"])
+    shuffle.set_state(state["rng.shuffle"])
+    meta = read_json(out / STATE_META)
+    return int(meta["epochs_done"]), meta["history"], float(meta["elapsed_seconds"])
+
+
+def _write_logs(out: Path, history: dict[str, list[float]], epoch: int, trainer: Trainer,
+                grid_latents: tuple[torch.Tensor, torch.Tensor | None], columns: int) -> None:
+    names = sorted(history)
+    with open(out / "losses.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *names])
+        for row in range(len(history[names[0]])):
+            writer.writerow([row + 1, *(f"{history[name][row]:.6g}" for name in names)])
+    (out / "loss.png").write_bytes(loss_plot({k: v for k, v in history.items() if "loss" in k}, f"{out.name} losses"))
+    grid = image_grid(to_uint8(trainer.sample(*grid_latents)), columns=columns, scale=2)
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / f"epoch_{epoch:03d}.png").write_bytes(encode_png(grid))
+
+
+def train(options: TrainOptions) -> dict[str, Any]:
+    """Train a model into `options.out`; returns the training summary written to its card."""
+    if options.epochs < 1 or options.batch_size < 2:
+        raise InvalidInputError("--epochs must be ≥ 1 and --batch-size ≥ 2")
+    out = Path(options.out)
+    if (out / "config.json").exists() and not options.resume:
+        raise InvalidInputError(f"{out} already holds a model; pass --resume to continue it or choose another --out")
+    if options.resume and not (out / STATE_FILE).exists():
+        raise InvalidInputError(f"--resume: {out} holds no {STATE_FILE} to continue from")
+    device = resolve_device(options.device)
+    dataset = load_dataset(options.data)
+    train_set, val_set = dataset.split(options.val_fraction)
+    torch.manual_seed(options.seed)
+    trainer = make_trainer(options.arch, dataset, options, device)
+    shuffle = torch.Generator().manual_seed(options.seed)
+    epoch, history, elapsed = (_restore(trainer, out, shuffle) if options.resume else (0, {}, 0.0))
+
+    x_train, y_train = (t.to(device) for t in train_set.to_tensors())
+    x_val, y_val = (t.to(device) for t in val_set.to_tensors())
+    conditional = trainer.hparams.num_classes > 0
+    columns = trainer.hparams.num_classes or 10
+    labels = per_class_labels(columns, 10) if conditional else [None] * 100
+    z, y = draw_latents(options.seed, range(len(labels)), trainer.hparams.latent_dim, trainer.hparams.num_classes,
+                        labels)
+    grid_latents = (z, y if conditional else None)
+    hparams = trainer.hparams
+    metadata = {  # config.json beside the format's own fields (see Checkpointable.save_pretrained)
+        "class_names": dataset.class_names, "latent_dim": hparams.latent_dim,
+        "pixel_normalisation": PIXEL_NORMALISATION,
+        "image": {"height": hparams.height, "width": hparams.width, "channels": hparams.channels},
+        "training_data": {"spec": options.data, "fingerprint": dataset.fingerprint(), "n_train": len(train_set),
+                          "n_val": len(val_set), "val_fraction": options.val_fraction, "split_seed": 0},
+        "training": {"arch": options.arch, "epochs": options.epochs, "seed": options.seed,
+                     "batch_size": options.batch_size, "lr": options.lr, "device": str(device)},
+        "created_at": utc_now()}
+    steps = max(1, len(train_set) // options.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    while epoch < options.epochs:
+        started = time.perf_counter()
+        order = torch.randperm(len(train_set), generator=shuffle).to(device)
+        totals: dict[str, float] = {}
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{options.epochs}", disable=not options.progress, leave=False)
+        for step in bar:
+            batch = order[step * options.batch_size : (step + 1) * options.batch_size]
+            losses = trainer.step(x_train[batch], y_train[batch] if conditional else None)
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value
+            bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in totals.items()})
+        for key, value in totals.items():
+            history.setdefault(f"train_{key}", []).append(value / steps)
+        trainer.refresh_ema_statistics(seed=epoch)
+        for key, value in trainer.validate(x_val, y_val if conditional else None).items():
+            history.setdefault(f"val_{key}", []).append(value)
+        epoch += 1
+        elapsed += time.perf_counter() - started
+        summary = ", ".join(f"{k}={v[-1]:.4g}" for k, v in sorted(history.items()))
+        if options.progress:
+            tqdm.write(f"epoch {epoch}/{options.epochs} ({elapsed:.0f}s): {summary}")
+        _write_logs(out, history, epoch, trainer, grid_latents, columns)
+        if epoch % options.checkpoint_every == 0 or epoch == options.epochs:
+            _save(trainer, out, metadata, epoch, history, shuffle, elapsed)
+    return read_json(out / "card.json")["training"]
+

@@ -1,0 +1,92 @@
+"""What both clients send and how they read the answers, written once: the sync and async clients differ only in
+how they wait for the network."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from synthgen_client.errors import JobFailedError
+
+RETRY_STATUSES = (429, 503)
+FINISHED = ("succeeded", "failed")
+
+
+@dataclass
+class Call:
+    """One API request and the function that turns its answer into a result."""
+
+    method: str
+    path: str
+    json: Any = None
+    parse: Any = field(default=lambda response: response.json())
+
+
+def retry_delay(response: httpx.Response, attempt: int, backoff_s: float) -> float:
+    """Seconds to wait before retrying a 429/503: the server's Retry-After, at least the exponential back-off."""
+    try:
+        after = float(response.headers.get("retry-after", 0))
+    except ValueError:
+        after = 0.0
+    return max(after, backoff_s * 2**attempt)
+
+
+def _arrays(response: httpx.Response) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as arrays:
+        return arrays["images"], arrays["labels"]
+
+
+def models() -> Call:
+    return Call("GET", "/v1/models", parse=lambda response: response.json()["models"])
+
+
+def generate(model: str, n: int, label: str | int | None, seed: int | None, truncation: float,
+             filters: dict[str, Any]) -> Call:
+    body = {"n": n, "label": label, "seed": seed, "truncation": truncation, "format": "npz", **filters}
+    return Call("POST", f"/v1/models/{model}/generate", json=body, parse=_arrays)
+
+
+def submit_job(model: str, request: dict[str, Any]) -> Call:
+    return Call("POST", "/v1/jobs", json={"model": model, **request})
+
+
+def job(job_id: str) -> Call:
+    return Call("GET", f"/v1/jobs/{job_id}")
+
+
+def delete_job(job_id: str) -> Call:
+    return Call("DELETE", f"/v1/jobs/{job_id}", parse=lambda response: None)
+
+
+def check_finished(job: dict[str, Any]) -> dict[str, Any]:
+    if job["state"] != "succeeded":
+        raise JobFailedError(409, f"job {job['id']} {job['state']}: {job.get('error')}")
+    return job
+
+
+def dataset_request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """A job request whose format defaults to the output path's suffix."""
+    return {"format": path.suffix.lstrip(".") or "zip", **request}
+
+
+def part_path(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def range_headers(part: Path) -> tuple[int, dict[str, str]]:
+    """Bytes already downloaded into the part file, and the Range header that asks for the rest."""
+    have = part.stat().st_size if part.exists() else 0
+    return have, ({"Range": f"bytes={have}-"} if have else {})
+
+
+def augment_form(model: str, target_per_class: int, copies_per_image: int, augmentations: dict[str, float] | None,
+                 seed: int, convert: bool, include_originals: bool) -> dict[str, str]:
+    return {"model": model, "target_per_class": str(target_per_class), "copies_per_image": str(copies_per_image),
+            "augmentations": json.dumps(augmentations or {}), "seed": str(seed), "convert": str(convert).lower(),
+            "include_originals": str(include_originals).lower()}

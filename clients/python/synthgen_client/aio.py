@@ -1,0 +1,101 @@
+"""The asynchronous client (the same calls as `Client`, awaited)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from synthgen_client import _calls as calls
+from synthgen_client.errors import error_for
+
+
+class AsyncClient:
+    """A synthgen server, for asyncio code. Answers 429/503 are retried with back-off honouring Retry-After."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 3,
+                 backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                                       transport=transport)
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self, call: calls.Call) -> Any:
+        for attempt in range(self.max_retries + 1):
+            response = await self._http.request(call.method, call.path, json=call.json)
+            if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
+                break
+            await asyncio.sleep(calls.retry_delay(response, attempt, self.backoff_s))
+        if response.status_code >= 400:
+            raise error_for(response)
+        return call.parse(response)
+
+    async def models(self) -> list[dict[str, Any]]:
+        return await self._run(calls.models())
+
+    async def generate(self, model: str, n: int, label: str | int | None = None, seed: int | None = None,
+                       truncation: float = 1.0, **filters: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Samples as numpy arrays: images uint8 `[N, H, W]` (or `[N, H, W, C]`) and labels int64 `[N]`."""
+        return await self._run(calls.generate(model, n, label, seed, truncation, filters))
+
+    async def submit_job(self, model: str, **request: Any) -> dict[str, Any]:
+        return await self._run(calls.submit_job(model, request))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self._run(calls.job(job_id))
+
+    async def delete_job(self, job_id: str) -> None:
+        await self._run(calls.delete_job(job_id))
+
+    async def wait(self, job_id: str, poll_s: float = 0.5, timeout_s: float | None = None) -> dict[str, Any]:
+        """Poll until the job has finished; raises JobFailedError if it failed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = await self.job(job_id)
+        while job["state"] not in calls.FINISHED:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+            job = await self.job(job_id)
+        return calls.check_finished(job)
+
+    async def download(self, job_id: str, path: str | Path, progress: bool = False) -> Path:
+        """Download a finished job's archive; an interrupted download resumes from `PATH.part` with Range."""
+        path = Path(path)
+        part = calls.part_path(path)
+        have, headers = calls.range_headers(part)
+        async with self._http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as response:
+            if response.status_code != 416:  # 416: the part file is already complete
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_for(response)
+                have = have if response.status_code == 206 else 0
+                total = have + int(response.headers.get("content-length", 0))
+                with part.open("ab" if have else "wb") as out, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=path.name,
+                        disable=not progress) as bar:
+                    async for chunk in response.aiter_bytes():
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        part.replace(path)
+        return path
+
+    async def download_dataset(self, model: str, path: str | Path, **request: Any) -> Path:
+        """Generate a dataset as a server-side job, then download it (resumable)."""
+        path = Path(path)
+        job = await self.submit_job(model, **calls.dataset_request(path, request))
+        await self.wait(job["id"])
+        return await self.download(job["id"], path)

@@ -1,0 +1,121 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from synthgen_client import _calls as calls
+from synthgen_client.errors import error_for
+
+
+class Client:
+    """A synthgen server. Answers 429/503 are retried `max_retries` times with back-off honouring Retry-After."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 3,
+                 backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, call: calls.Call) -> Any:
+        for attempt in range(self.max_retries + 1):
+            response = self._http.request(call.method, call.path, json=call.json)
+            if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
+                break
+            time.sleep(calls.retry_delay(response, attempt, self.backoff_s))
+        if response.status_code >= 400:
+            raise error_for(response)
+        return call.parse(response)
+
+    def _stream_to(self, response: httpx.Response, out: Any, total: int, initial: int, name: str,
+                   progress: bool) -> None:
+        if response.status_code >= 400:
+            response.read()
+            raise error_for(response)
+        with tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                bar.update(len(chunk))
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._run(calls.models())
+
+    def generate(self, model: str, n: int, label: str | int | None = None, seed: int | None = None,
+                 truncation: float = 1.0, **filters: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Samples as numpy arrays: images uint8 `[N, H, W]` (or `[N, H, W, C]`) and labels int64 `[N]`."""
+        return self._run(calls.generate(model, n, label, seed, truncation, filters))
+
+    def submit_job(self, model: str, **request: Any) -> dict[str, Any]:
+        """Queue a dataset job (per_class or n, seed, format, filters); returns the job."""
+        return self._run(calls.submit_job(model, request))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._run(calls.job(job_id))
+
+    def delete_job(self, job_id: str) -> None:
+        """Cancel a job and delete it and its result."""
+        self._run(calls.delete_job(job_id))
+
+    def wait(self, job_id: str, poll_s: float = 0.5, timeout_s: float | None = None,
+             progress: bool = True) -> dict[str, Any]:
+        """Poll until the job has finished; raises JobFailedError if it failed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = self.job(job_id)
+        with tqdm(total=job["total"], unit="sample", desc="generating", disable=not progress) as bar:
+            while job["state"] not in calls.FINISHED:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s} s")
+                time.sleep(poll_s)
+                job = self.job(job_id)
+                bar.update(job["done"] - bar.n)
+        return calls.check_finished(job)
+
+    def download(self, job_id: str, path: str | Path, progress: bool = True) -> Path:
+        """Download a finished job's archive; an interrupted download resumes from `PATH.part` with Range."""
+        path = Path(path)
+        part = calls.part_path(path)
+        have, headers = calls.range_headers(part)
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as response:
+            if response.status_code != 416:  # 416: the part file is already complete
+                have = have if response.status_code == 206 else 0
+                with part.open("ab" if have else "wb") as out:
+                    total = have + int(response.headers.get("content-length", 0))
+                    self._stream_to(response, out, total, have, path.name, progress)
+        part.replace(path)
+        return path
+
+    def download_dataset(self, model: str, path: str | Path, progress: bool = True, **request: Any) -> Path:
+        """Generate a dataset as a server-side job, then download it (resumable). `request`: per_class or n,
+        seed, format (default from the path's suffix), min_confidence, max_similarity, truncation, label."""
+        path = Path(path)
+        job = self.submit_job(model, **calls.dataset_request(path, request))
+        self.wait(job["id"], progress=progress)
+        return self.download(job["id"], path, progress=progress)
+
+    def augment(self, path_in: str | Path, path_out: str | Path, model: str, target_per_class: int = 0,
+                copies_per_image: int = 0, augmentations: dict[str, float] | None = None, seed: int = 0,
+                convert: bool = False, include_originals: bool = True, progress: bool = False) -> Path:
+        """Upload a dataset zip and save the augmented zip."""
+        form = calls.augment_form(model, target_per_class, copies_per_image, augmentations, seed, convert,
+                                  include_originals)
+        path_out = Path(path_out)
+        with Path(path_in).open("rb") as upload, self._http.stream(
+                "POST", "/v1/augment", data=form, files={"dataset": (Path(path_in).name, upload)}) as response, \
+                path_out.open("wb") as out:
+            self._stream_to(response, out, 0, 0, path_out.name, progress)
+        return path_out

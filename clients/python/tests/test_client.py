@@ -1,0 +1,103 @@
+"""The synchronous and asynchronous clients against a real server; retries against a scripted transport."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from synthgen_client import AsyncClient, Client, InvalidRequestError, NotFoundError, OverloadedError
+from synthgen_client.cli import main
+
+
+def test_installs_without_torch() -> None:
+    assert "torch" not in sys.modules
+    with pytest.raises(ImportError):
+        import torch  # noqa: F401
+
+
+def test_generate_and_typed_errors(url: str) -> None:
+    with Client(url) as client:
+        assert [m["name"] for m in client.models()] == ["digits-gan", "digits-vae"]
+        images, labels = client.generate("digits-gan", n=5, label=2, seed=1)
+        assert images.shape == (5, 8, 8) and images.dtype == np.uint8 and labels.tolist() == [2] * 5
+        again, _ = client.generate("digits-gan", n=5, label=2, seed=1)
+        assert np.array_equal(images, again)
+        with pytest.raises(InvalidRequestError, match="unknown label") as refused:
+            client.generate("digits-gan", n=1, label="cat")
+        assert refused.value.status == 422 and len(refused.value.request_id) >= 8
+        with pytest.raises(NotFoundError):
+            client.generate("no-such-model", n=1)
+
+
+def test_dataset_job_download_resumes(url: str, tmp_path: Path) -> None:
+    with Client(url) as client:
+        path = client.download_dataset("digits-gan", tmp_path / "d.zip", per_class=20, seed=3, progress=False)
+        with zipfile.ZipFile(path) as archive:
+            assert sum(name.endswith(".png") for name in archive.namelist()) == 200
+        # an interrupted download resumes: keep the first 1,000 bytes as a .part file and download again
+        job = client.submit_job("digits-gan", per_class=20, seed=3)
+        client.wait(job["id"], progress=False)
+        whole = client.download(job["id"], tmp_path / "whole.zip", progress=False).read_bytes()
+        (tmp_path / "r.zip.part").write_bytes(whole[:1000])
+        assert client.download(job["id"], tmp_path / "r.zip", progress=False).read_bytes() == whole
+        client.delete_job(job["id"])
+        with pytest.raises(NotFoundError):
+            client.job(job["id"])
+
+
+def test_augment(url: str, tmp_path: Path) -> None:
+    with Client(url) as client:
+        source = client.download_dataset("digits-gan", tmp_path / "d.zip", per_class=4, seed=3, progress=False)
+        upload = tmp_path / "upload.zip"
+        with zipfile.ZipFile(source) as archive, zipfile.ZipFile(upload, "w") as small:
+            for name in [n for n in archive.namelist() if n.startswith(("3/", "5/"))]:
+                small.writestr(name, archive.read(name))
+        out = client.augment(upload, tmp_path / "augmented.zip", "digits-gan", target_per_class=10)
+        with zipfile.ZipFile(out) as archive:
+            assert sum(name.endswith(".png") for name in archive.namelist()) == 20
+
+
+@pytest.mark.anyio
+async def test_async_client(url: str, tmp_path: Path) -> None:
+    async with AsyncClient(url) as client:
+        results = await asyncio.gather(*(client.generate("digits-vae", n=3, seed=seed) for seed in range(4)))
+        assert [images.shape for images, _ in results] == [(3, 8, 8)] * 4
+        path = await client.download_dataset("digits-vae", tmp_path / "v.npz", n=7, seed=2)
+        with np.load(path) as arrays:
+            assert arrays["images"].shape == (7, 8, 8)
+
+
+def test_dataset_command(url: str, tmp_path: Path) -> None:
+    assert main(["dataset", "--server", url, "--model", "digits-vae", "--n", "7", "--seed", "2",
+                 "--out", str(tmp_path / "v.npz")]) == 0
+    with np.load(tmp_path / "v.npz") as arrays:
+        assert arrays["images"].shape == (7, 8, 8)
+    assert main(["dataset", "--server", url, "--model", "digits-vae", "--out", str(tmp_path / "x.zip")]) == 2
+
+
+def _npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, images=np.zeros((1, 2, 2), np.uint8), labels=np.zeros(1, np.int64))
+    return buffer.getvalue()
+
+
+def test_retries_honour_retry_after_then_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("synthgen_client.sync.time.sleep", waits.append)
+    answers = [httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": "busy", "request_id": "r1"}),
+               httpx.Response(429, json={"detail": "slow down", "request_id": "r2"}),
+               httpx.Response(200, content=_npz())]
+    with Client("http://test", transport=httpx.MockTransport(lambda request: answers.pop(0)), backoff_s=0.5) as client:
+        images, _ = client.generate("m", n=1)
+    assert images.shape == (1, 2, 2) and waits == [2.0, 1.0]  # Retry-After, then back-off 0.5·2¹
+    busy = httpx.MockTransport(lambda request: httpx.Response(503, json={"detail": "busy", "request_id": "r3"}))
+    with Client("http://test", transport=busy, max_retries=2) as client, pytest.raises(OverloadedError) as error:
+        client.generate("m", n=1)
+    assert error.value.detail == "busy" and error.value.request_id == "r3" and len(waits) == 4
