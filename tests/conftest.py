@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny models trained on scikit-learn's 8×8 digits, and paths to the real data."""
+"""Shared fixtures: tiny models trained on scikit-learn's 8×8 digits, a fault-injecting model, the app behind
+ASGITransport and a real server process."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,9 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from asgi_lifespan import LifespanManager
 
 from app.api.app import create_app
+from app.core.checkpoint import register
+from app.core.nets import ConditionalGAN
 from app.ml.training import TrainOptions, train
 from app.settings import Settings
 
@@ -128,3 +133,30 @@ def server(tmp_path: Path, tiny_gan: Path, tiny_vae: Path, server_env: dict[str,
         assert process.returncode in (0, -15), output
 
 
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: what a dying worker thread raises (the batcher's per-batch error handling cannot catch it)."""
+
+
+@register
+class FaultyGAN(ConditionalGAN):
+    """A GAN that fails on purpose: a batch holding label 3 raises (a failed forward pass), label 4 kills the
+    worker."""
+
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is not None and bool((labels == 3).any()):
+            raise RuntimeError("injected fault")
+        if labels is not None and bool((labels == 4).any()):
+            raise WorkerKilled("injected death")
+        return super().generate(z, labels)
+
+
+@pytest.fixture
+def faulty_models_dir(models_dir: Path) -> Path:
+    """`models_dir` plus `faulty-gan`: the tiny GAN's weights under the FaultyGAN architecture."""
+    folder = models_dir / "faulty-gan"
+    shutil.copytree(models_dir / "digits-gan", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "class_name": "FaultyGAN"}))
+    return models_dir

@@ -162,6 +162,12 @@ class MicroBatcher:
         if not pending.future.done():
             pending.future.cancel()
 
+    def _fail(self, slices: list[_Slice], error: Exception) -> None:
+        for pending in {id(s.pending): s.pending for s in slices}.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+            self._withdraw(pending)
+
     def _set_queued(self, value: int) -> None:
         self._queued = value
         self._observer.queued(value)
@@ -223,13 +229,13 @@ class MicroBatcher:
             try:
                 images = await loop.run_in_executor(self._executor, self._run_batch, z, labels, truncation)
             except Exception as exc:  # the forward pass failed: only this batch's requests fail
-                failure = ModelFailureError(f"the model's forward pass failed ({type(exc).__name__}: {exc}); "
-                                            "other requests are not affected, retrying may succeed")
-                for pending in {id(s.pending): s.pending for s in slices}.values():
-                    if not pending.future.done():
-                        pending.future.set_exception(failure)
-                    self._withdraw(pending)
+                self._fail(slices, ModelFailureError(f"the model's forward pass failed ({type(exc).__name__}: {exc}); "
+                                                     "other requests are not affected, retrying may succeed"))
                 continue
+            except BaseException:  # stopped, or the worker itself died: its batch must not wait forever
+                self._fail(slices, OverloadedError("the model's worker stopped while the request ran; retry",
+                                                   retry_after_s=1))
+                raise
             self._last_batch_requests = len({id(s.pending) for s in slices})
             self.stats.forward_passes += 1
             self.stats.samples += len(z)

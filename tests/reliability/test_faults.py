@@ -15,19 +15,18 @@ from tests.conftest import ROOT, rss_mb, serve
 pytestmark = pytest.mark.anyio
 
 
-async def test_dead_worker_is_reported_and_restarted(models_dir: Path) -> None:
-    async with serve(models_dir) as client:
-        batcher = client.app.state.repository.entries["digits-gan"].batcher  # type: ignore[attr-defined]
-        batcher._task.cancel()  # the worker dies
-        await asyncio.sleep(0)
+async def test_dead_worker_is_reported_and_restarted(faulty_models_dir: Path) -> None:
+    async with serve(faulty_models_dir) as client:
+        killed = await client.post("/v1/models/faulty-gan/generate", json={"n": 3, "label": 4})  # the worker dies
+        assert killed.status_code == 503 and "worker stopped" in killed.json()["detail"]  # its batch did not hang
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and "model digits-gan: worker not running" in ready.json()["problems"]
+        assert ready.status_code == 503 and "model faulty-gan: worker not running" in ready.json()["problems"]
         for _ in range(50):  # the supervisor restarts it within about a second
             if (await client.get("/readyz")).status_code == 200:
                 break
             await asyncio.sleep(0.1)
         assert (await client.get("/readyz")).status_code == 200
-        assert (await client.post("/v1/models/digits-gan/generate", json={"n": 3})).status_code == 200
+        assert (await client.post("/v1/models/faulty-gan/generate", json={"n": 3, "label": 1})).status_code == 200
 
 
 async def test_overload_answers_only_200_503_504_and_recovers(models_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -14,9 +15,27 @@ def upsampling_steps(height: int, width: int) -> int:
     return max(1, min(4, int(math.log2(max(min(height, width), 4) / 4))))
 
 
+@dataclass
+class SyntheticConfig:
+    """What every generative network's hyper-parameters hold: the image size, the classes (0: unconditional), the
+    latent size and the number of ×2 upsampling stages (0: derived from the image size)."""
+
+    height: int
+    width: int
+    channels: int
+    num_classes: int
+    latent_dim: int = 64
+    n_up: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.n_up:
+            self.n_up = upsampling_steps(self.height, self.width)
+
+
 class SyntheticNet(Checkpointable):
-    """A generative network: latents (+ labels) → images in [-1, 1]. Its `cfg` has `height`, `width`, `channels`,
-    `num_classes` and `latent_dim`."""
+    """A generative network: latents (+ labels) → images in [-1, 1]; its `cfg` is a `SyntheticConfig`."""
+
+    cfg: SyntheticConfig
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Latents `[N, latent_dim]` (+ labels `[N]`) → images `[N, C, H, W]` in [-1, 1]."""

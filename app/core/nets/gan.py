@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from app.core.checkpoint import register
-from app.core.nets.base import SyntheticNet, upsampling_steps
+from app.core.nets.base import SyntheticConfig, SyntheticNet
 
 
 @dataclass
-class GanConfig:
+class GanConfig(SyntheticConfig):
     """Hyper-parameters of a (conditional) GAN; `num_classes == 0` makes it unconditional."""
 
-    height: int
-    width: int
-    channels: int
-    num_classes: int
-    latent_dim: int = 64
     g_channels: int = 32
     d_channels: int = 32
     embed_dim: int = 32
     aux_classifier: bool = True
-    n_up: int = field(default=0)
-
-    def __post_init__(self) -> None:
-        if not self.n_up:
-            self.n_up = upsampling_steps(self.height, self.width)
 
 
 class Generator(nn.Module):

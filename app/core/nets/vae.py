@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -12,25 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.core.checkpoint import register
-from app.core.nets.base import SyntheticNet, upsampling_steps
+from app.core.nets.base import SyntheticConfig, SyntheticNet
 
 
 @dataclass
-class VaeConfig:
+class VaeConfig(SyntheticConfig):
     """Hyper-parameters of a (conditional) VAE; `num_classes == 0` makes it unconditional."""
 
-    height: int
-    width: int
-    channels: int
-    num_classes: int
     latent_dim: int = 16
     base_channels: int = 32
     beta: float = 1.0
-    n_up: int = field(default=0)
-
-    def __post_init__(self) -> None:
-        if not self.n_up:
-            self.n_up = upsampling_steps(self.height, self.width)
 
     @property
     def widths(self) -> list[int]:

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from app.core.nets import Classifier
-from app.engine.augment import AugmentSpec, augment_image
 from app.ml.datasets import load_dataset
 from app.ml.evaluation import predict
 from tests.conftest import MNIST, copy_shipped, serve
+from tests.helpers import png_bytes, zip_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -28,27 +28,13 @@ def shipped(tmp_path: Path) -> Path:
     return copy_shipped(tmp_path, "mnist-cgan")
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 def _small_mnist_upload(per_class: int) -> bytes:
     digits = load_dataset(f"{MNIST}#7000:8000")
     members = {}
     for label in range(10):
         for i, index in enumerate(np.flatnonzero(digits.labels == label)[:per_class]):
-            members[f"upload/{label}/{i}.png"] = _png(digits.images[index, ..., 0])
-    return _zip(members)
+            members[f"upload/{label}/{i}.png"] = png_bytes(digits.images[index, ..., 0])
+    return zip_bytes(members)
 
 
 async def test_augment_fills_every_class_to_the_target(shipped: Path) -> None:
@@ -73,7 +59,8 @@ async def test_augment_fills_every_class_to_the_target(shipped: Path) -> None:
 
 
 async def test_unknown_classes_are_reported_not_guessed(shipped: Path) -> None:
-    upload = _zip({"7/a.png": _png(np.zeros((28, 28), np.uint8)), "cat/b.png": _png(np.zeros((28, 28), np.uint8))})
+    blank = png_bytes(np.zeros((28, 28), np.uint8))
+    upload = zip_bytes({"7/a.png": blank, "cat/b.png": blank})
     async with serve(shipped) as client:
         response = await client.post("/v1/augment", files={"dataset": ("d.zip", upload)},
                                      data={"model": "mnist-cgan", "target_per_class": "3"})
@@ -83,7 +70,8 @@ async def test_unknown_classes_are_reported_not_guessed(shipped: Path) -> None:
 
 
 async def test_flat_upload_with_labels_csv(shipped: Path) -> None:
-    upload = _zip({"x.png": _png(np.zeros((28, 28), np.uint8)), "labels.csv": b"file_name,class_name\nx.png,4\n"})
+    blank = png_bytes(np.zeros((28, 28), np.uint8))
+    upload = zip_bytes({"x.png": blank, "labels.csv": b"file_name,class_name\nx.png,4\n"})
     async with serve(shipped) as client:
         response = await client.post("/v1/augment", files={"dataset": ("d.zip", upload)},
                                      data={"model": "mnist-cgan", "copies_per_image": "1"})
@@ -100,24 +88,24 @@ def _symlink_zip() -> bytes:
     return buffer.getvalue()
 
 
-PNG = _png(np.zeros((28, 28), np.uint8))
+PNG = png_bytes(np.zeros((28, 28), np.uint8))
 HOSTILE = {
-    "zip slip": (_zip({"../../evil/3/x.png": PNG}), 422, "unsafe member name"),
-    "absolute path": (_zip({"/tmp/3/x.png": PNG}), 422, "unsafe member name"),
+    "zip slip": (zip_bytes({"../../evil/3/x.png": PNG}), 422, "unsafe member name"),
+    "absolute path": (zip_bytes({"/tmp/3/x.png": PNG}), 422, "unsafe member name"),
     "symlink": (_symlink_zip(), 422, "symbolic link"),
-    "zip bomb": (_zip({"3/bomb.png": b"\0" * 5_000_000}, zipfile.ZIP_DEFLATED), 422, "zip bombs are refused"),
-    "zip bomb past the total": (_zip({"3/bomb.png": b"\0" * 5_000_000}, zipfile.ZIP_DEFLATED), 422,
+    "zip bomb": (zip_bytes({"3/bomb.png": b"\0" * 5_000_000}, zipfile.ZIP_DEFLATED), 422, "zip bombs are refused"),
+    "zip bomb past the total": (zip_bytes({"3/bomb.png": b"\0" * 5_000_000}, zipfile.ZIP_DEFLATED), 422,
                                 "more than the limit of 1000000"),
-    "too many files": (_zip({f"3/{i}.png": PNG for i in range(30)}), 422, "over the limit of 20"),
-    "decompressed size": (_zip({f"3/{i}.png": np.random.default_rng(i).bytes(400_000) for i in range(4)}), 422,
+    "too many files": (zip_bytes({f"3/{i}.png": PNG for i in range(30)}), 422, "over the limit of 20"),
+    "decompressed size": (zip_bytes({f"3/{i}.png": np.random.default_rng(i).bytes(400_000) for i in range(4)}), 422,
                           "more than the limit"),
-    "huge image": (_zip({"3/big.png": _png(np.zeros((300, 300), np.uint8))}), 422, "over the limit of 10000"),
-    "non-image": (_zip({"3/notes.txt": b"hello"}), 422, "not an image"),
-    "corrupt image": (_zip({"3/x.png": b"\x89PNG\r\n\x1a\nbroken"}), 422, "not a readable PNG/JPEG"),
-    "nested zip": (_zip({"3/inner.zip": _zip({"3/x.png": PNG})}), 422, "nested archives"),
-    "empty class": (_zip({"3/x.png": PNG, "4/": b""}), 422, "hold no images"),
+    "huge image": (zip_bytes({"3/big.png": png_bytes(np.zeros((300, 300), np.uint8))}), 422, "over the limit of 10000"),
+    "non-image": (zip_bytes({"3/notes.txt": b"hello"}), 422, "not an image"),
+    "corrupt image": (zip_bytes({"3/x.png": b"\x89PNG\r\n\x1a\nbroken"}), 422, "not a readable PNG/JPEG"),
+    "nested zip": (zip_bytes({"3/inner.zip": zip_bytes({"3/x.png": PNG})}), 422, "nested archives"),
+    "empty class": (zip_bytes({"3/x.png": PNG, "4/": b""}), 422, "hold no images"),
     "not a zip": (b"PK\x03\x04 this is not really a zip", 422, "not a readable zip"),
-    "wrong size": (_zip({"3/x.png": _png(np.zeros((20, 20), np.uint8))}), 422, "convert=true"),
+    "wrong size": (zip_bytes({"3/x.png": png_bytes(np.zeros((20, 20), np.uint8))}), 422, "convert=true"),
 }
 
 
@@ -143,17 +131,6 @@ async def test_oversized_upload_gets_413(shipped: Path) -> None:
 
 async def test_bad_augmentations_json(shipped: Path) -> None:
     async with serve(shipped) as client:
-        response = await client.post("/v1/augment", files={"dataset": ("d.zip", _zip({"3/x.png": PNG}))},
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", zip_bytes({"3/x.png": PNG}))},
                                      data={"model": "mnist-cgan", "augmentations": '{"rotation": 400}'})
     assert response.status_code == 422 and "rotation" in response.json()["detail"]
-
-
-def test_augment_image_is_seeded_and_keeps_shape() -> None:
-    image = np.zeros((28, 28, 1), np.uint8)
-    image[10:18, 12:16] = 255
-    spec = AugmentSpec(flip=0.5, rotation=20, translate=0.1, scale=0.1, brightness=0.2, contrast=0.2, noise=0.05)
-    first = augment_image(image, np.random.default_rng([1, 2]), spec)
-    assert first.shape == image.shape and first.dtype == np.uint8
-    assert np.array_equal(first, augment_image(image, np.random.default_rng([1, 2]), spec))
-    assert not np.array_equal(first, image)
-    assert np.array_equal(augment_image(image, np.random.default_rng(0), AugmentSpec()), image)

@@ -1,26 +1,19 @@
 import gzip
-import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from app.errors import DataError
 from app.ml.datasets import ImageDataset, load_dataset, read_idx
 from tests.conftest import MNIST
+from tests.helpers import png_bytes
 
 
 def _idx(array: np.ndarray, magic_type: int = 0x08) -> bytes:
     header = bytes([0, 0, magic_type, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     return header + array.astype(np.uint8).tobytes()
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -76,7 +69,7 @@ def _make_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (6
     for name, count in classes.items():
         (root / name).mkdir(parents=True)
         for i in range(count):
-            (root / name / f"{i}.png").write_bytes(_png(np.full(size, 40 * i, np.uint8)))
+            (root / name / f"{i}.png").write_bytes(png_bytes(np.full(size, 40 * i, np.uint8)))
 
 
 def test_image_folder_directory_and_zip(tmp_path: Path) -> None:
@@ -94,7 +87,7 @@ def test_image_folder_directory_and_zip(tmp_path: Path) -> None:
 
 def test_image_folder_rgb(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.png").write_bytes(_png(np.zeros((4, 5, 3), np.uint8)))
+    (tmp_path / "a" / "x.png").write_bytes(png_bytes(np.zeros((4, 5, 3), np.uint8)))
     assert load_dataset(str(tmp_path)).images.shape == (1, 4, 5, 3)
 
 
@@ -104,7 +97,7 @@ def test_image_folder_rgb(tmp_path: Path) -> None:
         (lambda root: (root / "a" / "notes.txt").write_text("hi"), "not an image"),
         (lambda root: (root / "empty").mkdir(), "holds no images"),
         (lambda root: (root / "a" / "bad.png").write_bytes(b"\x89PNG garbage"), "not a readable"),
-        (lambda root: (root / "a" / "big.png").write_bytes(_png(np.zeros((9, 9), np.uint8))), "differs"),
+        (lambda root: (root / "a" / "big.png").write_bytes(png_bytes(np.zeros((9, 9), np.uint8))), "differs"),
     ],
 )
 def test_image_folder_bad(tmp_path: Path, setup, message: str) -> None:
@@ -118,7 +111,7 @@ def test_image_folder_bad(tmp_path: Path, setup, message: str) -> None:
                                                ("a/readme.md", "not an image")])
 def test_zip_bad_members(tmp_path: Path, name: str, message: str) -> None:
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as archive:
-        archive.writestr("a/0.png", _png(np.zeros((4, 4), np.uint8)))
+        archive.writestr("a/0.png", png_bytes(np.zeros((4, 4), np.uint8)))
         archive.writestr(name, b"data")
     with pytest.raises(DataError, match=message):
         load_dataset(str(tmp_path / "d.zip"))
@@ -126,7 +119,7 @@ def test_zip_bad_members(tmp_path: Path, name: str, message: str) -> None:
 
 def test_zip_empty_class_and_not_a_zip(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as archive:
-        archive.writestr("a/0.png", _png(np.zeros((4, 4), np.uint8)))
+        archive.writestr("a/0.png", png_bytes(np.zeros((4, 4), np.uint8)))
         archive.writestr("b/", b"")
     with pytest.raises(DataError, match="'b' holds no images"):
         load_dataset(str(tmp_path / "d.zip"))

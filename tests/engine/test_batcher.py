@@ -115,26 +115,3 @@ async def test_failure_fails_only_that_batch(make_batcher) -> None:
         await batcher.submit(*latents(2, -10))
     assert (await batcher.submit(*latents(2))).ravel().tolist() == [0, 1]
     assert batcher.running
-
-
-def test_batches_are_padded_to_a_few_shapes_and_trimmed() -> None:
-    from app.engine.forward import bucket, forward_pass
-
-    assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 256)] == [1, 2, 4, 8, 64, 128, 256]
-    seen: list[int] = []
-
-    class Net:  # the smallest stand-in render() needs: records the batch it was given
-        def generate(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            seen.append(len(z))
-            return torch.tanh(z[:, :1, None, None])
-
-    class Model:
-        device = torch.device("cpu")
-        num_classes = 10
-        image_shape = (1, 1, 1)
-        net = Net()
-
-    run = forward_pass(Model(), torch.float32)
-    z, labels = latents(5, 0.0)
-    out = run(z / 10, labels, torch.ones(5))
-    assert seen == [8] and len(out) == 5  # one forward pass of 8, five answers

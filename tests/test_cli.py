@@ -1,3 +1,5 @@
+"""The `synthgen` command line: generate (npz, zip, directory, grid), argument errors, and `dataset`."""
+
 import csv
 import io
 import json
@@ -9,8 +11,6 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from app.core.model import load_model
-from app.core.sampling import sample
 from app.ml.datasets import load_dataset
 
 
@@ -33,15 +33,6 @@ def test_same_command_same_bytes(tiny_vae: Path, tmp_path: Path) -> None:
         assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()
     assert _generate(tiny_vae, tmp_path / "c.npz", "--n", "12", "--seed", "8") == 0
     assert (tmp_path / "c.npz").read_bytes() != (tmp_path / "a.npz").read_bytes()
-
-
-def test_sample_is_a_function_of_seed_and_index(tiny_gan: Path) -> None:
-    model = load_model(tiny_gan)
-    short, short_labels = sample(model, 11, [None] * 4)
-    long, long_labels = sample(model, 11, [None] * 9)
-    assert np.array_equal(short, long[:4]) and np.array_equal(short_labels, long_labels[:4])
-    tail, _ = sample(model, 11, list(long_labels[4:]), start_index=4)
-    assert np.array_equal(tail, long[4:])
 
 
 def test_zip_and_directory_layout(tiny_gan: Path, tmp_path: Path) -> None:
@@ -81,3 +72,10 @@ def test_bad_arguments_exit_cleanly(tiny_gan: Path, tmp_path: Path, capsys, args
 def test_bad_model_folder_exits_cleanly(tmp_path: Path, capsys) -> None:
     assert _generate(tmp_path / "nope", tmp_path / "x.npz", "--n", "1") == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+def test_dataset_command_is_the_clients(server: tuple[str, int], tmp_path: Path) -> None:
+    url, _ = server
+    assert main(["dataset", "--server", url, "--model", "digits-gan", "--per-class", "2", "--seed", "1",
+                 "--out", str(tmp_path / "d.zip")]) == 0
+    assert load_dataset(str(tmp_path / "d.zip")).labels.tolist() == [i // 2 for i in range(20)]

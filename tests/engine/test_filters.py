@@ -3,6 +3,7 @@ stay reproducible from their reported indices."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import zipfile
@@ -59,8 +60,11 @@ async def test_filters_in_a_dataset_export(shipped: Path) -> None:
     with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
         manifest = json.loads(archive.read("manifest.json"))
         pngs = [n for n in archive.namelist() if n.endswith(".png")]
+        rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode())))
     assert len(pngs) == 100 and manifest["counts"] == {str(i): 10 for i in range(10)}
-    assert manifest["filters"]["min_confidence"] == 0.9 and manifest["filters"]["rejected"]["min_confidence"] >= 0
+    rejected = sum(manifest["filters"]["rejected"].values())
+    replaced = sum(int(row["index"]) >= 100 for row in rows)  # a slot whose first candidate was rejected
+    assert manifest["filters"]["min_confidence"] == 0.9 and (rejected > 0) == (replaced > 0) and rejected >= replaced
 
 
 async def test_unfillable_filters_fail_with_422_not_a_loop(shipped: Path) -> None:

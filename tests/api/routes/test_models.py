@@ -1,0 +1,58 @@
+"""The model repository over HTTP: list, describe, load, reload and unload."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_unknown_and_invalid_model_names(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        missing = await client.post("/v1/models/nope/generate", json={"n": 1})
+        assert missing.status_code == 404 and "GET /v1/models" in missing.json()["detail"]
+        bad = await client.get("/v1/models/..%2F..%2Fetc")
+        assert bad.status_code == 404 and bad.json()["detail"] == "Not Found"  # no route: the name never reaches disk
+        dotted = await client.get("/v1/models/a..b")
+        assert dotted.status_code == 422 and "invalid model name" in dotted.json()["detail"]
+
+async def test_models_listing_and_detail(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        listing = (await client.get("/v1/models")).json()["models"]
+        assert [m["name"] for m in listing] == ["digits-gan", "digits-vae"]
+        gan = listing[0]
+        assert gan["kind"] == "gan" and gan["status"] == "ready" and gan["height"] == 8 and gan["channels"] == 1
+        assert gan["class_names"] == [str(i) for i in range(10)] and gan["device"] == "cpu"
+        detail = (await client.get("/v1/models/digits-vae")).json()
+        assert detail["config"]["class_name"] == "ConditionalVAE" and "training" in detail["card"]
+
+async def test_broken_model_does_not_stop_the_others_and_reload(models_dir: Path) -> None:
+    broken = models_dir / "broken"
+    shutil.copytree(models_dir / "digits-gan", broken)
+    (broken / "generator.safetensors").write_bytes(b"garbage")
+    async with serve(models_dir) as client:
+        listing = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        assert listing["broken"]["status"] == "failed"
+        assert "generator.safetensors" in listing["broken"]["error"]
+        assert (await client.post("/v1/models/digits-gan/generate", json={"n": 2})).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and any("broken" in p for p in ready.json()["problems"])
+        refused = await client.post("/v1/models/broken/generate", json={"n": 1})
+        assert refused.status_code == 409 and "failed" in refused.json()["detail"]
+        reload = await client.post("/v1/models/broken/load")
+        assert reload.status_code == 409 and "generator.safetensors" in reload.json()["detail"]
+        shutil.copy(models_dir / "digits-gan" / "generator.safetensors", broken / "generator.safetensors")
+        assert (await client.post("/v1/models/broken/load")).json()["status"] == "ready"
+        assert (await client.get("/readyz")).status_code == 200
+
+async def test_failed_reload_keeps_serving_the_old_version(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        (models_dir / "digits-vae" / "decoder.safetensors").write_bytes(b"truncated")
+        reload = await client.post("/v1/models/digits-vae/load")
+        assert reload.status_code == 409 and "still serving" in reload.json()["detail"]
+        assert (await client.post("/v1/models/digits-vae/generate", json={"n": 2})).status_code == 200

@@ -1,0 +1,43 @@
+"""VAE operations over HTTP: reconstruct, interpolate, inpaint; GANs refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import serve
+from tests.helpers import npz_arrays, png_bytes
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_vae_routes(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        images, _ = npz_arrays(await client.post("/v1/models/digits-vae/generate",
+                                           json={"n": 3, "seed": 2, "label": 5, "format": "npz"}))
+        files = [("files", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(images)]
+        recon, labels = npz_arrays(await client.post("/v1/models/digits-vae/reconstruct", files=files,
+                                               data={"format": "npz", "labels": "5"}))
+        assert recon.shape == (3, 8, 8) and labels.tolist() == [5, 5, 5]
+        inferred = await client.post("/v1/models/digits-vae/reconstruct", files=files, data={"format": "json"})
+        assert len(inferred.json()["samples"]) == 3
+        path, _ = npz_arrays(await client.post("/v1/models/digits-vae/interpolate",
+                                         json={"seed_a": 0, "seed_b": 1, "label_a": 3, "label_b": 8, "steps": 5,
+                                               "format": "npz"}))
+        assert path.shape == (5, 8, 8)
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, 4:] = 255
+        filled, _ = npz_arrays(await client.post("/v1/models/digits-vae/inpaint", data={"format": "npz", "label": "5"},
+                                           files={"image": ("x.png", png_bytes(images[0]), "image/png"),
+                                                  "mask": ("m.png", png_bytes(mask), "image/png")}))
+        assert np.array_equal(filled[0][:, :4], images[0][:, :4])  # known pixels are kept
+        gan = await client.post("/v1/models/digits-gan/interpolate", json={"steps": 3})
+        assert gan.status_code == 409 and "need a VAE" in gan.json()["detail"]
+        big = await client.post("/v1/models/digits-vae/reconstruct",
+                                files=[("files", ("big.png", png_bytes(np.zeros((9, 9), np.uint8)), "image/png"))])
+        assert big.status_code == 422 and "convert=true" in big.json()["detail"]
+        junk = await client.post("/v1/models/digits-vae/reconstruct",
+                                 files=[("files", ("a.png", b"nope", "image/png"))])
+        assert junk.status_code == 422 and "not a readable" in junk.json()["detail"]

@@ -1,0 +1,33 @@
+"""The application as a whole: API keys on every /v1 route, the OpenAPI document and the local Swagger UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import serve
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_api_keys(models_dir: Path) -> None:
+    key = "k" * 20
+    async with serve(models_dir, api_keys=[key]) as client:
+        missing = await client.get("/v1/models")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 403
+        assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200  # probes stay open
+
+async def test_openapi_documents_every_route(models_dir: Path) -> None:
+    async with serve(models_dir) as client:
+        schema = (await client.get("/openapi.json")).json()
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                assert operation.get("summary") and operation.get("description"), (method, path)
+        generate = schema["paths"]["/v1/models/{name}/generate"]["post"]
+        assert "image/png" in generate["responses"]["200"]["content"]
+        docs = await client.get("/docs")
+        assert docs.status_code == 200 and "cdn" not in docs.text  # Swagger UI is served locally (no internet needed)
+        assert (await client.get("/static/swagger-ui/swagger-ui-bundle.js")).status_code == 200

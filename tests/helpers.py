@@ -1,0 +1,39 @@
+"""Helpers shared by the tests: decoding answers, encoding images, reading metrics, building zips."""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def npz_arrays(response: httpx.Response) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a 200 npz answer."""
+    assert response.status_code == 200, response.text
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as archive:
+        return archive["images"], archive["labels"]
+
+
+def metric_value(text: str, name: str, model: str) -> float:
+    """A Prometheus sample `name{model="…"}` of /metrics (0 when absent)."""
+    match = re.search(rf'^{name}\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 `[H, W]` or `[H, W, 3]` → PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
