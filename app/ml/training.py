@@ -19,7 +19,7 @@ from tqdm import tqdm
 from app.core.checkpoint import read_json, utc_now, write_json
 from app.core.device import resolve_device
 from app.core.images import PIXEL_NORMALISATION, encode_png, image_grid, to_uint8
-from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, SyntheticNet, VaeConfig
+from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
 from app.core.sampling import draw_latents, per_class_labels
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
@@ -227,9 +227,9 @@ def _save(trainer: Trainer, out: Path, metadata: dict[str, Any], epoch: int, his
 
 
 def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int, dict[str, list[float]], float]:
-    net, _ = SyntheticNet.from_pretrained(out)
-    if type(net) is not type(trainer.net):
-        raise CheckpointError(f"{out} holds a {type(net).__name__}, not a {type(trainer.net).__name__}")
+    held, wanted = read_json(out / "config.json").get("class_name"), type(trainer.net).__name__
+    if held != wanted:
+        raise CheckpointError(f"{out} holds a {held}, not a {wanted}; resume with the --arch it was trained with")
     trainer.net.load_parts(out)
     try:
         state = load_file(str(out / STATE_FILE))
