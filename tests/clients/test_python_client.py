@@ -4,6 +4,7 @@ torch, no server code), then its own tests against a real server process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ CLIENT = ROOT / "clients" / "python"
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("client-venv")
+    source = venv / "source"  # pip builds in the source folder: a copy keeps the checkout clean
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "tests"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", str(CLIENT), "pytest", "anyio"],
+    pip = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", str(source), "pytest", "anyio"],
                          capture_output=True, text=True, timeout=300)
     if pip.returncode != 0 and "Could not find a version" in pip.stderr + pip.stdout:
         pytest.skip(f"the package index cannot be reached to build a fresh environment: {pip.stderr[-300:]}")
