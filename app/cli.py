@@ -49,10 +49,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
     from pydantic import ValidationError
 
-    from app.api.app import create_app
+    from app.api.server import serve
     from app.settings import Settings
 
     overrides = {key: value for key, value in (("models_dir", args.models_dir), ("device", args.device)) if value}
@@ -60,7 +59,7 @@ def _serve(args: argparse.Namespace) -> None:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise InvalidInputError(f"invalid settings: {exc}") from exc
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
+    serve(settings, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,5 +69,21 @@ class PayloadTooLargeError(InvalidInputError):
     """The body is over the configured limit."""
 
 
+class RangeNotSatisfiableError(InvalidInputError):
+    """A download asked for a byte range outside the file (HTTP 416)."""
+
+
+class SlowRequestError(InvalidInputError):
+    """The client did not send its whole body within the body timeout (HTTP 408)."""
+
+
+class ForbiddenError(AuthError):
+    """The API key is valid but its role does not allow this operation."""
+
+
+class ModelUnavailableError(ConflictError):
+    """The model was unloaded while work waited for it."""
+
+
 class QuotaExceededError(SynthgenError):
     """The jobs' disk quota would be exceeded (HTTP 507)."""

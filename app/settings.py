@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,13 +38,42 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="largest uploaded image, in pixels")
     max_upload_files: int = Field(256, ge=1, description="most images in one multipart upload")
     max_archive_files: int = Field(20_000, ge=1, description="most members in an uploaded zip")
-    max_decompressed_bytes: int = Field(256 * 1_048_576, ge=1024, description="most bytes an uploaded zip may "
+    max_decompressed_bytes: int = Field(128 * 1_048_576, ge=1024, description="most bytes an uploaded zip may "
                                         "decompress to (counted while reading)")
+    max_member_bytes: int = Field(16 * 1_048_576, ge=1024, description="most bytes one member of an uploaded zip "
+                                  "may decompress to")
     max_augment_outputs: int = Field(200_000, ge=1, description="most images one /v1/augment answer may hold")
     rate_limit_per_s: float = Field(0.0, ge=0, description="requests a second per API key (per client address "
                                     "without keys) on /v1; 0 = no limit")
     rate_limit_burst: int = Field(100, ge=1, description="requests allowed at once before the rate applies")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty = open")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys with the "
+                                                     "user role; with neither these nor admin keys the API is open")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys "
+                                                           "with the admin role (load, unload and reload models)")
+    auth_failures_per_s: float = Field(0.2, gt=0, description="failed authentications a second per client address "
+                                       "(beyond the burst of 10): more get 429")
+    max_queued_jobs: int = Field(64, ge=1, description="jobs queued or running on the shared store; more get 429")
+    max_queued_jobs_per_key: int = Field(8, ge=1, description="jobs one API key may have queued or running")
+    max_running_jobs_per_key: int = Field(1, ge=1, description="jobs of one API key that run at once")
+    jobs_quota_bytes_per_key: int = Field(512 * 1024**2, ge=1024, description="result bytes (kept and reserved) "
+                                          "one API key may hold")
+    cpu_workers: int = Field(2, ge=1, le=64, description="threads that decode uploads and encode archives; bounds "
+                             "their memory and CPU")
+    max_concurrent_uploads: int = Field(4, ge=1, description="upload requests (augment, reconstruct, inpaint) in work "
+                                        "at once; more wait, then get 503")
+    max_uploads_per_client: int = Field(2, ge=1, description="upload requests one API key (or address) may have in "
+                                        "work at once; more get 429")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a connection must send its request headers "
+                                    "within this")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request must send its whole body within this "
+                                  "(408 after)")
+    max_connections: int = Field(1000, ge=8, description="open connections; beyond it the oldest idle one is closed")
+    shutdown_timeout_s: float = Field(20.0, ge=0, le=3600, description="graceful stop: running exports and jobs "
+                                      "are cut and failed after this")
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated "
+                                                                "proxy addresses whose X-Forwarded-For is trusted")
+    replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
+                            description="names this server in the jobs store; jobs it ran are failed when it restarts")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -54,16 +84,21 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _keys(cls, value: list[str]) -> list[str]:
         if any(len(key) < 16 for key in value):
             raise ValueError("each API key must be at least 16 characters long")
         return value
+
+    @property
+    def open_access(self) -> bool:
+        """No API keys configured: every caller may do everything (the local default)."""
+        return not self.api_keys and not self.admin_api_keys

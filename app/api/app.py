@@ -26,6 +26,7 @@ from app.engine.metrics import Metrics
 from app.engine.repository import ModelRepository
 from app.settings import Settings
 
+log = logging.getLogger("synthgen.app")
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DESCRIPTION = """Synthetic image datasets from trained GAN and VAE checkpoints.
 
@@ -51,9 +52,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device = resolve_device(settings.device)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
-        repository = ModelRepository(settings, device, executor, metrics)
+        cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-cpu")
+        repository = ModelRepository(settings, device, executor, metrics, cpu)
         app.state.repository = repository
-        store = JobStore(settings.data_dir)
+        if settings.open_access:
+            log.warning("no API keys are configured: anyone who can reach this server may use every operation "
+                        "(set SYNTHGEN_API_KEYS and SYNTHGEN_ADMIN_API_KEYS to require keys)")
+        store = JobStore(settings.data_dir, settings.replica_id)
+        failed = await asyncio.to_thread(store.fail_unfinished, replica=settings.replica_id)
+        if failed:
+            log.warning("%d job(s) this server was running when it last stopped were marked failed", failed)
         runner = JobRunner(store, repository, settings)
         app.state.jobs, app.state.job_runner = store, runner
         housekeeping = [asyncio.create_task(_keep_jobs(store, settings.job_ttl_s)),
@@ -66,8 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             await runner.close()
             await repository.close()
-            store.close()
+            await asyncio.to_thread(store.close)
             executor.shutdown(wait=True, cancel_futures=True)
+            cpu.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="synthgen", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -89,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     if settings.rate_limit_per_s:
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app.state.auth_failures = RateLimiter(settings.auth_failures_per_s, 10, what="failed authentications")
     install_error_handlers(app)
 
     for module in (health, models, generate, vae, datasets, jobs, augment):

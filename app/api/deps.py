@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import time
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi import Depends, Path, Request
 
 from app.engine.jobs import JOB_ID, JobRunner, JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import MODEL_NAME, ModelRepository
-from app.errors import InvalidApiKeyError, MissingApiKeyError, RateLimitedError, UnsupportedMediaTypeError
+from app.errors import (
+    ForbiddenError,
+    InvalidApiKeyError,
+    MissingApiKeyError,
+    RateLimitedError,
+    UnsupportedMediaTypeError,
+)
 from app.settings import Settings
 
 
@@ -50,39 +58,88 @@ RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 class RateLimiter:
     """A token bucket per caller: `rate` requests a second, up to `burst` at once."""
 
-    def __init__(self, rate: float, burst: int, max_callers: int = 10_000) -> None:
-        self.rate, self.burst, self.max_callers = rate, burst, max_callers
+    def __init__(self, rate: float, burst: int, max_callers: int = 10_000, what: str = "requests") -> None:
+        self.rate, self.burst, self.max_callers, self.what = rate, burst, max_callers, what
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def take(self, caller: str) -> None:
+    def check(self, caller: str) -> float:
+        """The caller's tokens now; RateLimitedError when under one."""
         now = time.monotonic()
         tokens, last = self._buckets.get(caller, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self._buckets[caller] = (tokens, now)
-            raise RateLimitedError(f"rate limit of {self.rate:g} requests a second exceeded; slow down",
-                                   retry_after_s=max(1, math.ceil((1 - tokens) / self.rate)))
-        self._buckets[caller] = (tokens - 1, now)
+        self._buckets[caller] = (tokens, now)
         if len(self._buckets) > self.max_callers:  # forget callers whose bucket has refilled
             self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
+        if tokens < 1:
+            raise RateLimitedError(f"rate limit of {self.rate:g} {self.what} a second exceeded; slow down",
+                                   retry_after_s=max(1, math.ceil((1 - tokens) / self.rate)))
+        return tokens
+
+    def take(self, caller: str) -> None:
+        tokens = self.check(caller)
+        self._buckets[caller] = (tokens - 1, time.monotonic())
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With API keys configured, every /v1 route needs `Authorization: Bearer <key>` (401 without, 403 wrong);
-    with a rate limit, each key (or client address) gets 429 with Retry-After beyond it."""
-    caller = f"address:{request.client.host if request.client else 'unknown'}"
-    if settings.api_keys:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise MissingApiKeyError("missing API key: send the header 'Authorization: Bearer <key>'")
-        # compare against every key, always, in constant time
-        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys]
-        if not any(matches):
-            raise InvalidApiKeyError("the API key is not valid")
-        caller = f"key:{matches.index(True)}"  # the key's position, never the key itself
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: `owner` names the API key (a fingerprint, never the key; "" in open mode) and owns the jobs
+    it creates; `role` is admin or user; `bucket` keys its rate limits."""
+
+    owner: str
+    role: Literal["admin", "user"]
+    bucket: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def key_fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _authenticate(request: Request, settings: Settings) -> Caller:
+    address = f"address:{_client_address(request)}"
+    if settings.open_access:
+        return Caller("", "admin", address)
+    failures: RateLimiter = request.app.state.auth_failures
+    failures.check(address)  # before comparing: a rate-limited guess is not even tried
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        failures.take(address)
+        raise MissingApiKeyError("missing API key: send the header 'Authorization: Bearer <key>'")
+    # compare against every key, always, in constant time
+    roles = [("admin", key) for key in settings.admin_api_keys] + [("user", key) for key in settings.api_keys]
+    matches = [hmac.compare_digest(token.encode(), key.encode()) for _, key in roles]
+    if not any(matches):
+        failures.take(address)
+        raise InvalidApiKeyError("the API key is not valid")
+    owner = key_fingerprint(token)
+    return Caller(owner, roles[matches.index(True)][0], f"key:{owner}")  # type: ignore[arg-type]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> Caller:
+    """With API keys configured, every /v1 route needs `Authorization: Bearer <key>` (401 without, 403 wrong; failed
+    attempts are rate-limited per address); with a rate limit, each key (or client address) gets 429 beyond it."""
+    caller = _authenticate(request, settings)
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:
-        limiter.take(caller)
+        limiter.take(caller.bucket)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(require_api_key)]
+
+
+def require_admin(caller: CallerDep) -> Caller:
+    """Operations on the shared model repository need an admin key (everyone is admin in open mode)."""
+    if not caller.is_admin:
+        raise ForbiddenError("this operation needs an API key with the admin role (SYNTHGEN_ADMIN_API_KEYS)")
+    return caller
 
 
 def require_json(request: Request) -> None:

@@ -15,6 +15,7 @@ from app.errors import (
     CheckpointError,
     ClientDisconnectedError,
     ConflictError,
+    ForbiddenError,
     InvalidApiKeyError,
     InvalidInputError,
     MissingApiKeyError,
@@ -22,8 +23,10 @@ from app.errors import (
     OverloadedError,
     PayloadTooLargeError,
     QuotaExceededError,
+    RangeNotSatisfiableError,
     RateLimitedError,
     RequestTimeoutError,
+    SlowRequestError,
     SynthgenError,
     UnsupportedMediaTypeError,
 )
@@ -33,10 +36,13 @@ log = logging.getLogger("synthgen.api")
 # The first class an error is an instance of gives its status, so subclasses come before their bases.
 STATUS_BY_ERROR: list[tuple[type[SynthgenError], int]] = [
     (PayloadTooLargeError, 413),
+    (SlowRequestError, 408),
+    (RangeNotSatisfiableError, 416),
     (UnsupportedMediaTypeError, 415),
     (InvalidInputError, 422),
     (MissingApiKeyError, 401),
     (InvalidApiKeyError, 403),
+    (ForbiddenError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
     (RateLimitedError, 429),
@@ -94,6 +100,12 @@ def install_error_handlers(app: FastAPI) -> None:
             else:
                 problems.append(f"{_location(tuple(error.get('loc', ())))}: {error.get('msg')}")
         return error_response(request, 422, "; ".join(problems))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # a bug: logged with its traceback, answered without internals
+        log.exception("unexpected error", exc_info=exc)
+        return error_response(request, 500, "internal error; the request id identifies it in the server's log")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,18 +1,23 @@
-"""One ASGI middleware: request id, body-size limit, metrics and one structured log line per request."""
+"""One ASGI middleware: request id, body-size limit and read timeout, a bound on uploads in work, metrics and one
+structured log line per request."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import send_error
 from app.engine.metrics import Metrics
-from app.errors import PayloadTooLargeError
+from app.errors import OverloadedError, PayloadTooLargeError, RateLimitedError, SlowRequestError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.access")
@@ -20,9 +25,48 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _UPLOAD_ROUTES = re.compile(r"^/v1/.*/(reconstruct|inpaint)$|^/v1/augment$")
 
 
+class UploadGate:
+    """Bounds the uploads in work (their bodies, decompression and decoding are what costs memory and CPU):
+    `per_client` at once per API key or address (429 beyond), `total` at once (wait up to `wait_s`, then 503)."""
+
+    def __init__(self, total: int, per_client: int, wait_s: float = 30.0) -> None:
+        self.per_client, self.wait_s = per_client, wait_s
+        self._slots = asyncio.Semaphore(total)
+        self._by_client: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def admit(self, client: str) -> AsyncIterator[None]:
+        if self._by_client.get(client, 0) >= self.per_client:
+            raise RateLimitedError(f"{self.per_client} uploads of yours are in work (SYNTHGEN_MAX_UPLOADS_PER_CLIENT); "
+                                   "send the next once one finished", retry_after_s=1)
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        try:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.wait_s)
+            except TimeoutError:
+                raise OverloadedError("the server is busy with other uploads; retry shortly", retry_after_s=5) from None
+            try:
+                yield
+            finally:
+                self._slots.release()
+        finally:
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
+
+
+def _client(headers: dict[str, str], scope: Scope) -> str:
+    """Whom an upload counts against: the API key sent (its fingerprint), else the client address."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return f"address:{scope['client'][0] if scope.get('client') else 'unknown'}"
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.uploads = UploadGate(settings.max_concurrent_uploads, settings.max_uploads_per_client)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,7 +76,8 @@ class RequestContextMiddleware:
         given = headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        limit = self.settings.max_upload_bytes if _UPLOAD_ROUTES.match(scope["path"]) else self.settings.max_body_bytes
+        upload = bool(_UPLOAD_ROUTES.match(scope["path"]))
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -47,20 +92,23 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            body = await _read_body(receive, limit, headers.get("content-length", ""))
-            if body is None:
-                return  # the client went away before sending its body
-            replayed = False
+            async with self.uploads.admit(_client(headers, scope)) if upload else contextlib.nullcontext():
+                body = await _read_body(receive, limit, headers.get("content-length", ""),
+                                        self.settings.body_timeout_s)
+                if body is None:
+                    status = 499  # the client went away before sending its body: not a server error
+                    return
+                replayed = False
 
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                async def replay() -> Message:
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
 
-            await self.app(scope, replay, send_with_id)
-        except PayloadTooLargeError as exc:
+                await self.app(scope, replay, send_with_id)
+        except (PayloadTooLargeError, SlowRequestError, OverloadedError) as exc:
             if not response_started:
                 await send_error(send_with_id, exc, request_id)
         finally:
@@ -75,15 +123,20 @@ class RequestContextMiddleware:
                                      "n": state.get("n"), "status": status, "latency_ms": round(elapsed * 1000, 2)}))
 
 
-async def _read_body(receive: Receive, limit: int, content_length: str) -> bytes | None:
-    """The whole body, refusing (by Content-Length, then by counting) more than `limit` bytes."""
+async def _read_body(receive: Receive, limit: int, content_length: str, timeout_s: float) -> bytes | None:
+    """The whole body within `timeout_s`, refusing (by Content-Length, then by counting) more than `limit` bytes."""
     too_large = PayloadTooLargeError(f"the request body is over the limit of {limit} bytes; send less (the limit is "
                                      "the SYNTHGEN_MAX_BODY_BYTES / SYNTHGEN_MAX_UPLOAD_BYTES setting)")
     if content_length.isdigit() and int(content_length) > limit:
         raise too_large
     body = bytearray()
+    deadline = time.monotonic() + timeout_s
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise SlowRequestError(f"the request body did not arrive within {timeout_s:g} s (the "
+                                   "SYNTHGEN_BODY_TIMEOUT_S setting); send it faster or send less") from None
         if message["type"] == "http.disconnect":
             return None
         body += message.get("body", b"")

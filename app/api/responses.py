@@ -1,17 +1,22 @@
-"""Encoding of samples as JSON (PNG base64 per sample), `.npz` bytes or one PNG grid, off the event loop."""
+"""Answers: samples as JSON (PNG base64 per sample), `.npz` bytes or one PNG grid (encoded off the event loop when
+large), and files streamed from an open handle."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import math
+import re
+from collections.abc import AsyncIterator
+from typing import IO
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.api.schemas import OutputFormat, SamplePublic, SamplesPublic
 from app.core.images import encode_png, image_grid
 from app.engine.archives import npz_bytes
 from app.engine.generation import INLINE_SAMPLES, Samples
+from app.errors import RangeNotSatisfiableError
 
 # OpenAPI description of the three formats, for the routes' `responses=`.
 SAMPLE_RESPONSES: dict[int | str, dict] = {
@@ -60,3 +65,40 @@ async def samples_response(samples: Samples, output: OutputFormat) -> Response:
         headers["Content-Disposition"] = f'attachment; filename="{samples.model}.npz"'
         return Response(body, media_type="application/octet-stream", headers=headers)
     return Response(await _encode(samples, _grid, samples), media_type="image/png", headers=headers)
+
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def open_file_response(handle: IO[bytes], size: int, media_type: str, filename: str, range_header: str | None
+                       ) -> StreamingResponse:
+    """Stream an already opened file (whole, or one `Range: bytes=START-[END]`): once opened, deleting the file
+    cannot truncate the answer. The handle is closed when the answer ends or the client goes away."""
+    start, stop, status = 0, size, 200
+    if range_header:
+        match = _RANGE.match(range_header.strip())
+        if not match or int(match.group(1)) >= size or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            handle.close()
+            raise RangeNotSatisfiableError(f"cannot serve {range_header!r} of a {size}-byte file; ask for "
+                                           "'bytes=START-' or 'bytes=START-END' within it")
+        start, status = int(match.group(1)), 206
+        stop = min(size, int(match.group(2)) + 1) if match.group(2) else size
+    headers = {"Content-Length": str(stop - start), "Accept-Ranges": "bytes",
+               "Content-Disposition": f'attachment; filename="{filename}"'}
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            await asyncio.to_thread(handle.seek, start)
+            left = stop - start
+            while left > 0:
+                chunk = await asyncio.to_thread(handle.read, min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            handle.close()
+
+    return StreamingResponse(body(), status_code=status, media_type=media_type, headers=headers)

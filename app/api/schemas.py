@@ -16,7 +16,8 @@ ArchiveFormat = Literal["zip", "tar", "npz"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not 1, "1" is not a number; unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Filters(_Strict):
@@ -83,6 +84,10 @@ class JobPublic(BaseModel):
     result_bytes: int | None = None
     result_url: str | None = Field(None, description="where to download the archive once succeeded")
     request: dict[str, Any]
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]
 
 
 class AugmentationsRequest(_Strict):

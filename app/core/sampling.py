@@ -28,15 +28,18 @@ def index_seed(seed: int, index: int) -> int:
 
 
 def resolve_label(label: str | int, class_names: list[str]) -> int:
-    """A class name, or an index into the class names → the index."""
+    """A class name, or an index into the class names (an int, or its canonical ASCII decimal string) → the index.
+
+    Nothing is guessed: " 7", "07", "٧" and booleans match no class unless a class has exactly that name."""
     if not class_names:
         raise InvalidInputError("this model is unconditional; leave out the label")
     if isinstance(label, str) and label in class_names:
         return class_names.index(label)
-    try:
+    index = -1
+    if isinstance(label, int) and not isinstance(label, bool):
+        index = label
+    elif isinstance(label, str) and label.isascii() and label.isdigit() and str(int(label)) == label:
         index = int(label)
-    except (TypeError, ValueError):
-        index = -1
     if 0 <= index < len(class_names):
         return index
     raise InvalidInputError(f"unknown label {label!r}; use a class name or an index: {class_names}")

@@ -4,7 +4,6 @@ as an ImageFolder zip whose labels.csv has a `source` column (original, augmente
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import math
@@ -148,14 +147,14 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     writer = ImageFolderZip(upload.class_names, seed, sources=True)
     labels = np.array([upload.class_names.index(c) for c in upload.classes], dtype=np.int64)
     if request.include_originals:
-        yield await asyncio.to_thread(writer.add, upload.images, labels, range(len(labels)), "original")
+        yield await served.on_cpu(writer.add, upload.images, labels, range(len(labels)), "original")
     if copies:
         def augmented() -> bytes:
             copies_made = np.stack([augment_image(image, np.random.default_rng([seed, i, c]), request.spec)
                                     for i, image in enumerate(upload.images) for c in range(copies)])
             return writer.add(copies_made, np.repeat(labels, copies), range(len(copies_made)), "augmented")
 
-        yield await asyncio.to_thread(augmented)
+        yield await served.on_cpu(augmented)
     have = {name: upload.classes.count(name) * (int(request.include_originals) + copies)
             for name in upload.class_names}
     missing = {name: max(0, request.target_per_class - have[name])
@@ -169,13 +168,13 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
         part = plan.labels[start : start + settings.max_batch_size]
         images, _ = await generate(range(start, start + len(part)), part)
         out_labels = np.array([to_upload[label] for label in part], dtype=np.int64)
-        yield await asyncio.to_thread(writer.add, images, out_labels, range(start, start + len(part)), "synthetic")
+        yield await served.on_cpu(writer.add, images, out_labels, range(start, start + len(part)), "synthetic")
     manifest = build_manifest(
         model, plan, "zip", augmentations=asdict(request.spec), copies_per_image=copies,
         target_per_class=request.target_per_class, include_originals=request.include_originals,
         uploaded={name: upload.classes.count(name) for name in upload.class_names}, synthetic=missing,
         unknown_classes=[name for name in upload.class_names if name not in model.class_names])
-    yield await asyncio.to_thread(writer.finish, manifest)
+    yield await served.on_cpu(writer.finish, manifest)
 
 
 def check_request(upload: Upload, request: AugmentRequest, max_outputs: int) -> None:

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from app.errors import ModelFailureError, OverloadedError, RequestTimeoutError
+from app.errors import ModelFailureError, ModelUnavailableError, OverloadedError, RequestTimeoutError
 
 # (latents [n, d], labels [n], per-sample truncation [n]) → uint8 images [n, H, W, C]
 BatchFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], np.ndarray]
@@ -99,6 +99,7 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_batch_requests = 0
+        self._closed: str | None = None
         self.stats = BatcherStats()
 
     @property
@@ -111,20 +112,20 @@ class MicroBatcher:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        if not self.running:
+        if not self.running and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
             self._wakeup.set()  # a restarted worker picks up what is already queued
 
-    async def stop(self) -> None:
-        """Stop the worker; waiting requests fail with an error that says the model went away."""
+    async def stop(self, reason: str = "the model was unloaded") -> None:
+        """Stop the worker for good; waiting and later requests fail at once with `reason` (409)."""
+        self._closed = reason
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for pending in self._pending:
             if not pending.future.done():
-                pending.future.set_exception(OverloadedError("the model was unloaded or reloaded while the request "
-                                                             "waited; retry", retry_after_s=1))
+                pending.future.set_exception(ModelUnavailableError(f"{reason} while the request waited"))
         self._pending.clear()
         self._set_queued(0)
 
@@ -133,6 +134,8 @@ class MicroBatcher:
         """Queue n samples; raises OverloadedError at once when the queue is full, RequestTimeoutError after
         `timeout_s`. Cancelling the awaiting task (a client that went away) takes its samples off the queue."""
         n = len(z)
+        if self._closed:
+            raise ModelUnavailableError(f"{self._closed}; an admin can load it again")
         if self._queued + n > self.max_queued_samples:
             raise OverloadedError(f"the queue holds {self._queued} samples; {n} more would pass its limit of "
                                   f"{self.max_queued_samples}; retry shortly", retry_after_s=1)

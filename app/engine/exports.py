@@ -41,7 +41,7 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
         if output == "npz":  # npz cannot stream: collect (size-limited by the plan), then one write
             parts = [await pending] + [await produce(start) for start in starts[1:]]
             indices = np.concatenate([p[2] for p in parts]) if spec.active else None
-            yield await asyncio.to_thread(npz_bytes, np.concatenate([p[0] for p in parts]),
+            yield await served.on_cpu(npz_bytes, np.concatenate([p[0] for p in parts]),
                                           np.concatenate([p[1] for p in parts]), indices)
             return
         writer = (ImageFolderZip if output == "zip" else WebDatasetTar)(model.class_names, plan.seed)
@@ -49,8 +49,8 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
             images, labels, indices = await pending
             if position + 1 < len(starts):
                 pending = produce(starts[position + 1])
-            yield await asyncio.to_thread(writer.add, images, labels, indices.tolist())
-        yield await asyncio.to_thread(writer.finish, build_manifest(model, plan, output, report.rejected))
+            yield await served.on_cpu(writer.add, images, labels, indices.tolist())
+        yield await served.on_cpu(writer.finish, build_manifest(model, plan, output, report.rejected))
     finally:
         if not pending.done():
             pending.cancel()

@@ -38,6 +38,10 @@ class FilterSpec:
         return self.min_confidence is not None or self.max_similarity
 
 
+JUDGE_CHUNK = 256
+HOPELESS = 3.0  # stop once this many slots are expected to stay empty after the rounds left
+
+
 @dataclass
 class Judge:
     """The evaluator, the training features and the threshold of one model."""
@@ -46,9 +50,15 @@ class Judge:
     train_features: torch.Tensor
     threshold: float
 
-    @torch.inference_mode()
     def verdicts(self, images: np.ndarray, labels: np.ndarray, spec: FilterSpec) -> tuple[np.ndarray, np.ndarray]:
-        """Per sample: (passes min_confidence, passes max_similarity)."""
+        """Per sample: (passes min_confidence, passes max_similarity), in chunks so that the distance matrix to the
+        training features stays small whatever the number of candidates."""
+        parts = [self._verdicts(images[i : i + JUDGE_CHUNK], labels[i : i + JUDGE_CHUNK], spec)
+                 for i in range(0, len(images), JUDGE_CHUNK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @torch.inference_mode()
+    def _verdicts(self, images: np.ndarray, labels: np.ndarray, spec: FilterSpec) -> tuple[np.ndarray, np.ndarray]:
         x = to_model_range(images).to(self.train_features.device)
         features = self.evaluator.features(x)
         confident = np.ones(len(images), dtype=bool)
@@ -92,6 +102,7 @@ async def fill(generate: Generate, judge: Judge | None, executor: Executor, spec
     out_labels = np.zeros(len(slots), dtype=np.int64)
     out_indices = np.zeros(len(slots), dtype=np.int64)
     waiting = np.arange(len(slots))
+    tried = 0
     for attempt in range(max_rounds):
         indices = [slots[i] + attempt * total for i in waiting]
         candidates, drawn = await generate(indices, [labels[i] for i in waiting])
@@ -108,6 +119,12 @@ async def fill(generate: Generate, judge: Judge | None, executor: Executor, spec
         waiting = waiting[~keep]
         if len(waiting) == 0:
             return images, out_labels, out_indices
-    raise InvalidInputError(f"{len(waiting)} of {len(slots)} samples found no candidate passing the filters in "
-                            f"{max_rounds} tries each (rejected: {report.rejected}); lower min_confidence or turn "
-                            "off max_similarity")
+        tried += len(keep)
+        accepted = len(slots) - len(waiting)
+        # the acceptance rate so far predicts how many slots the rounds left cannot fill: stop early, not after
+        # burning every round on a request that cannot succeed
+        if len(waiting) * (1 - accepted / tried) ** (max_rounds - attempt - 1) >= HOPELESS:
+            break
+    raise InvalidInputError(f"{len(waiting)} of {len(slots)} samples would find no candidate passing the filters in "
+                            f"{max_rounds} tries each (SYNTHGEN_FILTER_MAX_ROUNDS; {tried} candidates tried, rejected: "
+                            f"{report.rejected}); lower min_confidence or turn off max_similarity")

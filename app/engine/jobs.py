@@ -2,13 +2,17 @@
 background through the same export code as the streamed route, written to a `.part` file and renamed only when
 complete, so a half-written archive is never reported as succeeded.
 
-After a restart, finished results are still there and interrupted jobs are marked failed. Results expire after a
-TTL; a disk quota refuses new jobs (507) before the disk fills and fails a job that would pass it.
+Every job belongs to the API key that made it. Admission is one transaction: the queue bound (429), and the disk
+quota (507) counted from the database (results kept plus the reservation of every unfinished job, each an upper
+bound of its archive), globally and per key. After a restart, this replica's interrupted jobs are failed at once;
+a crashed replica's once their heartbeat is stale. Results expire after a TTL; a download holds its file open, so
+deleting or expiring a result never truncates a download in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -19,13 +23,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from app.engine.exports import stream_export
 from app.engine.plans import SamplePlan
 from app.engine.repository import ModelRepository
 from app.engine.states import JobState
-from app.errors import InvalidInputError, NotFoundError, QuotaExceededError
+from app.errors import InvalidInputError, NotFoundError, QuotaExceededError, RateLimitedError, SynthgenError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.jobs")
@@ -47,6 +51,9 @@ class Job:
     result_bytes: int | None
     format: str
     heartbeat_at: float | None = None  # refreshed by the replica running the job
+    owner: str = ""  # the fingerprint of the API key that made it ("" in open mode)
+    reserved_bytes: int = 0  # an upper bound of the result's size, counted against the quotas until it finishes
+    replica: str = ""  # the server that runs it
 
     @property
     def eta_s(self) -> float | None:
@@ -56,8 +63,29 @@ class Job:
         return (self.total - self.done) / rate
 
 
+@dataclass(frozen=True)
+class JobLimits:
+    """What admission checks: jobs queued or running and result bytes, in all and per API key."""
+
+    max_jobs: int = 64
+    max_jobs_per_owner: int = 8
+    quota_bytes: int = 2 * 1024**3
+    quota_bytes_per_owner: int = 512 * 1024**2
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobLimits:
+        return cls(settings.max_queued_jobs, settings.max_queued_jobs_per_key, settings.jobs_quota_bytes,
+                   settings.jobs_quota_bytes_per_key)
+
+
 _COLUMNS = ("id", "model", "request", "state", "done", "total", "error", "created_at", "started_at", "finished_at",
-            "result_bytes", "format", "heartbeat_at")
+            "result_bytes", "format", "heartbeat_at", "owner", "reserved_bytes", "replica")
+_ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''", "reserved_bytes": "INTEGER NOT NULL DEFAULT 0",
+                  "replica": "TEXT NOT NULL DEFAULT ''"}
+_UNFINISHED = f"state IN ('{JobState.QUEUED}', '{JobState.RUNNING}')"
+# bytes a job holds: its result once succeeded, its reservation while unfinished
+_HELD = f"COALESCE(SUM(CASE WHEN state = '{JobState.SUCCEEDED}' THEN result_bytes WHEN {_UNFINISHED} " \
+        "THEN reserved_bytes ELSE 0 END), 0)"
 HEARTBEAT_S = 5.0
 INTERRUPTED = "interrupted: the server running it stopped; submit it again"
 
@@ -69,18 +97,24 @@ def validate_job_id(job_id: str) -> str:
 
 
 class JobStore:
-    """The jobs table and the result files under `data_dir`."""
+    """The jobs table and the result files under `data_dir`. Its methods do blocking I/O: call them off the event
+    loop."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
+    def __init__(self, data_dir: Path, replica: str = "") -> None:
+        self.data_dir, self.replica = data_dir, replica
         self.results = data_dir / "results"
         self.results.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
+                                   timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("""CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, model TEXT, request TEXT,
             state TEXT, done INTEGER, total INTEGER, error TEXT, created_at REAL, started_at REAL, finished_at REAL,
             result_bytes INTEGER, format TEXT, heartbeat_at REAL)""")
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _ADDED_COLUMNS.items():  # a data directory from before ownership and reservations
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -91,22 +125,65 @@ class JobStore:
         values["state"] = JobState(values["state"])
         return Job(**values)
 
-    def create(self, model: str, request: dict[str, Any], total: int, output: str) -> Job:
+    def create(self, model: str, request: dict[str, Any], total: int, output: str, owner: str = "",
+               reserved_bytes: int = 0, limits: JobLimits | None = None) -> Job:
+        """Insert a queued job, if it fits the limits (checked and inserted in one transaction, so concurrent
+        submissions, from this replica or another, cannot all pass)."""
         now = time.time()
-        job = Job(uuid.uuid4().hex, model, request, JobState.QUEUED, 0, total, None, now, None, None, None, output, now)
+        job = Job(uuid.uuid4().hex, model, request, JobState.QUEUED, 0, total, None, now, None, None, None, output,
+                  now, owner, reserved_bytes, self.replica)
         with self._lock:
-            self._db.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * len(_COLUMNS))})",
-                             (job.id, model, json.dumps(request), job.state, 0, total, None, job.created_at, None,
-                              None, None, output, now))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if limits is not None:
+                    self._admit(job, limits)
+                self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                                 (job.id, model, json.dumps(request), job.state, 0, total, None, now, None, None, None,
+                                  output, now, owner, reserved_bytes, self.replica))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return job
 
-    def get(self, job_id: str) -> Job:
+    def _admit(self, job: Job, limits: JobLimits) -> None:
+        def count(where: str, *args: Any) -> int:
+            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {_UNFINISHED}{where}", args).fetchone()[0]
+
+        def held(where: str, *args: Any) -> int:
+            return self._db.execute(f"SELECT {_HELD} FROM jobs{where}", args).fetchone()[0]
+
+        if count("") >= limits.max_jobs:
+            raise RateLimitedError(f"{limits.max_jobs} jobs are queued or running (SYNTHGEN_MAX_QUEUED_JOBS); submit "
+                                   "again once some finished", retry_after_s=10)
+        if job.owner and count(" AND owner = ?", job.owner) >= limits.max_jobs_per_owner:
+            raise RateLimitedError(f"this API key has {limits.max_jobs_per_owner} jobs queued or running (SYNTHGEN_"
+                                   "MAX_QUEUED_JOBS_PER_KEY); wait for one to finish", retry_after_s=10)
+        checks = [("the jobs' disk quota", limits.quota_bytes, held(""), "SYNTHGEN_JOBS_QUOTA_BYTES")]
+        if job.owner:
+            checks.append(("this API key's disk quota", limits.quota_bytes_per_owner,
+                           held(" WHERE owner = ?", job.owner), "SYNTHGEN_JOBS_QUOTA_BYTES_PER_KEY"))
+        for what, quota, used, setting in checks:
+            if used + job.reserved_bytes > quota:
+                raise QuotaExceededError(f"{what} of {quota} bytes ({setting}) would be exceeded: {used} held by "
+                                         f"results and unfinished jobs, up to {job.reserved_bytes} needed; download "
+                                         "and delete finished jobs, or ask for fewer samples")
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job; with `owner`, only if that key owns it (another key's job is as absent as a missing one)."""
         validate_job_id(job_id)
         with self._lock:
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
+        if row is None or (owner is not None and self._row(row).owner != owner):
             raise NotFoundError(f"no job {job_id}; it may have expired or been deleted")
         return self._row(row)
+
+    def list(self, owner: str, limit: int = 100) -> list[Job]:
+        """The owner's jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE owner = ? ORDER BY created_at "
+                                    "DESC LIMIT ?", (owner, limit)).fetchall()
+        return [self._row(row) for row in rows]
 
     def update(self, job_id: str, **fields: Any) -> None:
         assignments = ", ".join(f"{key} = ?" for key in fields)
@@ -114,11 +191,20 @@ class JobStore:
             self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
 
     def delete(self, job_id: str) -> None:
+        """Delete the job and its files; a download already reading the result finishes (POSIX keeps an open
+        file's data until it is closed)."""
         job = self.get(job_id)
         for path in (self.result_path(job), self.part_path(job)):
             path.unlink(missing_ok=True)
         with self._lock:
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def open_result(self, job: Job) -> IO[bytes]:
+        """The result opened for reading; NotFoundError if it was deleted or expired meanwhile."""
+        try:
+            return self.result_path(job).open("rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"no result for job {job.id}; it was deleted or expired") from None
 
     def result_path(self, job: Job) -> Path:
         return self.results / f"{job.id}.{job.format}"
@@ -126,17 +212,18 @@ class JobStore:
     def part_path(self, job: Job) -> Path:
         return self.results / f"{job.id}.{job.format}.part"
 
-    def used_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.results.iterdir() if p.is_file())
-
-    def fail_unfinished(self, job_ids: list[str] | None = None, stale_s: float | None = None) -> int:
-        """Fail queued or running jobs (and drop their partial files): these ids, or those whose runner stopped
-        refreshing their heartbeat `stale_s` ago (a replica that crashed). Safe with replicas sharing the data
-        directory: a live replica's jobs keep a fresh heartbeat."""
-        query = f"SELECT id FROM jobs WHERE state IN ('{JobState.QUEUED}', '{JobState.RUNNING}')"
+    def fail_unfinished(self, job_ids: list[str] | None = None, stale_s: float | None = None,
+                        replica: str | None = None) -> int:
+        """Fail queued or running jobs (and drop their partial files): these ids, those whose runner stopped
+        refreshing their heartbeat `stale_s` ago (a replica that crashed), or those `replica` ran (it restarted).
+        Safe with replicas sharing the data directory: a live replica's jobs keep a fresh heartbeat."""
+        query, args = f"SELECT id FROM jobs WHERE {_UNFINISHED}", []
+        if stale_s is not None:
+            query, args = query + " AND heartbeat_at < ?", [time.time() - stale_s]
+        if replica is not None:
+            query, args = query + " AND replica = ?", [*args, replica]
         with self._lock:
-            rows = self._db.execute(query + " AND heartbeat_at < ?", (time.time() - stale_s,)).fetchall() \
-                if stale_s is not None else self._db.execute(query).fetchall()
+            rows = self._db.execute(query, args).fetchall()
         chosen = [job_id for (job_id,) in rows if job_ids is None or job_id in job_ids]
         for job_id in chosen:
             self.part_path(self.get(job_id)).unlink(missing_ok=True)
@@ -166,23 +253,47 @@ def estimate_bytes(plan: SamplePlan, image_shape: tuple[int, int, int], output: 
     return len(plan) * per_sample + 65_536
 
 
+def write_chunk(handle: IO[bytes], data: bytes) -> None:
+    handle.write(data)
+
+
+def _finish_file(handle: IO[bytes], part: Path, final: Path) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+    part.replace(final)  # only a complete archive ever carries the final name
+
+
+def _failure(exc: Exception) -> str:
+    """What a job's error says: the reason, never a server path."""
+    if isinstance(exc, SynthgenError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        hint = "the disk is full" if exc.errno == errno.ENOSPC else "the result could not be written"
+        return f"{hint} ({exc.strerror or type(exc).__name__}); the partial result was removed"
+    return f"internal error ({type(exc).__name__}); the partial result was removed"
+
+
 class JobRunner:
-    """Runs queued jobs in the background, at most `concurrency` at a time."""
+    """Runs this replica's jobs in the background: at most `max_concurrent_jobs` at a time, and at most
+    `max_running_jobs_per_key` of one API key."""
+
+    PROGRESS_EVERY_S = 0.5
 
     def __init__(self, store: JobStore, repository: ModelRepository, settings: Settings) -> None:
         self.store, self.repository, self.settings = store, repository, settings
-        self.quota_bytes = settings.jobs_quota_bytes
+        self.limits = JobLimits.from_settings(settings)
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._owner_slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def check_quota(self, needed: int) -> None:
-        used = self.store.used_bytes()
-        if used + needed > self.quota_bytes:
-            raise QuotaExceededError(f"the jobs' disk quota of {self.quota_bytes} bytes would be exceeded ({used} "
-                                     f"used, about {needed} needed); download and delete finished jobs first")
-
-    def submit(self, job: Job, plan: SamplePlan) -> None:
+    async def submit(self, model: str, request: dict[str, Any], plan: SamplePlan, output: str, owner: str,
+                     image_shape: tuple[int, int, int]) -> Job:
+        """Admit the job (429 when the queue is full, 507 past a quota) and start it."""
+        job = await asyncio.to_thread(self.store.create, model, request, len(plan), output, owner,
+                                      estimate_bytes(plan, image_shape, output), self.limits)
         self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, plan))
+        return job
 
     async def cancel(self, job_id: str) -> None:
         task = self._tasks.pop(job_id, None)
@@ -197,44 +308,46 @@ class JobRunner:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def close(self) -> None:
-        """Stop: the jobs this runner was running are failed at once (a crash is caught by their stale heartbeat)."""
+        """Stop: the jobs this runner was running are failed at once (a crash is caught at the next start, or by
+        their stale heartbeat)."""
         running = list(self._tasks)
         for job_id in running:
             await self.cancel(job_id)
-        self.store.fail_unfinished(running)
+        await asyncio.to_thread(self.store.fail_unfinished, running)
+
+    async def _update(self, job_id: str, **fields: Any) -> None:
+        await asyncio.to_thread(self.store.update, job_id, **fields)
 
     async def _run(self, job: Job, plan: SamplePlan) -> None:
         part, final = self.store.part_path(job), self.store.result_path(job)
+        owner_slot = self._owner_slots.setdefault(job.owner, asyncio.Semaphore(self.settings.max_running_jobs_per_key))
         try:
-            async with self._slots:
-                served = self.repository.ready_model(job.model)
-                self.store.update(job.id, state=JobState.RUNNING, started_at=time.time())
-                written = 0
-                with part.open("wb") as handle:
-                    done = 0
+            async with owner_slot, self._slots, self.repository.serving(job.model) as served:
+                await self._update(job.id, state=JobState.RUNNING, started_at=time.time())
+                handle = await asyncio.to_thread(part.open, "wb")
+                try:
+                    written, done, reported = 0, 0, time.monotonic()
                     async for data in stream_export(served, plan, job.format, self.settings):
                         written += len(data)
-                        if self.store.used_bytes() + len(data) > self.quota_bytes:
-                            raise QuotaExceededError(f"the jobs' disk quota of {self.quota_bytes} bytes was reached "
-                                                     f"after {written} bytes; the partial result was removed")
-                        await asyncio.to_thread(handle.write, data)
+                        if written > job.reserved_bytes:
+                            raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for "
+                                                     "it; the partial result was removed")
+                        await asyncio.to_thread(write_chunk, handle, data)
                         done = min(done + self.settings.max_batch_size, len(plan))
-                        self.store.update(job.id, done=done)
-                    await asyncio.to_thread(_flush, handle)
-                part.replace(final)  # only a complete archive ever carries the final name
-                self.store.update(job.id, state=JobState.SUCCEEDED, done=len(plan), finished_at=time.time(),
-                                  result_bytes=final.stat().st_size)
+                        if time.monotonic() - reported > self.PROGRESS_EVERY_S:
+                            await self._update(job.id, done=done)
+                            reported = time.monotonic()
+                    await asyncio.to_thread(_finish_file, handle, part, final)
+                finally:
+                    handle.close()
+                await self._update(job.id, state=JobState.SUCCEEDED, done=len(plan), finished_at=time.time(),
+                                   result_bytes=written)
         except asyncio.CancelledError:
             part.unlink(missing_ok=True)
             raise
         except Exception as exc:  # every failure is recorded on the job, never lost
             part.unlink(missing_ok=True)
             log.error("job %s failed: %s", job.id, exc)
-            self.store.update(job.id, state=JobState.FAILED, error=str(exc), finished_at=time.time())
+            await self._update(job.id, state=JobState.FAILED, error=_failure(exc), finished_at=time.time())
         finally:
             self._tasks.pop(job.id, None)
-
-
-def _flush(handle) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())

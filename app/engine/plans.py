@@ -50,7 +50,10 @@ def _class_counts(model: SyntheticModel, per_class: int | dict[str, int]) -> dic
         if count < 0:
             raise InvalidInputError(f"per_class[{name!r}] must not be negative")
         label = resolve_label(name, model.class_names)
-        counts[label] = counts.get(label, 0) + count
+        if label in counts:
+            raise InvalidInputError(f"per_class names class {model.class_names[label]!r} twice (as {name!r} and "
+                                    "before); give each class once")
+        counts[label] = count
     return dict(sorted(counts.items()))
 
 

@@ -1,14 +1,21 @@
 """The model repository: discovers `models/<name>/`, loads each onto the device with its own micro-batcher, and
-loads, unloads and reloads models at run time. A model that fails to load is reported and stops no other."""
+loads, unloads and reloads models at run time. A model that fails to load is reported and stops no other.
+
+Work holds a lease on the version it started with (`acquire`/`release`, or `serving`): a reload swaps in the new
+version for new work while the old one keeps its worker until its last lease is released, so running exports and
+jobs finish on the version they began with; an unload stops the worker at once and its work fails with 409."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +29,7 @@ from app.errors import ConflictError, InvalidInputError, NotFoundError, Synthgen
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.repository")
+T = TypeVar("T")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -33,14 +41,22 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-@dataclass
+@dataclass(eq=False)
 class ServedModel:
-    """What a ready model offers the service layer: the model, its batcher, its filter judge, the device thread."""
+    """One loaded version of a model: the model, its batcher, its filter judge, the device thread, and how many
+    pieces of work hold it."""
 
     model: SyntheticModel
     batcher: MicroBatcher
     judge: Judge | None
-    executor: Executor
+    executor: Executor  # the device's one thread
+    cpu: Executor  # a few threads for decoding and encoding (bounded, so is their memory)
+    leases: int = 0
+    retired: bool = False  # replaced by a reload: its worker stops with its last lease
+
+    async def on_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy work (decoding, encoding) on the bounded CPU pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
 
 @dataclass
@@ -51,16 +67,28 @@ class ModelEntry:
     folder: Path
     status: ModelStatus = ModelStatus.UNLOADED
     error: str | None = None
-    model: SyntheticModel | None = None
-    batcher: MicroBatcher | None = None
-    judge: Judge | None = None
+    served: ServedModel | None = None
+
+    @property
+    def model(self) -> SyntheticModel | None:
+        return self.served.model if self.served else None
+
+    @property
+    def batcher(self) -> MicroBatcher | None:
+        return self.served.batcher if self.served else None
+
+    @property
+    def judge(self) -> Judge | None:
+        return self.served.judge if self.served else None
 
 
 class ModelRepository:
     """All models of `settings.models_dir`, by name."""
 
-    def __init__(self, settings: Settings, device: torch.device, executor: Executor, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, device: torch.device, executor: Executor, metrics: Metrics,
+                 cpu: Executor | None = None) -> None:
         self.settings, self.device, self.executor, self.metrics = settings, device, executor, metrics
+        self.cpu = cpu or executor
         self.entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -85,12 +113,31 @@ class ModelRepository:
         return entry
 
     def ready_model(self, name: str) -> ServedModel:
-        """The model if it serves, else 409 saying how to load it."""
+        """The model's current version if it serves, else 409 saying how to load it."""
         entry = self.get(name)
-        if entry.status != ModelStatus.READY or entry.model is None or entry.batcher is None:
+        if entry.status != ModelStatus.READY or entry.served is None:
             detail = f": {entry.error}" if entry.error else ""
             raise ConflictError(f"model {name!r} is {entry.status}{detail}; load it with POST /v1/models/{name}/load")
-        return ServedModel(entry.model, entry.batcher, entry.judge, self.executor)
+        return entry.served
+
+    def acquire(self, name: str) -> ServedModel:
+        """The current version, leased until `release`: a reload meanwhile does not take it away."""
+        served = self.ready_model(name)
+        served.leases += 1
+        return served
+
+    async def release(self, served: ServedModel) -> None:
+        served.leases -= 1
+        if served.retired and served.leases == 0:
+            await served.batcher.stop()
+
+    @asynccontextmanager
+    async def serving(self, name: str) -> AsyncIterator[ServedModel]:
+        served = self.acquire(name)
+        try:
+            yield served
+        finally:
+            await self.release(served)
 
     async def load_all(self) -> None:
         for name in self.discover():
@@ -107,15 +154,15 @@ class ModelRepository:
                 loop = asyncio.get_running_loop()
                 model = await loop.run_in_executor(self.executor, load_model, entry.folder, self.device, name)
                 judge = await loop.run_in_executor(self.executor, load_judge, entry.folder, self.device)
-            except SynthgenError as exc:
+            except Exception as exc:  # any problem in any file of the folder is this model's problem only
                 log.error("model %s failed to load: %s", name, exc)
+                reason = self._public_reason(entry, exc)
                 if entry.status == ModelStatus.READY:
-                    entry.error = f"{exc}; still serving the version loaded before"
+                    entry.error = f"{reason}; still serving the version loaded before"
                 else:
-                    entry.error = str(exc)
+                    entry.error = reason
                     self._set_status(entry, ModelStatus.FAILED)
                 return entry
-            await self._stop(entry)
             dtype = DTYPES[self.settings.dtype] if self.device.type == "cuda" else torch.float32
             batcher = MicroBatcher(forward_pass(model, dtype), self.executor,
                                    max_batch_size=self.settings.max_batch_size,
@@ -123,10 +170,22 @@ class ModelRepository:
                                    max_queued_samples=self.settings.max_queued_samples,
                                    observer=self.metrics.observer(name))
             batcher.start()
-            entry.model, entry.batcher, entry.judge, entry.error = model, batcher, judge, None
+            old, entry.error = entry.served, None
+            entry.served = ServedModel(model, batcher, judge, self.executor, self.cpu)
+            if old is not None:
+                old.retired = True
+                if old.leases == 0:
+                    await old.batcher.stop()
             self._set_status(entry, ModelStatus.READY)
             log.info("model %s ready on %s", name, self.device)
             return entry
+
+    def _public_reason(self, entry: ModelEntry, exc: Exception) -> str:
+        """Why a load failed, naming files relative to the model folder (answers never show server paths)."""
+        reason = str(exc) if isinstance(exc, SynthgenError) else f"{type(exc).__name__}: {exc}"
+        for folder in {str(entry.folder.resolve()), str(entry.folder)}:
+            reason = reason.replace(folder + "/", "").replace(folder, entry.name)
+        return reason
 
     async def unload(self, name: str) -> ModelEntry:
         entry = self.get(name)
@@ -151,9 +210,9 @@ class ModelRepository:
                     entry.batcher.start()
 
     async def _stop(self, entry: ModelEntry) -> None:
-        if entry.batcher is not None:
-            await entry.batcher.stop()
-        entry.model, entry.batcher, entry.judge = None, None, None
+        if entry.served is not None:
+            await entry.served.batcher.stop(f"model {entry.name!r} was unloaded")
+        entry.served = None
 
     def _set_status(self, entry: ModelEntry, status: ModelStatus) -> None:
         entry.status = status

@@ -30,16 +30,18 @@ def require_vae(model: SyntheticModel) -> ConditionalVAE:
     return model.net
 
 
-async def decode_uploads(model: SyntheticModel, uploads: list[Upload], convert: bool, max_pixels: int,
+async def decode_uploads(served: ServedModel, uploads: list[Upload], convert: bool, max_pixels: int,
                          mask: bool = False) -> np.ndarray:
-    """Uploaded images → uint8 `[N, H, W, C]` in the model's shape (a mask: one channel), decoded in a thread."""
+    """Uploaded images → uint8 `[N, H, W, C]` in the model's shape (a mask: one channel), decoded on the CPU
+    pool."""
+    model = served.model
     height, width, channels = model.image_shape
     shape = (height, width, 1 if mask else channels)
 
     def decode() -> np.ndarray:
         return np.stack([decode_to_shape(data, name, shape, model.name, convert, max_pixels) for name, data in uploads])
 
-    return await asyncio.to_thread(decode)
+    return await served.on_cpu(decode)
 
 
 def _best_labels(vae: ConditionalVAE, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ async def test_unfillable_filters_fail_with_422_not_a_loop(shipped: Path) -> Non
         client.app.state.repository.entries["mnist-cvae"].judge.threshold = 1e9  # type: ignore[attr-defined]
         response = await client.post("/v1/models/mnist-cvae/generate", json={"n": 5, "max_similarity": True})
     assert response.status_code == 422
-    assert "found no candidate passing the filters in 3 tries" in response.json()["detail"]
+    assert "would find no candidate passing the filters in 3 tries" in response.json()["detail"]
 
 
 async def test_model_without_evaluator_refuses_filters(models_dir: Path) -> None:

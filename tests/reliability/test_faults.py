@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app.engine import jobs
 from tests.conftest import ROOT, rss_mb, serve
 
 pytestmark = pytest.mark.anyio
@@ -76,18 +78,27 @@ def test_no_code_path_unpickles() -> None:
     assert not weights, weights
 
 
-async def test_disk_full_during_a_job_fails_it_without_a_result(models_dir: Path) -> None:
+async def test_disk_full_during_a_job_fails_it_without_a_result(models_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    writes = 0
+
+    def fill_up(handle, data: bytes) -> None:  # the disk fills up after a few chunks
+        nonlocal writes
+        writes += 1
+        if writes > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(models_dir.parent / "data" / "x.part"))
+        handle.write(data)
+
+    monkeypatch.setattr(jobs, "write_chunk", fill_up)
     async with serve(models_dir, max_batch_size=16) as client:
-        runner = client.app.state.job_runner  # type: ignore[attr-defined]
         job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5000})).json()
-        runner.quota_bytes = 20_000  # the disk fills up while the job runs
         for _ in range(500):
             state = (await client.get(f"/v1/jobs/{job['id']}")).json()
             if state["state"] not in ("queued", "running"):
                 break
             await asyncio.sleep(0.01)
-        assert state["state"] == "failed" and "quota" in state["error"]
-        assert "partial result was removed" in state["error"]
+        assert state["state"] == "failed" and state["error"].startswith("the disk is full (No space left on device)")
+        assert "partial result was removed" in state["error"] and str(models_dir) not in state["error"]
         assert (await client.get(f"/v1/jobs/{job['id']}/result")).status_code == 409
         assert not list((models_dir.parent / "data" / "results").iterdir())
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -46,16 +45,20 @@ async def augment(
     convert: Annotated[bool, Form(description="resize/convert images to the model's shape")] = False,
     include_originals: Annotated[bool, Form(description="put the uploaded images in the answer")] = True,
 ) -> StreamingResponse:
-    served = repository.ready_model(model)
     try:
         spec = AugmentSpec(**AugmentationsRequest.model_validate_json(augmentations).model_dump())
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'augmentations'}: {e['msg']}" for e in exc.errors())
         raise InvalidInputError(f"augmentations: {problems}") from None
     request = AugmentRequest(spec, copies_per_image, target_per_class, seed, include_originals, convert)
-    # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
-    upload = await asyncio.to_thread(parse_upload, await dataset.read(), served.model, convert, zip_limits(settings))
-    check_request(upload, request, settings.max_augment_outputs)
+    served = repository.acquire(model)
+    try:
+        # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
+        upload = await served.on_cpu(parse_upload, await dataset.read(), served.model, convert, zip_limits(settings))
+        check_request(upload, request, settings.max_augment_outputs)
+    except BaseException:
+        await repository.release(served)
+        raise
     stream = stream_augmented(served, upload, request, settings)
 
     async def archive() -> AsyncIterator[bytes]:
@@ -64,6 +67,7 @@ async def augment(
                 yield chunk
         finally:
             await stream.aclose()
+            await repository.release(served)
 
     return StreamingResponse(archive(), media_type="application/zip",
                              headers={"Content-Disposition": f'attachment; filename="augmented-seed{seed}.zip"'})

@@ -42,12 +42,16 @@ EXAMPLES = {
 )
 async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=EXAMPLES)], repository: RepositoryDep,
                          settings: SettingsDep, name: ModelName) -> StreamingResponse:
-    served = repository.ready_model(name)
-    plan = plan_samples(served.model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
-                        truncation=body.truncation, filters=body.filters(),
-                        max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
-    stream = stream_export(served, plan, body.format, settings)
-    first = await anext(stream)  # errors before the first byte still become proper HTTP answers
+    served = repository.acquire(name)  # the export finishes on this version even if the model is reloaded
+    try:
+        plan = plan_samples(served.model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
+                            truncation=body.truncation, filters=body.filters(),
+                            max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
+        stream = stream_export(served, plan, body.format, settings)
+        first = await anext(stream)  # errors before the first byte still become proper HTTP answers
+    except BaseException:
+        await repository.release(served)
+        raise
 
     async def archive() -> AsyncIterator[bytes]:
         try:
@@ -56,6 +60,7 @@ async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=E
                 yield chunk
         finally:
             await stream.aclose()  # a client that went away stops the generation
+            await repository.release(served)
 
     filename = f"{name}-seed{plan.seed}.{body.format}"
     return StreamingResponse(archive(), media_type=MEDIA_TYPES[body.format], headers={

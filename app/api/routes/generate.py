@@ -41,10 +41,10 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
 )
 async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
                    repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> Response:
-    served = repository.ready_model(name)
     request.state.n = body.n
-    plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
-                        filters=body.filters(), max_samples=settings.max_samples_per_request,
-                        scope="one request (use a dataset export for more)")
-    samples = await unless_disconnected(request, generate_samples(served, plan, settings))
+    async with repository.serving(name) as served:
+        plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
+                            filters=body.filters(), max_samples=settings.max_samples_per_request,
+                            scope="one request (use a dataset export for more)")
+        samples = await unless_disconnected(request, generate_samples(served, plan, settings))
     return await samples_response(samples, body.format)

@@ -1,74 +1,99 @@
-"""Asynchronous dataset jobs: submit, poll, download (with HTTP Range), cancel and delete."""
+"""Asynchronous dataset jobs: submit, list, poll, download (with HTTP Range), cancel and delete; each API key sees
+only its own jobs."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends
-from fastapi.responses import FileResponse, Response
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import Response, StreamingResponse
 
-from app.api.deps import JobId, RepositoryDep, RunnerDep, SettingsDep, StoreDep, require_api_key, require_json
-from app.api.schemas import ErrorPublic, JobPublic, JobRequest
+from app.api.deps import (
+    CallerDep,
+    JobId,
+    RepositoryDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+    require_api_key,
+    require_json,
+)
+from app.api.responses import open_file_response
+from app.api.schemas import ErrorPublic, JobPublic, JobRequest, JobsPublic
 from app.engine.exports import MEDIA_TYPES, export_limit
-from app.engine.jobs import Job, estimate_bytes
+from app.engine.jobs import Job
 from app.engine.plans import plan_samples
 from app.engine.states import JobState
 from app.errors import ConflictError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
-                   responses={code: {"model": ErrorPublic} for code in (401, 403, 404, 422)})
+                   responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
 EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFolder zip",
                          "value": {"model": "mnist-cgan", "per_class": 1000, "seed": 0, "format": "zip"}}}
 
 
 def job_public(job: Job) -> JobPublic:
     url = f"/v1/jobs/{job.id}/result" if job.state == JobState.SUCCEEDED else None
-    return JobPublic(**{k: v for k, v in vars(job).items()}, eta_s=job.eta_s, result_url=url)
+    fields = {name: getattr(job, name) for name in JobPublic.model_fields if hasattr(job, name)}
+    return JobPublic(**fields, result_url=url)
 
 
 @router.post("", status_code=202, summary="Submit a dataset job", response_model=JobPublic,
-             description="Queues a dataset export that runs in the background and persists across restarts. "
-                         "Answers 202 with the job and its `Location`; poll it, then download the result. "
-                         "A job that would pass the disk quota is refused with 507.",
-             responses={409: {"model": ErrorPublic}, 507: {"model": ErrorPublic}},
+             description="Queues a dataset export that runs in the background and persists across restarts; the "
+                         "job belongs to the API key that submitted it. Answers 202 with the job and its `Location`; "
+                         "poll it, then download the result. Refused at once with 429 when too many jobs are queued "
+                         "(in all or for this key) and 507 when its result could pass a disk quota.",
+             responses={code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)},
              dependencies=[Depends(require_json)])
 async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
-                     repository: RepositoryDep, settings: SettingsDep, store: StoreDep,
-                     runner: RunnerDep) -> JobPublic:
+                     repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
+                     caller: CallerDep) -> JobPublic:
     model = repository.ready_model(body.model).model
     plan = plan_samples(model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
                         truncation=body.truncation, filters=body.filters(),
                         max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
-    runner.check_quota(estimate_bytes(plan, model.image_shape, body.format))
-    job = store.create(model.name, {**body.model_dump(), "seed": plan.seed}, len(plan), body.format)
-    runner.submit(job, plan)
+    job = await runner.submit(model.name, {**body.model_dump(), "seed": plan.seed}, plan, body.format, caller.owner,
+                              model.image_shape)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 
 
-@router.get("/{job_id}", summary="Job state", response_model=JobPublic,
+@router.get("", summary="List your jobs", response_model=JobsPublic,
+            description="The jobs of the calling API key, newest first.")
+async def list_jobs(store: StoreDep, caller: CallerDep,
+                    limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100) -> JobsPublic:
+    jobs = await asyncio.to_thread(store.list, caller.owner, limit)
+    return JobsPublic(jobs=[job_public(job) for job in jobs])
+
+
+@router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
             description="State (queued, running, succeeded, failed), progress, ETA and error.")
-async def get_job(job_id: JobId, store: StoreDep) -> JobPublic:
-    return job_public(store.get(job_id))
+async def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
+    return job_public(await asyncio.to_thread(store.get, job_id, caller.owner))
 
 
-@router.get("/{job_id}/result", summary="Download a job's archive", response_class=FileResponse,
-            description="The finished archive. Supports `Range: bytes=START-` so a broken download resumes.",
+@router.get("/{job_id}/result", summary="Download a job's archive", response_class=StreamingResponse,
+            description="The finished archive. Supports `Range: bytes=START-[END]` so a broken download resumes. "
+                        "A download that started is served whole even if the job is deleted or expires meanwhile.",
             responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 206: {"description": "a range"},
-                       409: {"model": ErrorPublic}})
-async def get_result(job_id: JobId, store: StoreDep) -> FileResponse:
-    job = store.get(job_id)
+                       404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 416: {"model": ErrorPublic}})
+async def get_result(job_id: JobId, store: StoreDep, caller: CallerDep, request: Request) -> StreamingResponse:
+    job = await asyncio.to_thread(store.get, job_id, caller.owner)
     if job.state != JobState.SUCCEEDED:
         raise ConflictError(f"job {job_id} is {job.state}" + (f" ({job.error})" if job.error else "")
                             + "; its result is ready once it succeeded")
+    handle = await asyncio.to_thread(store.open_result, job)
+    size = os.fstat(handle.fileno()).st_size
     filename = f"{job.model}-seed{job.request['seed']}.{job.format}"
-    return FileResponse(store.result_path(job), media_type=MEDIA_TYPES[job.format], filename=filename)
+    return open_file_response(handle, size, MEDIA_TYPES[job.format], filename, request.headers.get("range"))
 
 
-@router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job",
+@router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job", responses={404: {"model": ErrorPublic}},
                description="Stops a queued or running job and deletes it and its files.")
-async def delete_job(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
-    store.get(job_id)
+async def delete_job(job_id: JobId, store: StoreDep, runner: RunnerDep, caller: CallerDep) -> Response:
+    await asyncio.to_thread(store.get, job_id, caller.owner)
     await runner.cancel(job_id)
-    store.delete(job_id)
+    await asyncio.to_thread(store.delete, job_id)
     return Response(status_code=204)

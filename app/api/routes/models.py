@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key
+from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
 from app.engine.repository import ModelEntry
 from app.errors import ConflictError
@@ -42,10 +42,12 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: Mode
 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,
-             description="Loads the model folder from disk (again), replacing the loaded version once the new one "
-                         "loaded. A checkpoint that fails to load answers 409 with the reason; a model that was "
+             description="Needs an admin key. Loads the model folder from disk (again), replacing the loaded version "
+                         "once the new one loaded; exports and jobs already running finish on the version they began "
+                         "with. A checkpoint that fails to load answers 409 with the reason; a model that was "
                          "serving keeps serving its previous version, and the other models are not affected.",
-             responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}})
+             responses={404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}},
+             dependencies=[Depends(require_admin)])
 async def load_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelPublic:
     entry = await repository.load(name)
     if entry.error:
@@ -54,7 +56,9 @@ async def load_model(repository: RepositoryDep, settings: SettingsDep, name: Mod
 
 
 @router.delete("/{name}", summary="Unload a model", response_model=ModelPublic,
-               description="Stops the model's worker and frees its memory; waiting requests fail. The folder stays "
-                           "on disk; POST .../load brings it back.", responses={404: {"model": ErrorPublic}})
+               description="Stops the model's worker and frees its memory; waiting requests, exports and jobs fail at "
+                           "once with 409. The folder stays "
+                           "on disk; POST .../load brings it back. Needs an admin key.",
+               responses={404: {"model": ErrorPublic}}, dependencies=[Depends(require_admin)])
 async def unload_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelPublic:
     return model_public(await repository.unload(name), settings.dtype)

@@ -42,12 +42,12 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
                       files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                       labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
                       convert: ConvertForm = False, format: FormatForm = "png") -> Response:
-    served = repository.ready_model(name)
-    vae.require_vae(served.model)
     if len(files) > settings.max_upload_files:
         raise InvalidInputError(f"{len(files)} files is over the limit of {settings.max_upload_files} per request")
-    images = await vae.decode_uploads(served.model, await _read(files, "file"), convert, settings.max_image_pixels)
-    samples = await vae.reconstruct(served, images, _split_labels(labels))
+    async with repository.serving(name) as served:
+        vae.require_vae(served.model)
+        images = await vae.decode_uploads(served, await _read(files, "file"), convert, settings.max_image_pixels)
+        samples = await vae.reconstruct(served, images, _split_labels(labels))
     return await samples_response(samples, format)
 
 
@@ -57,8 +57,8 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
 async def interpolate(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
                       repository: RepositoryDep, name: ModelName) -> Response:
-    served = repository.ready_model(name)
-    samples = await vae.interpolate(served, body.seed_a, body.seed_b, body.label_a, body.label_b, body.steps)
+    async with repository.serving(name) as served:
+        samples = await vae.interpolate(served, body.seed_a, body.seed_b, body.label_a, body.label_b, body.steps)
     return await samples_response(samples, body.format)
 
 
@@ -72,10 +72,11 @@ async def inpaint(repository: RepositoryDep, settings: SettingsDep, name: ModelN
                   label: Annotated[str | None, Form(description="class; omitted → the best-fitting class")] = None,
                   iterations: Annotated[int, Form(ge=1, le=500)] = 60,
                   convert: ConvertForm = False, format: FormatForm = "png") -> Response:
-    served = repository.ready_model(name)
-    vae.require_vae(served.model)
-    pixels = await vae.decode_uploads(served.model, await _read([image], "image"), convert, settings.max_image_pixels)
-    holes = await vae.decode_uploads(served.model, await _read([mask], "mask"), convert, settings.max_image_pixels,
-                                     mask=True)
-    samples = await vae.inpaint(served, pixels[0], holes[0], label, iterations)
+    async with repository.serving(name) as served:
+        vae.require_vae(served.model)
+        pixels = await vae.decode_uploads(served, await _read([image], "image"), convert,
+                                          settings.max_image_pixels)
+        holes = await vae.decode_uploads(served, await _read([mask], "mask"), convert, settings.max_image_pixels,
+                                         mask=True)
+        samples = await vae.inpaint(served, pixels[0], holes[0], label, iterations)
     return await samples_response(samples, format)
