@@ -76,7 +76,7 @@ def open_file_response(handle: IO[bytes], size: int, media_type: str, filename: 
     cannot truncate the answer. The handle is closed when the answer ends or the client goes away."""
     start, stop, status = 0, size, 200
     if range_header:
-        match = _RANGE.match(range_header.strip())
+        match = _RANGE.fullmatch(range_header.strip())
         if not match or int(match.group(1)) >= size or (match.group(2) and int(match.group(2)) < int(match.group(1))):
             handle.close()
             raise RangeNotSatisfiableError(f"cannot serve {range_header!r} of a {size}-byte file; ask for "

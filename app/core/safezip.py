@@ -29,6 +29,7 @@ class ZipLimits:
     max_files: int = 200_000
     max_ratio: float = 250.0
     max_pixels: int = MAX_IMAGE_PIXELS
+    max_member_bytes: int = 64 * 1024**2
 
 
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
@@ -44,8 +45,12 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, l
                 raise DataError(f"{source}: {info.filename!r} decompresses to more than its header declares")
             if size > budget:
                 raise DataError(f"{source}: the archive decompresses to more than the limit of {limits.max_bytes} "
-                                "bytes")
-            if size > 1 << 20 and size > limits.max_ratio * max(info.compress_size, 1):
+                                "bytes (SYNTHGEN_MAX_DECOMPRESSED_BYTES)")
+            if size > limits.max_member_bytes:
+                raise DataError(f"{source}: {info.filename!r} decompresses to more than the limit of "
+                                f"{limits.max_member_bytes} bytes per member (SYNTHGEN_MAX_MEMBER_BYTES)")
+            # every member, whatever its size: many small bombs are a bomb too (a 4 KiB allowance for tiny files)
+            if size > 4096 and size > limits.max_ratio * max(info.compress_size, 1):
                 raise DataError(f"{source}: {info.filename!r} is compressed over {limits.max_ratio:g}:1; "
                                 "zip bombs are refused")
     return b"".join(chunks)

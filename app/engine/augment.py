@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
@@ -115,7 +116,20 @@ def _flat_labels(extras: dict[str, bytes], files: list[tuple[str, bytes]]) -> di
 
 def zip_limits(settings: Settings) -> ZipLimits:
     return ZipLimits(max_bytes=settings.max_decompressed_bytes, max_files=settings.max_archive_files,
-                     max_pixels=settings.max_image_pixels)
+                     max_pixels=settings.max_image_pixels, max_member_bytes=settings.max_member_bytes)
+
+
+CLASS_NAME = re.compile(r"^\w(?:[\w .+()-]{0,98}[\w+()-])?$")
+
+
+def check_class_name(name: str) -> str:
+    """Class names become folder names in the answer: letters, digits and ' _.+()-', at most 100 characters,
+    starting with a letter or digit and not ending with a space or dot."""
+    if not CLASS_NAME.fullmatch(name):
+        raise DataError(f"class name {name!r} is not allowed: use 1-100 letters, digits, spaces and '_.+()-', "
+                        "starting with a letter or digit and not ending with a space or '.'; no '/', '\\', ':' or "
+                        "control characters")
+    return name
 
 
 def parse_upload(data: bytes, model: SyntheticModel, convert: bool, limits: ZipLimits) -> Upload:
@@ -128,6 +142,8 @@ def parse_upload(data: bytes, model: SyntheticModel, convert: bool, limits: ZipL
             entries.setdefault(mapping[_base(name)], []).append((name, payload))
     if not entries:
         raise DataError("the upload holds no images; expected <class>/<image>.png")
+    for class_name in entries:
+        check_class_name(class_name)
     empty = sorted(name for name, files in entries.items() if not files)
     if empty:
         raise DataError(f"class folder(s) {empty} hold no images")

@@ -91,7 +91,7 @@ INTERRUPTED = "interrupted: the server running it stopped; submit it again"
 
 
 def validate_job_id(job_id: str) -> str:
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise InvalidInputError(f"invalid job id {job_id!r}: job ids are 32 hexadecimal characters")
     return job_id
 

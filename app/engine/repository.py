@@ -35,7 +35,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def validate_model_name(name: str) -> str:
     """Model names are folder names: letters, digits, '.', '_' and '-', no path tricks."""
-    if not MODEL_NAME.match(name) or ".." in name:
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
         raise InvalidInputError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                                 "starting with a letter or digit")
     return name
@@ -97,7 +97,7 @@ class ModelRepository:
         root = self.settings.models_dir
         if not root.is_dir():
             return []
-        names = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file() and MODEL_NAME.match(p.name))
+        names = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file() and MODEL_NAME.fullmatch(p.name))
         for name in names:
             self.entries.setdefault(name, ModelEntry(name, root / name))
         return names
