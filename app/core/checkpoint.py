@@ -106,6 +106,25 @@ def config_hash(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+_SCALARS: dict[Any, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _checked_hyperparameters(config_class: type, values: object, path: Path) -> dict[str, Any]:
+    """The config's hyperparameters, with every field's JSON type checked against the dataclass (a wrong type
+    would otherwise fail deep inside a layer with a message that names no field)."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: 'hyperparameters' must be an object of {config_class.__name__} fields")
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown hyperparameters {unknown} for {config_class.__name__}")
+    for name, value in values.items():
+        allowed = _SCALARS.get(str(fields[name].type))
+        if allowed and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+            raise CheckpointError(f"{path}: hyperparameter {name} must be {fields[name].type}, not {value!r}")
+    return values
+
+
 def register(cls: Arch) -> Arch:
     """Make a network class loadable by the class name its config names."""
     REGISTRY[cls.__name__] = cls
@@ -160,10 +179,11 @@ class Checkpointable(nn.Module):
         arch = REGISTRY.get(str(config.get("class_name")))
         if arch is None or not issubclass(arch, cls):
             raise CheckpointError(f"{path}: unknown class_name {config.get('class_name')!r}; known: {known}")
+        hyperparameters = _checked_hyperparameters(arch.config_class, config.get("hyperparameters"), path)
         try:
-            net = arch(arch.config_class(**config["hyperparameters"]))
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: bad hyperparameters for {arch.__name__}: {exc}") from exc
+            net = arch(arch.config_class(**hyperparameters))
+        except Exception as exc:  # a value of the right type can still be impossible (e.g. a negative width)
+            raise CheckpointError(f"{path}: the hyperparameters do not build a {arch.__name__}: {exc}") from exc
         parts = arch.serving_parts if serving else ()
         net.load_parts(folder, parts)
         for part in set(arch.weight_files) - set(parts or arch.weight_files):

@@ -50,7 +50,7 @@ def decode_to_shape(data: bytes, name: str, shape: tuple[int, int, int], owner: 
                     max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """PNG/JPEG bytes → uint8 `[H, W, C]` of `shape` (what `owner`, a model, works on); resized only when
     `convert`, else a size mismatch is refused."""
-    image = decode_image(data, name, max_pixels)
+    image = _to_8_bit(decode_image(data, name, max_pixels))
     height, width, channels = shape
     mode = "L" if channels == 1 else "RGB"
     if image.size != (width, height) or image.mode != mode:
@@ -60,6 +60,14 @@ def decode_to_shape(data: bytes, name: str, shape: tuple[int, int, int], owner: 
         image = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if channels == 1 else array
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grey scaled to 8 bits; Pillow's own conversion would clip it to 0/255."""
+    if image.mode.startswith("I"):
+        scaled = np.rint(np.asarray(image, dtype=np.float64) / 257.0)
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
+    return image
 
 
 def encode_png(image: np.ndarray) -> bytes:

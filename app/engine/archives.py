@@ -37,6 +37,14 @@ def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int], indices: np.nd
     return buffer.getvalue()
 
 
+def csv_cell(value: object) -> object:
+    """A cell that spreadsheets will not run as a formula: text starting with = + - @ (or a tab or carriage
+    return) gets a leading apostrophe (OWASP's advice for CSV injection)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def sample_file_name(class_name: str, index: int) -> str:
     return f"{class_name}/{index:08d}.png"
 
@@ -113,7 +121,7 @@ class ImageFolderZip:
         for label, index, code in zip(self._labels, self._indices, self._source):
             row = [self._name(label, index, code), label, self.class_names[label] if self.class_names else "",
                    self.seed, index]
-            writer.writerow(row + ([self.SOURCES[code]] if self.sources else []))
+            writer.writerow([csv_cell(cell) for cell in row + ([self.SOURCES[code]] if self.sources else [])])
         manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": self.counts()}
         self._write("labels.csv", text.getvalue().encode())
         self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())

@@ -176,7 +176,7 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     missing = {name: max(0, request.target_per_class - have[name])
                for name in upload.class_names if name in model.class_names}
     plan = plan_samples(model, per_class=missing, seed=seed, max_samples=settings.max_augment_outputs,
-                        scope="one augment answer", allow_empty=True)
+                        scope="one augment answer (SYNTHGEN_MAX_AUGMENT_OUTPUTS)", allow_empty=True)
     # model label → the upload's label for the same class name
     to_upload = {label: upload.class_names.index(model.class_names[label]) for label in set(plan.labels)}
     generate = sampler(served, seed, 1.0, settings.request_timeout_s, wait_when_full=True)

@@ -18,9 +18,12 @@ from app.settings import Settings
 MEDIA_TYPES = {"zip": "application/zip", "tar": "application/x-tar", "npz": "application/octet-stream"}
 
 
-def export_limit(settings: Settings, output: str) -> int:
-    """Most samples one export (streamed or a job) may hold: npz is built in memory, so it has its own limit."""
-    return settings.max_npz_samples if output == "npz" else settings.max_dataset_samples
+def export_limit(settings: Settings, output: str) -> tuple[int, str]:
+    """Most samples one export (streamed or a job) may hold, and a scope naming the setting: npz is built in memory,
+    so it has its own limit."""
+    if output == "npz":
+        return settings.max_npz_samples, "one npz export (SYNTHGEN_MAX_NPZ_SAMPLES)"
+    return settings.max_dataset_samples, f"one {output} export (SYNTHGEN_MAX_DATASET_SAMPLES)"
 
 
 async def stream_export(served: ServedModel, plan: SamplePlan, output: str, settings: Settings

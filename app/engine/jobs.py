@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from app.core.model import SyntheticModel
 from app.engine.exports import stream_export
 from app.engine.plans import SamplePlan
 from app.engine.repository import ModelRepository
@@ -246,11 +247,17 @@ class JobStore:
         return len(rows)
 
 
-def estimate_bytes(plan: SamplePlan, image_shape: tuple[int, int, int], output: str) -> int:
-    """A generous upper bound of an archive's size: raw pixels plus per-file overhead."""
-    height, width, channels = image_shape
-    per_sample = height * width * channels + (300 if output == "zip" else 1600 if output == "tar" else 16)
-    return len(plan) * per_sample + 65_536
+def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str) -> int:
+    """An upper bound of an archive's size, reserved against the quotas: a PNG is at most its raw rows (plus a
+    filter byte each) and some overhead; a zip adds headers and a labels.csv row per sample, a tar a 512-byte header
+    and padding per member (png, cls, json); plus the manifest with the model's card."""
+    height, width, channels = model.image_shape
+    if output == "npz":
+        return len(plan) * (height * width * channels + 16) + 65_536
+    raw = (width * channels + 1) * height
+    png = raw + raw // 1024 + 128  # zlib's worst case (stored blocks) plus the PNG chunks
+    per_sample = png + 400 if output == "zip" else png + 512 + 3 * 512 + 2 * 512
+    return len(plan) * per_sample + len(json.dumps(model.card)) + 65_536
 
 
 def write_chunk(handle: IO[bytes], data: bytes) -> None:
@@ -287,11 +294,11 @@ class JobRunner:
         self._owner_slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    async def submit(self, model: str, request: dict[str, Any], plan: SamplePlan, output: str, owner: str,
-                     image_shape: tuple[int, int, int]) -> Job:
+    async def submit(self, model: SyntheticModel, request: dict[str, Any], plan: SamplePlan, output: str,
+                     owner: str) -> Job:
         """Admit the job (429 when the queue is full, 507 past a quota) and start it."""
-        job = await asyncio.to_thread(self.store.create, model, request, len(plan), output, owner,
-                                      estimate_bytes(plan, image_shape, output), self.limits)
+        job = await asyncio.to_thread(self.store.create, model.name, request, len(plan), output, owner,
+                                      estimate_bytes(plan, model, output), self.limits)
         self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, plan))
         return job
 

@@ -57,7 +57,7 @@ def _class_counts(model: SyntheticModel, per_class: int | dict[str, int]) -> dic
     return dict(sorted(counts.items()))
 
 
-def plan_samples(model: SyntheticModel, *, max_samples: int, scope: str, per_class: int | dict[str, int] | None = None,
+def plan_samples(model: SyntheticModel, max_samples: int, scope: str, *, per_class: int | dict[str, int] | None = None,
                  n: int | None = None, label: str | int | None = None, seed: int | None = None,
                  truncation: float = 1.0, filters: FilterSpec | None = None, allow_empty: bool = False) -> SamplePlan:
     """`per_class` (a count for every class, or counts by class name) or `n` samples (all of `label`, or drawn).

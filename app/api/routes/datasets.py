@@ -44,9 +44,8 @@ async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=E
                          settings: SettingsDep, name: ModelName) -> StreamingResponse:
     served = repository.acquire(name)  # the export finishes on this version even if the model is reloaded
     try:
-        plan = plan_samples(served.model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
-                            truncation=body.truncation, filters=body.filters(),
-                            max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
+        plan = plan_samples(served.model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
+                            label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
         stream = stream_export(served, plan, body.format, settings)
         first = await anext(stream)  # errors before the first byte still become proper HTTP answers
     except BaseException:

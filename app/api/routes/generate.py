@@ -45,6 +45,6 @@ async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERA
     async with repository.serving(name) as served:
         plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
                             filters=body.filters(), max_samples=settings.max_samples_per_request,
-                            scope="one request (use a dataset export for more)")
+                            scope="one request (SYNTHGEN_MAX_SAMPLES_PER_REQUEST; use a dataset export for more)")
         samples = await unless_disconnected(request, generate_samples(served, plan, settings))
     return await samples_response(samples, body.format)

@@ -51,11 +51,9 @@ async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)
                      repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
                      caller: CallerDep) -> JobPublic:
     model = repository.ready_model(body.model).model
-    plan = plan_samples(model, per_class=body.per_class, n=body.n, label=body.label, seed=body.seed,
-                        truncation=body.truncation, filters=body.filters(),
-                        max_samples=export_limit(settings, body.format), scope=f"one {body.format} export")
-    job = await runner.submit(model.name, {**body.model_dump(), "seed": plan.seed}, plan, body.format, caller.owner,
-                              model.image_shape)
+    plan = plan_samples(model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
+                        label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
+    job = await runner.submit(model, {**body.model_dump(), "seed": plan.seed}, plan, body.format, caller.owner)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 
