@@ -101,38 +101,49 @@ def server_env() -> dict[str, str]:
     return {}
 
 
+def launch_server(models: Path, data: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a real `synthgen serve` process (uvicorn) on 127.0.0.1 and a free port; returns once /readyz is 200."""
+    port = _free_port()
+    full_env = {**os.environ, "SYNTHGEN_MAX_BATCH_WAIT_MS": "2", "PYTHONUNBUFFERED": "1",
+                "SYNTHGEN_DATA_DIR": str(data), **(env or {})}
+    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--models-dir", str(models),
+                                "--device", "cpu"], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise AssertionError(process.stdout.read().decode() if process.stdout else "the server exited")
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not become ready within 60 s")
+
+
+def stop_server(process: subprocess.Popen) -> str:
+    """SIGTERM, wait, and return the server's output (asserting a clean exit)."""
+    if process.poll() is None:
+        process.terminate()
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode in (0, -15), output
+    return output
+
+
 @pytest.fixture
 def server(tmp_path: Path, tiny_gan: Path, tiny_vae: Path, server_env: dict[str, str]):
-    """A real `synthgen serve` process (uvicorn) on 127.0.0.1 and a free port: yields (url, pid)."""
+    """A real server process on the tiny models: yields (url, pid)."""
     models = tmp_path / "models"
     shutil.copytree(tiny_gan, models / "digits-gan")
     shutil.copytree(tiny_vae, models / "digits-vae")
-    port = _free_port()
-    env = {**os.environ, "SYNTHGEN_MAX_BATCH_WAIT_MS": "2", "PYTHONUNBUFFERED": "1"}
-    env["SYNTHGEN_DATA_DIR"] = str(tmp_path / "data")
-    env.update(server_env)
-    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", str(port), "--models-dir", str(models),
-                                "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = launch_server(models, tmp_path / "data", server_env)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the server did not become ready within 60 s")
         yield url, process.pid
     finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0].decode()
-        assert process.returncode in (0, -15), output
-
-
+        stop_server(process)
 
 
 class WorkerKilled(BaseException):

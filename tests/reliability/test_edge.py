@@ -1,0 +1,162 @@
+"""Issue 11 against real server processes: slow and idle clients, proxy headers, a crash, a stop with work running,
+and heavy uploads beside small requests. Each test failed on the code before."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import launch_server, stop_server
+
+EDGE = {"SYNTHGEN_HEADER_TIMEOUT_S": "1", "SYNTHGEN_BODY_TIMEOUT_S": "1", "SYNTHGEN_MAX_CONNECTIONS": "40",
+        "SYNTHGEN_RATE_LIMIT_PER_S": "0.5", "SYNTHGEN_RATE_LIMIT_BURST": "3", "SYNTHGEN_LOG_LEVEL": "warning"}
+
+
+def _connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed the socket (fails if it answered or kept it open)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    assert sock.recv(1024) == b""
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("server_env", [EDGE])
+def test_slow_and_idle_clients_cannot_lock_anyone_out(server: tuple[str, int]) -> None:
+    url, _ = server
+    half = _connect(url)
+    half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
+    assert _closed_within(half, 5) < 3  # closed after the 1 s header timeout, not held forever
+
+    idle = [_connect(url) for _ in range(200)]  # five times the connection bound
+    try:
+        started = time.monotonic()
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1
+    finally:
+        for sock in idle:
+            sock.close()
+
+    slow = _connect(url)
+    slow.sendall(b"POST /v1/models/digits-gan/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"n\"")  # a body that never completes
+    slow.settimeout(5)
+    answer = slow.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "SYNTHGEN_BODY_TIMEOUT_S" in answer
+    slow.close()
+
+    gone = _connect(url)
+    gone.sendall(b"POST /v1/models/digits-gan/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"n\"")
+    gone.close()  # hangs up before its body: the client's doing, not a server error
+    time.sleep(0.5)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert re.search(r'synthgen_requests_total\{route="unmatched",status="499"\} [1-9]', metrics)
+    assert not re.search(r'status="500"\} [1-9]', metrics)
+
+
+@pytest.mark.parametrize("server_env", [EDGE])
+def test_forwarded_for_is_not_trusted_without_a_configured_proxy(server: tuple[str, int]) -> None:
+    url, _ = server
+    statuses = [httpx.get(f"{url}/v1/models", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code
+                for i in range(5)]
+    assert statuses[:3] == [200, 200, 200] and 429 in statuses[3:]  # every spoofed address shares one bucket
+
+
+def test_after_kill_9_interrupted_jobs_fail_as_soon_as_the_server_restarts(tmp_path: Path, tiny_gan: Path) -> None:
+    models, data = tmp_path / "models", tmp_path / "data"
+    shutil.copytree(tiny_gan, models / "digits-gan")
+    env = {"SYNTHGEN_MAX_BATCH_SIZE": "8", "SYNTHGEN_REPLICA_ID": "replica-1"}
+    process, url = launch_server(models, data, env)
+    try:
+        job = httpx.post(f"{url}/v1/jobs", json={"model": "digits-gan", "n": 500_000}).json()
+        for _ in range(100):
+            if httpx.get(f"{url}/v1/jobs/{job['id']}").json()["state"] == "running":
+                break
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    process, url = launch_server(models, data, env)  # the same replica comes back at once
+    try:
+        state = httpx.get(f"{url}/v1/jobs/{job['id']}").json()
+        assert state["state"] == "failed" and "stopped" in state["error"]  # not "running" for another 30 s
+        assert not list((data / "results").glob("*.part"))
+    finally:
+        stop_server(process)
+
+
+def test_a_stop_has_a_deadline_even_with_an_export_running(tmp_path: Path, tiny_gan: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_gan, models / "digits-gan")
+    process, url = launch_server(models, tmp_path / "data", {"SYNTHGEN_SHUTDOWN_TIMEOUT_S": "2",
+                                                             "SYNTHGEN_MAX_BATCH_SIZE": "8"})
+    job = httpx.post(f"{url}/v1/jobs", json={"model": "digits-gan", "n": 500_000}).json()
+    with httpx.stream("POST", f"{url}/v1/models/digits-gan/datasets", json={"n": 1_000_000}, timeout=30) as export:
+        next(export.iter_bytes())  # an export that would take many minutes is streaming
+        started = time.monotonic()
+        process.terminate()
+        output = stop_server(process)
+    assert time.monotonic() - started < 10, output
+    from app.engine.jobs import JobStore
+
+    store = JobStore(tmp_path / "data")
+    assert store.get(job["id"]).state == "failed"  # failed at the stop, not left running
+    store.close()
+
+
+@pytest.mark.parametrize("server_env", [{"SYNTHGEN_MAX_IMAGE_PIXELS": "16777216", "SYNTHGEN_LOG_LEVEL": "warning"}])
+def test_heavy_uploads_do_not_stall_small_requests(server: tuple[str, int]) -> None:
+    url, pid = server
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (2048, 2048), dtype=np.uint8)).save(buffer, format="PNG")
+    big = buffer.getvalue()  # 4 Mpixel noise: slow to decode and to resize
+    stop = threading.Event()
+
+    def upload() -> None:
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                client.post(f"{url}/v1/models/digits-vae/reconstruct", data={"convert": "true", "labels": "1"},
+                            files=[("files", (f"{i}.png", big)) for i in range(3)])
+
+    workers = [threading.Thread(target=upload) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    latencies, peak_rss = [], 0.0
+    try:
+        time.sleep(1.0)
+        with httpx.Client(timeout=10) as client:
+            for _ in range(20):
+                started = time.monotonic()
+                assert client.get(f"{url}/healthz").status_code == 200
+                latencies.append(time.monotonic() - started)
+                small = client.post(f"{url}/v1/models/digits-gan/generate", json={"n": 100, "seed": 1})
+                assert small.status_code == 200
+                from tests.conftest import rss_mb
+
+                peak_rss = max(peak_rss, rss_mb(pid))
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert max(latencies) < 1.0, latencies
+    assert peak_rss < 1024, peak_rss
+
