@@ -109,4 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a validation problem
+            return error_response(request, 422, f"the body could not be parsed ({exc.detail}); send UTF-8 JSON, or "
+                                  "multipart form data for uploads")
         return error_response(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))

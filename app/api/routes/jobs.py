@@ -30,6 +30,10 @@ from app.errors import ConflictError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
+# OpenAPI links: what a client (or a stateful fuzzer) may do with the id a submission returns
+_JOB = "#/paths/~1v1~1jobs~1{job_id}"
+LINKS = {name: {"operationRef": f"{_JOB}{path}/{method}", "parameters": {"job_id": "$response.body#/id"}}
+         for name, path, method in (("GetJob", "", "get"), ("GetResult", "~1result", "get"), ("DeleteJob", "", "delete"))}
 EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFolder zip",
                          "value": {"model": "mnist-cgan", "per_class": 1000, "seed": 0, "format": "zip"}}}
 
@@ -45,7 +49,8 @@ def job_public(job: Job) -> JobPublic:
                          "job belongs to the API key that submitted it. Answers 202 with the job and its `Location`; "
                          "poll it, then download the result. Refused at once with 429 when too many jobs are queued "
                          "(in all or for this key) and 507 when its result could pass a disk quota.",
-             responses={code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)},
+             responses={202: {"description": "the job, queued", "links": LINKS},
+                        **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
              dependencies=[Depends(require_json)])
 async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
                      repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
