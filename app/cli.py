@@ -34,7 +34,7 @@ def _generate(args: argparse.Namespace) -> None:
     model = load_model(args.model, resolve_device(args.device))
     plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
                         truncation=args.truncation, max_samples=sys.maxsize, scope="the command line")
-    images, drawn = sample(model, plan.seed, plan.labels, truncation=plan.truncation)
+    images, drawn = sample(model, plan.seed, plan.labels(), truncation=plan.truncation)
     manifest = build_manifest(model, plan, "zip")  # written only into a zip or its unzipped directory
     write_output(Path(args.out), images, drawn, model.class_names, plan.seed, manifest)
     print(f"wrote {len(images)} samples of {model.name} to {args.out}")

@@ -178,10 +178,10 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     plan = plan_samples(model, per_class=missing, seed=seed, max_samples=settings.max_augment_outputs,
                         scope="one augment answer (SYNTHGEN_MAX_AUGMENT_OUTPUTS)", allow_empty=True)
     # model label → the upload's label for the same class name
-    to_upload = {label: upload.class_names.index(model.class_names[label]) for label in set(plan.labels)}
+    to_upload = {label: upload.class_names.index(model.class_names[label]) for label, count in plan.runs if count}
     generate = sampler(served, seed, 1.0, settings.request_timeout_s, wait_when_full=True)
     for start in range(0, len(plan), settings.max_batch_size):
-        part = plan.labels[start : start + settings.max_batch_size]
+        part = plan.labels(start, start + settings.max_batch_size)
         images, _ = await generate(range(start, start + len(part)), part)
         out_labels = np.array([to_upload[label] for label in part], dtype=np.int64)
         yield await served.on_cpu(writer.add, images, out_labels, range(start, start + len(part)), "synthetic")

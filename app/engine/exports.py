@@ -36,7 +36,7 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
     def produce(start: int) -> asyncio.Future[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         stop = min(start + chunk, len(plan))
         return asyncio.ensure_future(fill(generate, served.judge, served.executor, spec, list(range(start, stop)),
-                                          plan.labels[start:stop], len(plan), settings.filter_max_rounds, report))
+                                          plan.labels(start, stop), len(plan), settings.filter_max_rounds, report))
 
     starts = list(range(0, len(plan), chunk))
     pending = produce(0)

@@ -64,6 +64,6 @@ async def generate_samples(served: ServedModel, plan: SamplePlan, settings: Sett
     model, report, n = served.model, FilterReport(), len(plan)
     generate = sampler(served, plan.seed, plan.truncation, settings.request_timeout_s)
     images, labels, indices = await fill(generate, served.judge, served.executor, plan.filters, list(range(n)),
-                                         plan.labels, n, settings.filter_max_rounds, report)
+                                         plan.labels(), n, settings.filter_max_rounds, report)
     return Samples(model.name, images, labels if model.num_classes else None, model.class_names, plan.seed, indices,
                    report.rejected if plan.filters.active else None)

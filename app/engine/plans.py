@@ -8,8 +8,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from app import __version__
 from app.core.model import SyntheticModel
 from app.core.sampling import MAX_SEED, resolve_label
@@ -19,22 +17,34 @@ from app.errors import InvalidInputError
 
 @dataclass(frozen=True)
 class SamplePlan:
-    """One label (None: drawn from the seed) per sample index 0..n-1, the seed, truncation and filters."""
+    """Which label (None: drawn from the seed) each sample index 0..n-1 gets, as runs of (label, count) in index
+    order (a million-sample plan stays a few bytes), the seed, truncation and filters."""
 
-    labels: list[int | None]
+    runs: tuple[tuple[int | None, int], ...]
     seed: int
     truncation: float = 1.0
     filters: FilterSpec = field(default_factory=FilterSpec)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return sum(count for _, count in self.runs)
+
+    def labels(self, start: int = 0, stop: int | None = None) -> list[int | None]:
+        """The labels of indices start..stop-1."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        out: list[int | None] = []
+        first = 0
+        for label, count in self.runs:
+            lo, hi = max(start, first), min(stop, first + count)
+            if lo < hi:
+                out.extend([label] * (hi - lo))
+            first += count
+        return out
 
     def counts(self, class_names: list[str]) -> dict[str, int] | None:
         """Samples asked for per class name; None when labels are drawn."""
-        if any(label is None for label in self.labels):
+        if any(label is None for label, _ in self.runs):
             return None
-        values, counts = np.unique(np.array(self.labels, dtype=np.int64), return_counts=True)
-        return {class_names[v]: int(c) for v, c in zip(values, counts)}
+        return {class_names[label]: count for label, count in self.runs if count}  # type: ignore[index]
 
 
 def _class_counts(model: SyntheticModel, per_class: int | dict[str, int]) -> dict[int, int]:
@@ -79,9 +89,8 @@ def plan_samples(model: SyntheticModel, max_samples: int, scope: str, *, per_cla
     if total > max_samples:
         raise InvalidInputError(f"{total} samples is over the limit of {max_samples} for {scope}; ask for fewer "
                                 "(several requests with different seeds give different samples)")
-    labels = [value for value, count in counts.items() for _ in range(count)]
     seed = secrets.randbelow(MAX_SEED) if seed is None else seed
-    return SamplePlan(labels, seed, truncation, filters or FilterSpec())
+    return SamplePlan(tuple(counts.items()), seed, truncation, filters or FilterSpec())
 
 
 def build_manifest(model: SyntheticModel, plan: SamplePlan, output: str, rejected: dict[str, int] | None = None,

@@ -33,7 +33,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(requi
 # OpenAPI links: what a client (or a stateful fuzzer) may do with the id a submission returns
 _JOB = "#/paths/~1v1~1jobs~1{job_id}"
 LINKS = {name: {"operationRef": f"{_JOB}{path}/{method}", "parameters": {"job_id": "$response.body#/id"}}
-         for name, path, method in (("GetJob", "", "get"), ("GetResult", "~1result", "get"), ("DeleteJob", "", "delete"))}
+         for name, path, method in (("GetJob", "", "get"), ("GetResult", "~1result", "get"),
+                                    ("DeleteJob", "", "delete"))}
 EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFolder zip",
                          "value": {"model": "mnist-cgan", "per_class": 1000, "seed": 0, "format": "zip"}}}
 
