@@ -81,3 +81,26 @@ def test_gallery_shows_a_grid_card_and_interpolation(server: tuple[str, int], br
     morph = browser.find_element(By.ID, "morph")
     assert _wait(lambda: morph.is_displayed() and _rendered(browser, morph))
     assert browser.find_element(By.ID, "error").text == ""
+
+
+def test_gallery_shows_hostile_class_names_as_text(tmp_path, tiny_gan, browser) -> None:
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import launch_server, stop_server
+
+    hostile = '<img src=x onerror="document.title=\'pwned\'">'
+    models = tmp_path / "models"
+    shutil.copytree(tiny_gan, models / "digits-gan")
+    config = json.loads((models / "digits-gan" / "config.json").read_text())
+    config["class_names"][0] = hostile
+    (models / "digits-gan" / "config.json").write_text(json.dumps(config))
+    process, url = launch_server(models, tmp_path / "data")
+    try:
+        browser.get(url + "/")
+        option = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#label option")[1])
+        assert option.text == hostile  # shown as text, not parsed as markup
+        assert not browser.find_elements(By.CSS_SELECTOR, "#label img") and browser.title != "pwned"
+    finally:
+        stop_server(process)

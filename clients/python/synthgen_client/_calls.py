@@ -25,6 +25,7 @@ class Call:
     method: str
     path: str
     json: Any = None
+    params: dict[str, Any] | None = None
     parse: Any = field(default=lambda response: response.json())
 
 
@@ -54,6 +55,10 @@ def generate(model: str, n: int, label: str | int | None, seed: int | None, trun
 
 def submit_job(model: str, request: dict[str, Any]) -> Call:
     return Call("POST", "/v1/jobs", json={"model": model, **request})
+
+
+def jobs(limit: int) -> Call:
+    return Call("GET", "/v1/jobs", params={"limit": limit}, parse=lambda response: response.json()["jobs"])
 
 
 def job(job_id: str) -> Call:

@@ -36,7 +36,7 @@ class AsyncClient:
 
     async def _run(self, call: calls.Call) -> Any:
         for attempt in range(self.max_retries + 1):
-            response = await self._http.request(call.method, call.path, json=call.json)
+            response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
             if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
                 break
             await asyncio.sleep(calls.retry_delay(response, attempt, self.backoff_s))
@@ -54,6 +54,10 @@ class AsyncClient:
 
     async def submit_job(self, model: str, **request: Any) -> dict[str, Any]:
         return await self._run(calls.submit_job(model, request))
+
+    async def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The jobs of this client's API key, newest first."""
+        return await self._run(calls.jobs(limit))
 
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self._run(calls.job(job_id))

@@ -34,7 +34,7 @@ class Client:
 
     def _run(self, call: calls.Call) -> Any:
         for attempt in range(self.max_retries + 1):
-            response = self._http.request(call.method, call.path, json=call.json)
+            response = self._http.request(call.method, call.path, json=call.json, params=call.params)
             if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
                 break
             time.sleep(calls.retry_delay(response, attempt, self.backoff_s))
@@ -63,6 +63,10 @@ class Client:
     def submit_job(self, model: str, **request: Any) -> dict[str, Any]:
         """Queue a dataset job (per_class or n, seed, format, filters); returns the job."""
         return self._run(calls.submit_job(model, request))
+
+    def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The jobs of this client's API key, newest first."""
+        return self._run(calls.jobs(limit))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._run(calls.job(job_id))

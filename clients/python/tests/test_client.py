@@ -44,6 +44,7 @@ def test_dataset_job_download_resumes(url: str, tmp_path: Path) -> None:
         # an interrupted download resumes: keep the first 1,000 bytes as a .part file and download again
         job = client.submit_job("digits-gan", per_class=20, seed=3)
         client.wait(job["id"], progress=False)
+        assert job["id"] in [listed["id"] for listed in client.jobs(limit=10)]
         whole = client.download(job["id"], tmp_path / "whole.zip", progress=False).read_bytes()
         (tmp_path / "r.zip.part").write_bytes(whole[:1000])
         assert client.download(job["id"], tmp_path / "r.zip", progress=False).read_bytes() == whole
@@ -70,6 +71,7 @@ async def test_async_client(url: str, tmp_path: Path) -> None:
         results = await asyncio.gather(*(client.generate("digits-vae", n=3, seed=seed) for seed in range(4)))
         assert [images.shape for images, _ in results] == [(3, 8, 8)] * 4
         path = await client.download_dataset("digits-vae", tmp_path / "v.npz", n=7, seed=2)
+        assert any(job["model"] == "digits-vae" for job in await client.jobs())
         with np.load(path) as arrays:
             assert arrays["images"].shape == (7, 8, 8)
 
