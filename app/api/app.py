@@ -52,8 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device = resolve_device(settings.device)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
-        cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-cpu")
-        repository = ModelRepository(settings, device, executor, metrics, cpu)
+        cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-codec")
+        repository = ModelRepository(settings, device, executor, cpu, metrics)
         app.state.repository = repository
         if settings.open_access:
             log.warning("no API keys are configured: anyone who can reach this server may use every operation "

@@ -42,7 +42,8 @@ class UploadGate:
         self._by_client[client] = self._by_client.get(client, 0) + 1
         try:
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.wait_s)
+                async with asyncio.timeout(self.wait_s):  # not wait_for: it can lose an acquired slot
+                    await self._slots.acquire()
             except TimeoutError:
                 raise OverloadedError("the server is busy with other uploads; retry shortly", retry_after_s=5) from None
             try:
@@ -130,17 +131,17 @@ async def _read_body(receive: Receive, limit: int, content_length: str, timeout_
     if content_length.isdigit() and int(content_length) > limit:
         raise too_large
     body = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-        except TimeoutError:
-            raise SlowRequestError(f"the request body did not arrive within {timeout_s:g} s (the "
-                                   "SYNTHGEN_BODY_TIMEOUT_S setting); send it faster or send less") from None
-        if message["type"] == "http.disconnect":
-            return None
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise too_large
-        if not message.get("more_body", False):
-            return bytes(body)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    raise too_large
+                if not message.get("more_body", False):
+                    return bytes(body)
+    except TimeoutError:
+        raise SlowRequestError(f"the request body did not arrive within {timeout_s:g} s (the SYNTHGEN_BODY_TIMEOUT_S "
+                               "setting); send it faster or send less") from None

@@ -147,7 +147,10 @@ class MicroBatcher:
         self._set_queued(self._queued + n)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that arrives as the
+            # future completes, and a cancelled job would then run on to its end
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(pending.future)
         except TimeoutError:
             self._withdraw(pending)
             raise RequestTimeoutError(f"the request waited over {timeout_s:g} s for the model; ask for fewer "
@@ -210,7 +213,8 @@ class MicroBatcher:
                 return
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
             except TimeoutError:
                 return
 

@@ -304,9 +304,9 @@ class JobRunner:
 
     async def cancel(self, job_id: str) -> None:
         task = self._tasks.pop(job_id, None)
-        if task is not None and not task.done():
+        while task is not None and not task.done():  # again if a library swallowed the cancellation
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=1.0)
 
     async def heartbeat(self) -> None:
         """Refresh the heartbeat of this runner's jobs, so other replicas know they are alive."""

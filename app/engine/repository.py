@@ -85,10 +85,9 @@ class ModelEntry:
 class ModelRepository:
     """All models of `settings.models_dir`, by name."""
 
-    def __init__(self, settings: Settings, device: torch.device, executor: Executor, metrics: Metrics,
-                 cpu: Executor | None = None) -> None:
-        self.settings, self.device, self.executor, self.metrics = settings, device, executor, metrics
-        self.cpu = cpu or executor
+    def __init__(self, settings: Settings, device: torch.device, executor: Executor, cpu: Executor,
+                 metrics: Metrics) -> None:
+        self.settings, self.device, self.executor, self.cpu, self.metrics = settings, device, executor, cpu, metrics
         self.entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 

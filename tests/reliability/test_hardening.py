@@ -61,7 +61,7 @@ async def test_hopeless_filters_stop_after_one_round(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("body", [{"n": True}, {"n": 2, "label": True}, {"n": 2, "label": " 7"},
                                   {"n": 2, "label": "٧"}, {"n": 2, "label": "07"}, {"n": "2"}, {"n": 2.0},
-                                  {"n": 2, "truncation": True}, {"n": 2, "max_similarity": 1}])
+                                  {"n": 2, "truncation": True}, {"n": 2, "truncation": "1"}])
 async def test_numbers_booleans_and_labels_are_strict(models_dir: Path, body: dict) -> None:
     async with serve(models_dir) as client:
         response = await client.post("/v1/models/digits-gan/generate", json=body)
@@ -168,6 +168,12 @@ async def test_a_download_survives_the_delete_of_its_job(models_dir: Path) -> No
         assert len(first) + len(rest) == job["result_bytes"] == int(download.headers["content-length"])
         after = await client.get(job["result_url"])
         assert after.status_code == 404 and after.headers["content-type"] == "application/json"
+        # the file gone while the job still says succeeded (another replica expiring it): 404, not a 500
+        other = await _wait(client, (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5})).json()["id"],
+                            ("succeeded",))
+        client.app.state.jobs.result_path(client.app.state.jobs.get(other["id"])).unlink()  # type: ignore[attr-defined]
+        vanished = await client.get(other["result_url"])
+        assert vanished.status_code == 404 and "deleted or expired" in vanished.json()["detail"]
 
 
 async def test_a_bad_model_folder_fails_only_that_model(models_dir: Path) -> None:
