@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import zipfile
@@ -37,3 +38,14 @@ def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) 
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+async def wait_for_job(client: httpx.AsyncClient, job_id: str, states: tuple[str, ...] = ("succeeded", "failed"),
+                       headers: dict[str, str] | None = None) -> dict:
+    """Poll a job until it is in one of `states` (at most 30 s)."""
+    for _ in range(3000):
+        job = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        if job["state"] in states:
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job {job_id} stayed {job['state']}")

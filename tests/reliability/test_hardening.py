@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.engine.archives import csv_cell
 from tests.conftest import serve
-from tests.helpers import png_bytes, zip_bytes
+from tests.helpers import png_bytes, wait_for_job, zip_bytes
 
 pytestmark = pytest.mark.anyio
 A, B, ADMIN = "a" * 20, "b" * 20, "c" * 20
@@ -25,15 +25,6 @@ A, B, ADMIN = "a" * 20, "b" * 20, "c" * 20
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-async def _wait(client, job_id: str, states: tuple[str, ...], headers: dict | None = None) -> dict:
-    for _ in range(3000):
-        job = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
-        if job["state"] in states:
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} stayed {job['state']}")
 
 
 async def test_sizes_are_admitted_before_anything_is_allocated(models_dir: Path) -> None:
@@ -82,7 +73,7 @@ async def test_per_class_naming_a_class_twice_is_refused(tmp_path: Path) -> None
 async def test_jobs_belong_to_their_key_and_models_to_admins(models_dir: Path) -> None:
     async with serve(models_dir, api_keys=[A, B], admin_api_keys=[ADMIN]) as client:
         submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 20, "seed": 1}, headers=auth(A))
-        job = await _wait(client, submitted.json()["id"], ("succeeded",), auth(A))
+        job = await wait_for_job(client, submitted.json()["id"], ("succeeded",), auth(A))
         for method, path in (("GET", f"/v1/jobs/{job['id']}"), ("GET", f"/v1/jobs/{job['id']}/result"),
                              ("DELETE", f"/v1/jobs/{job['id']}")):
             other = await client.request(method, path, headers=auth(B))
@@ -119,7 +110,7 @@ async def test_job_queue_and_quotas_are_enforced_at_submission(models_dir: Path)
         admitted = [a.json()["id"] for a in answers if a.status_code == 202]
         assert {a.status_code for a in answers} == {202, 507} and 0 < len(admitted) < 20
         assert all("quota" in a.json()["detail"] for a in answers if a.status_code == 507)
-        finished = [await _wait(client, job_id, ("succeeded", "failed")) for job_id in admitted]
+        finished = [await wait_for_job(client, job_id, ("succeeded", "failed")) for job_id in admitted]
         assert all(job["state"] == "succeeded" for job in finished)  # none admitted fails later
     async with serve(models_dir, max_queued_jobs=3, max_batch_size=8) as client:
         answers = [await client.post("/v1/jobs", json={"model": "digits-gan", "n": 100_000}) for _ in range(4)]
@@ -144,13 +135,13 @@ async def test_reload_keeps_running_exports_and_jobs_and_unload_fails_them_at_on
             chunks += [chunk async for chunk in stream]
         archive = zipfile.ZipFile(io.BytesIO(b"".join(chunks)))
         assert len([n for n in archive.namelist() if n.endswith(".png")]) == 3000
-        assert (await _wait(client, job["id"], ("succeeded", "failed")))["state"] == "succeeded"
+        assert (await wait_for_job(client, job["id"], ("succeeded", "failed")))["state"] == "succeeded"
 
         job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
-        await _wait(client, job["id"], ("running",))
+        await wait_for_job(client, job["id"], ("running",))
         started = time.perf_counter()
         assert (await client.delete("/v1/models/digits-gan")).status_code == 200
-        failed = await _wait(client, job["id"], ("failed", "succeeded"))
+        failed = await wait_for_job(client, job["id"], ("failed", "succeeded"))
         assert failed["state"] == "failed" and "unloaded" in failed["error"] and time.perf_counter() - started < 5
         gone = await client.post("/v1/models/digits-gan/generate", json={"n": 2})
         assert gone.status_code == 409
@@ -159,7 +150,7 @@ async def test_reload_keeps_running_exports_and_jobs_and_unload_fails_them_at_on
 async def test_a_download_survives_the_delete_of_its_job(models_dir: Path) -> None:
     async with serve(models_dir) as client:
         job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 2000, "format": "tar"})).json()
-        job = await _wait(client, job["id"], ("succeeded",))
+        job = await wait_for_job(client, job["id"], ("succeeded",))
         async with client.stream("GET", job["result_url"]) as download:
             chunks = download.aiter_raw(65536)
             first = await anext(chunks)
@@ -169,8 +160,8 @@ async def test_a_download_survives_the_delete_of_its_job(models_dir: Path) -> No
         after = await client.get(job["result_url"])
         assert after.status_code == 404 and after.headers["content-type"] == "application/json"
         # the file gone while the job still says succeeded (another replica expiring it): 404, not a 500
-        other = await _wait(client, (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5})).json()["id"],
-                            ("succeeded",))
+        submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5})
+        other = await wait_for_job(client, submitted.json()["id"], ("succeeded",))
         client.app.state.jobs.result_path(client.app.state.jobs.get(other["id"])).unlink()  # type: ignore[attr-defined]
         vanished = await client.get(other["result_url"])
         assert vanished.status_code == 404 and "deleted or expired" in vanished.json()["detail"]

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import serve
+from tests.helpers import wait_for_job
 
 pytestmark = pytest.mark.anyio
-
-
-async def _wait(client: httpx.AsyncClient, job_id: str, states: tuple[str, ...] = ("succeeded", "failed")) -> dict:
-    for _ in range(2000):
-        job = (await client.get(f"/v1/jobs/{job_id}")).json()
-        if job["state"] in states:
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} stayed {job['state']}")
 
 
 async def test_job_lifecycle_and_range_download(models_dir: Path) -> None:
@@ -31,7 +21,7 @@ async def test_job_lifecycle_and_range_download(models_dir: Path) -> None:
         job = submitted.json()
         assert submitted.headers["location"] == f"/v1/jobs/{job['id']}" and job["total"] == 300
         assert job["state"] in ("queued", "running")
-        done = await _wait(client, job["id"])
+        done = await wait_for_job(client, job["id"])
         assert done["state"] == "succeeded" and done["done"] == 300 and done["result_url"]
         whole = await client.get(done["result_url"])
         assert whole.status_code == 200 and len(whole.content) == done["result_bytes"]
@@ -51,7 +41,7 @@ async def test_job_lifecycle_and_range_download(models_dir: Path) -> None:
 async def test_cancel_a_running_job(models_dir: Path) -> None:
     async with serve(models_dir, max_batch_size=8) as client:
         job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
-        await _wait(client, job["id"], ("running",))
+        await wait_for_job(client, job["id"], ("running",))
         assert (await client.delete(f"/v1/jobs/{job['id']}")).status_code == 204
         assert not list((models_dir.parent / "data" / "results").iterdir())
 
@@ -59,9 +49,9 @@ async def test_cancel_a_running_job(models_dir: Path) -> None:
 async def test_restart_keeps_results_and_fails_interrupted_jobs(models_dir: Path) -> None:
     async with serve(models_dir, max_batch_size=8) as client:
         finished = (await client.post("/v1/jobs", json={"model": "digits-vae", "n": 20, "format": "npz"})).json()
-        await _wait(client, finished["id"])
+        await wait_for_job(client, finished["id"])
         interrupted = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
-        await _wait(client, interrupted["id"], ("running",))
+        await wait_for_job(client, interrupted["id"], ("running",))
     async with serve(models_dir) as client:  # a new server on the same data directory
         kept = (await client.get(f"/v1/jobs/{finished['id']}")).json()
         assert kept["state"] == "succeeded"
