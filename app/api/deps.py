@@ -98,12 +98,8 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 def _authenticate(request: Request, settings: Settings) -> Caller:
-    address = f"address:{_client_address(request)}"
+    address = f"address:{request.client.host if request.client else 'unknown'}"
     if settings.open_access:
         return Caller("", "admin", address)
     failures: RateLimiter = request.app.state.auth_failures

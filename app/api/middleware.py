@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -15,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.deps import key_fingerprint
 from app.api.errors import send_error
 from app.engine.metrics import Metrics
 from app.errors import OverloadedError, PayloadTooLargeError, RateLimitedError, SlowRequestError
@@ -60,7 +60,7 @@ def _client(headers: dict[str, str], scope: Scope) -> str:
     """Whom an upload counts against: the API key sent (its fingerprint), else the client address."""
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
-        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+        return "key:" + key_fingerprint(token)
     return f"address:{scope['client'][0] if scope.get('client') else 'unknown'}"
 
 

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.core.sampling import MAX_SEED
 from app.engine.filters import FilterSpec
 from app.engine.repository import MODEL_NAME
 from app.engine.states import JobState, ModelStatus
 
+
+def _decimal(value: object) -> object:
+    if isinstance(value, str) and not re.fullmatch(r"0|[1-9][0-9]{0,18}", value):
+        raise ValueError("must be a plain decimal integer such as 7 (no sign, spaces, leading zeros or fractions)")
+    return value
+
+
+def _boolean(value: object) -> object:
+    if isinstance(value, str):
+        if value not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value == "true"
+    return value
+
+
+# Multipart form fields arrive as text: parsed as strictly as JSON numbers and booleans.
+FormInt = Annotated[int, BeforeValidator(_decimal)]
+FormBool = Annotated[bool, BeforeValidator(_boolean)]
 OutputFormat = Literal["json", "npz", "png"]
 ArchiveFormat = Literal["zip", "tar", "npz"]
 

@@ -248,3 +248,14 @@ async def test_uploads_per_client_are_bounded(tmp_path: Path) -> None:
     assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
     refused = next(a for a in answers if a.status_code == 429)
     assert "SYNTHGEN_MAX_UPLOADS_PER_CLIENT" in refused.json()["detail"] and refused.headers["retry-after"]
+
+
+@pytest.mark.parametrize("field", [("seed", " 7"), ("seed", "07"), ("seed", "7.0"), ("seed", "1_000"),
+                                   ("convert", "yes"), ("convert", "1"), ("target_per_class", "+5")])
+async def test_form_numbers_and_booleans_are_strict(tmp_path: Path, field: tuple[str, str]) -> None:
+    from tests.conftest import copy_shipped
+
+    async with serve(copy_shipped(tmp_path, "mnist-cgan")) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", _flat_upload("7"))},
+                                     data={"model": "mnist-cgan", field[0]: field[1]})
+    assert response.status_code == 422 and field[0] in response.json()["detail"], response.text

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from app.api.deps import RepositoryDep, SettingsDep, require_api_key
-from app.api.schemas import AugmentationsRequest, ErrorPublic
+from app.api.schemas import AugmentationsRequest, ErrorPublic, FormBool, FormInt
 from app.engine.augment import AugmentRequest, AugmentSpec, check_request, parse_upload, stream_augmented, zip_limits
 from app.errors import InvalidInputError
 
@@ -38,12 +38,12 @@ async def augment(
     settings: SettingsDep,
     dataset: Annotated[UploadFile, File(description="the dataset zip")],
     model: Annotated[str, Form(description="model that fills the classes", examples=["mnist-cgan"])],
-    target_per_class: Annotated[int, Form(ge=0, le=1_000_000, description="images per class in the answer")] = 0,
-    copies_per_image: Annotated[int, Form(ge=0, le=100, description="augmented copies of every image")] = 0,
+    target_per_class: Annotated[FormInt, Form(ge=0, le=1_000_000, description="images per class in the answer")] = 0,
+    copies_per_image: Annotated[FormInt, Form(ge=0, le=100, description="augmented copies of every image")] = 0,
     augmentations: Annotated[str, Form(description='JSON, e.g. {"rotation": 15, "translate": 0.1}')] = "{}",
-    seed: Annotated[int, Form(ge=0, le=2**63 - 1)] = 0,
-    convert: Annotated[bool, Form(description="resize/convert images to the model's shape")] = False,
-    include_originals: Annotated[bool, Form(description="put the uploaded images in the answer")] = True,
+    seed: Annotated[FormInt, Form(ge=0, le=2**63 - 1)] = 0,
+    convert: Annotated[FormBool, Form(description="resize/convert images to the model's shape")] = False,
+    include_originals: Annotated[FormBool, Form(description="put the uploaded images in the answer")] = True,
 ) -> StreamingResponse:
     try:
         spec = AugmentSpec(**AugmentationsRequest.model_validate_json(augmentations).model_dump())

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.responses import SAMPLE_RESPONSES, samples_response
-from app.api.schemas import ErrorPublic, InterpolateRequest, OutputFormat
+from app.api.schemas import ErrorPublic, FormBool, FormInt, InterpolateRequest, OutputFormat
 from app.engine import vae
 from app.errors import InvalidInputError
 
@@ -21,7 +21,7 @@ INTERPOLATE_EXAMPLES = {
     "same class": {"summary": "two styles of a 5", "value": {"seed_a": 4, "seed_b": 9, "label_a": 5, "steps": 8}},
 }
 FormatForm = Annotated[OutputFormat, Form(description="png (one grid), json or npz")]
-ConvertForm = Annotated[bool, Form(description="resize/convert uploads to the model's image shape; else a "
+ConvertForm = Annotated[FormBool, Form(description="resize/convert uploads to the model's image shape; else a "
                                                "size mismatch is a 422")]
 
 
@@ -70,7 +70,7 @@ async def inpaint(repository: RepositoryDep, settings: SettingsDep, name: ModelN
                   image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
                   mask: Annotated[UploadFile, File(description="white where pixels are missing")],
                   label: Annotated[str | None, Form(description="class; omitted → the best-fitting class")] = None,
-                  iterations: Annotated[int, Form(ge=1, le=500)] = 60,
+                  iterations: Annotated[FormInt, Form(ge=1, le=500)] = 60,
                   convert: ConvertForm = False, format: FormatForm = "png") -> Response:
     async with repository.serving(name) as served:
         vae.require_vae(served.model)
