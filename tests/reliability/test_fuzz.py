@@ -37,9 +37,10 @@ def test_every_operation_and_the_links_between_jobs_conform(tmp_path: Path, tiny
         "SYNTHGEN_API_KEYS": USER_KEY, "SYNTHGEN_ADMIN_API_KEYS": "admin-" + USER_KEY})
     report = tmp_path / "schemathesis.json"
     try:
-        run = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json",
-                              "--header", f"Authorization: Bearer {USER_KEY}", "--checks", CHECKS, "--max-examples", "60", "--seed", "1", "--report", "json",
-                              "--report-json-path", str(report)], capture_output=True, text=True, timeout=600)
+        command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json", "--header",
+                   f"Authorization: Bearer {USER_KEY}", "--checks", CHECKS, "--max-examples", "60", "--seed", "1",
+                   "--report", "json", "--report-json-path", str(report)]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600)
         metrics = httpx.get(f"{url}/metrics").text  # /metrics needs no key
     finally:
         stop_server(process)
