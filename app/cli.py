@@ -20,6 +20,7 @@ def _train(args: argparse.Namespace) -> None:
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
                                  lr=args.lr if args.lr else (2e-4 if args.arch == "gan" else 1e-3),
                                  val_fraction=args.val_fraction, hyperparameters=hyperparameters,
+                                 class_names=args.class_names.split(",") if args.class_names else None,
                                  progress=not args.quiet))
     print(json.dumps(summary, indent=2, sort_keys=True))
 
@@ -46,6 +47,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     card = evaluate(Path(args.model), args.data, test_spec=args.test_data, per_class=args.per_class, seed=args.seed,
                     device=args.device, progress=not args.quiet)
     print(json.dumps(card["metrics"], indent=2, sort_keys=True))
+
+
+def _protocol(args: argparse.Namespace) -> None:
+    from app.ml.protocol import run_protocol
+
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    report = run_protocol(Path(args.model), args.data, args.test_data, args.per_class, seeds)
+    for arm, figure in report.items():
+        if "mean" in figure:
+            print(f"{arm:34s} {figure['mean']:.4f}" + (f" ± {figure['std']:.4f}" if "std" in figure else ""))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -80,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 GAN, 1e-3 VAE)")
     train.add_argument("--val-fraction", type=float, default=0.1)
     train.add_argument("--hparams", default=None, help='JSON hyper-parameter overrides, e.g. \'{"latent_dim": 32}\'')
+    train.add_argument("--class-names", default=None, help="comma-separated names of labels 0..K-1, e.g. "
+                       "t-shirt,trouser,… (IDX files carry none)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
@@ -104,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
     evaluate.set_defaults(run=_evaluate)
+
+    protocol = commands.add_parser("protocol", help="TSTR with a fixed CNN over seeds, on real test data; writes the "
+                                                    "card's protocol section")
+    protocol.add_argument("--model", required=True)
+    protocol.add_argument("--data", required=True, help="the training data SPEC (its training split is the real arm)")
+    protocol.add_argument("--test-data", required=True, help="real data never used for training or selection")
+    protocol.add_argument("--per-class", type=int, default=1000)
+    protocol.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the CNN")
+    protocol.set_defaults(run=_protocol)
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")

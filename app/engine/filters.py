@@ -49,6 +49,7 @@ class Judge:
     evaluator: Classifier
     train_features: torch.Tensor
     threshold: float
+    temperature: float = 1.0  # fitted on the validation split: probabilities mean what they say
 
     def verdicts(self, images: np.ndarray, labels: np.ndarray, spec: FilterSpec) -> tuple[np.ndarray, np.ndarray]:
         """Per sample: (passes min_confidence, passes max_similarity), in chunks so that the distance matrix to the
@@ -64,7 +65,7 @@ class Judge:
         confident = np.ones(len(images), dtype=bool)
         novel = np.ones(len(images), dtype=bool)
         if spec.min_confidence is not None:
-            probs = self.evaluator.head(features).softmax(dim=1).cpu().numpy()
+            probs = (self.evaluator.head(features) / self.temperature).softmax(dim=1).cpu().numpy()
             confident = probs[np.arange(len(labels)), labels] >= spec.min_confidence
         if spec.max_similarity:
             nearest = torch.cdist(features.float(), self.train_features).min(dim=1).values.cpu().numpy()
@@ -77,7 +78,8 @@ def load_judge(folder: Path, device: torch.device) -> Judge | None:
     if not (folder / "evaluator.safetensors").is_file() or not (folder / "train_features.safetensors").is_file():
         return None
     evaluator, meta = Classifier.from_pretrained(folder)
-    return Judge(evaluator.to(device), load_features(folder, device), float(meta["memorisation_threshold"]))
+    return Judge(evaluator.to(device), load_features(folder, device), float(meta["memorisation_threshold"]),
+                 float(meta.get("temperature", 1.0)))
 
 
 @dataclass

@@ -6,6 +6,7 @@ evaluator, shipped with the model as `evaluator.safetensors`).
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from app.core.nets import Classifier, ClassifierConfig
 from app.core.sampling import per_class_labels, sample
 from app.ml.card import update_card
 from app.ml.datasets import ImageDataset, load_dataset
+
+MAX_SHIPPED_FEATURES = 20_000
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 8, seed: int = 0,
@@ -50,15 +53,16 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, e
 
 
 @torch.inference_mode()
-def predict(model: Classifier, images: np.ndarray, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class probabilities `[N, K]`, features `[N, D]`) of uint8 images."""
+def predict(model: Classifier, images: np.ndarray, batch_size: int = 1000,
+            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities `[N, K]` at this temperature, features `[N, D]`) of uint8 images."""
     device = next(model.parameters()).device
     probs, feats = [], []
     for start in range(0, len(images), batch_size):
         x = to_model_range(images[start : start + batch_size]).to(device)
         f = model.features(x)
         feats.append(f.float().cpu())
-        probs.append(model.head(f).softmax(dim=1).float().cpu())
+        probs.append((model.head(f) / temperature).softmax(dim=1).float().cpu())
     return torch.cat(probs), torch.cat(feats)
 
 
@@ -105,6 +109,47 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return _coverage(fake, real, real_radii), _coverage(real, fake, fake_radii)
 
 
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    """Density and coverage (Naeem et al., 2020): how many real k-NN balls a sample falls in (≈ 1 when samples are
+    as dense as real data), and the share of real balls holding at least one sample (robust against outliers)."""
+    radii = _nearest(real, real, k + 1)
+    counts = torch.zeros(len(fake))
+    covered = torch.zeros(len(real), dtype=torch.bool)
+    for start in range(0, len(fake), 2048):
+        inside = torch.cdist(fake[start : start + 2048], real) <= radii[None, :]
+        counts[start : start + len(inside)] = inside.sum(dim=1).float()
+        covered |= inside.any(dim=0)
+    return float(counts.sum() / (k * len(fake))), float(covered.float().mean())
+
+
+def temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature that minimises the negative log-likelihood of held-out labels (Guo et al., 2017)."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp())
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """|accuracy − confidence| averaged over equal-width confidence bins, weighted by their share of samples."""
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in itertools.pairwise(edges.tolist()):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            error += float(in_bin.float().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs())
+    return error
+
+
 def memorisation_threshold(train: torch.Tensor, percentile: float = 1.0) -> float:
     """The `percentile`-th percentile of real-to-real nearest-neighbour distances within the training features."""
     return float(np.percentile(_nearest(train, train, exclude_self=True).numpy(), percentile))
@@ -138,11 +183,17 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     k = model.num_classes
     evaluator = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed, dev, progress=progress)
     real_val_accuracy = accuracy(evaluator, val_set.images, val_set.labels)
+    calibration = _calibrate(evaluator, val_set, seed)
     _, real_feats = predict(evaluator, train_set.images)
-    threshold = memorisation_threshold(real_feats)
+    # the shipped features (the max_similarity filter's reference) hold at most MAX_SHIPPED_FEATURES rows, so a
+    # model folder stays small; the threshold is computed on the same rows
+    kept = torch.randperm(len(real_feats), generator=torch.Generator().manual_seed(seed))[:MAX_SHIPPED_FEATURES]
+    shipped = real_feats[kept.sort().values]
+    threshold = memorisation_threshold(shipped)
     evaluator.save_pretrained(folder, trained_on=data_spec, val_accuracy=round(real_val_accuracy, 4),
-                              memorisation_threshold=threshold)
-    save_features(folder, real_feats)
+                              memorisation_threshold=threshold, reference_rows=len(shipped),
+                              temperature=calibration["temperature"])
+    save_features(folder, shipped)
 
     synthetic = ImageDataset(*sample(model, seed, per_class_labels(k, per_class)), model.class_names)
     _, val_feats = predict(evaluator, val_set.images)
@@ -153,14 +204,15 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                                  np.concatenate([train_set.labels, synthetic.labels]), k, classifier_epochs, seed, dev,
                                  progress=progress)
     augmented_accuracy = accuracy(augmented, val_set.images, val_set.labels)
+    density, coverage = density_coverage(real_feats[:5000], synth_feats[:5000])
     metrics = {
         "frechet_distance": frechet_distance(real_feats, synth_feats),
         "frechet_distance_real_val": frechet_distance(real_feats, val_feats),
         "precision": precision,
         "recall": recall,
         "label_agreement": float((synth_probs.argmax(1).numpy() == synthetic.labels).mean()),
-        "memorisation_rate": memorisation_rate(real_feats, synth_feats, threshold),
-        "memorisation_rate_real_val": memorisation_rate(real_feats, val_feats, threshold),
+        "memorisation_rate": memorisation_rate(shipped, synth_feats, threshold),
+        "memorisation_rate_real_val": memorisation_rate(shipped, val_feats, threshold),
         "memorisation_threshold": threshold,
         "sliced_wasserstein": sliced_wasserstein(train_set.images, synthetic.images, seed=seed),
         "sliced_wasserstein_real_val": sliced_wasserstein(train_set.images, val_set.images, seed=seed),
@@ -168,6 +220,8 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
         "real_accuracy": real_val_accuracy,
         "augmented_accuracy": augmented_accuracy,
         "augmentation_gain": augmented_accuracy - real_val_accuracy,
+        "density": density,
+        "coverage": coverage,
     }
     fingerprint = dataset.fingerprint()
     sections: dict[str, Any] = {}
@@ -179,6 +233,10 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
             "real_accuracy": round(accuracy(evaluator, test.images, test.labels), 6),
             "augmented_accuracy": round(accuracy(augmented, test.images, test.labels), 6),
         }
+    sections["per_class"] = _per_class(model.class_names, tstr, val_set, real_feats, train_set.labels, synthetic,
+                                       synth_feats, synth_probs)
+    sections["privacy"] = _privacy(train_set, real_feats, val_feats, synthetic, synth_feats, seed)
+    sections["calibration"] = calibration
     return update_card(folder, **sections, metrics={key: round(value, 6) for key, value in metrics.items()},
                        evaluation={
                            "data": data_spec, "data_fingerprint": fingerprint,
@@ -187,3 +245,51 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                            "seed": seed, "feature_space": "evaluator penultimate layer",
                            "classifier_epochs": classifier_epochs, "evaluated_at": utc_now(), "device": str(dev),
                            "seconds": round(time.perf_counter() - started, 1)})
+
+
+def _calibrate(evaluator: Classifier, val_set: ImageDataset, seed: int) -> dict[str, float]:
+    """Temperature scaling of the evaluator: fitted on one half of the validation split, its expected calibration
+    error measured on the other half, so that `min_confidence` reads as a probability."""
+    probs, _ = predict(evaluator, val_set.images)
+    labels = torch.from_numpy(val_set.labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    fit, check = order[: len(order) // 2], order[len(order) // 2 :]
+    logits = probs.clamp_min(1e-12).log()
+    t = temperature(logits[fit], labels[fit])
+    return {"temperature": round(t, 4), "ece_before": round(expected_calibration_error(probs[check], labels[check]), 5),
+            "ece_after": round(expected_calibration_error((logits[check] / t).softmax(1), labels[check]), 5),
+            "n_fit": len(fit), "n_check": len(check)}
+
+
+def _per_class(names: list[str], tstr: Classifier, val_set: ImageDataset, real_feats: torch.Tensor,
+               real_labels: np.ndarray, synthetic: ImageDataset, synth_feats: torch.Tensor,
+               synth_probs: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per class: TSTR recall on the validation split, Fréchet distance of its samples to its real images, and how
+    often the evaluator reads the asked-for class, so that a weak class shows."""
+    predicted, _ = predict(tstr, val_set.images)
+    predicted_labels = predicted.argmax(1).numpy()
+    agreement = synth_probs.argmax(1).numpy() == synthetic.labels
+    out = {}
+    for label, name in enumerate(names):
+        in_val, in_real, in_synth = val_set.labels == label, real_labels == label, synthetic.labels == label
+        out[name] = {
+            "tstr_recall": round(float((predicted_labels[in_val] == label).mean()), 4) if in_val.any() else None,
+            "frechet_distance": round(frechet_distance(real_feats[torch.from_numpy(in_real)][:2000],
+                                                       synth_feats[torch.from_numpy(in_synth)][:2000]), 3),
+            "label_agreement": round(float(agreement[in_synth].mean()), 4)}
+    return out
+
+
+def _privacy(train_set: ImageDataset, real_feats: torch.Tensor, val_feats: torch.Tensor, synthetic: ImageDataset,
+             synth_feats: torch.Tensor, seed: int) -> dict[str, float | int]:
+    """Distance to closest record: the share of samples nearer to a training image than to any held-out real image,
+    with as many training images as held-out ones (≈ 50 % when the model does not memorise); and samples that are
+    pixel-identical to a training image."""
+    gen = torch.Generator().manual_seed(seed)
+    train_rows = torch.randperm(len(real_feats), generator=gen)[: len(val_feats)]
+    samples = synth_feats[torch.randperm(len(synth_feats), generator=gen)[:2000]]
+    to_train, to_holdout = _nearest(samples, real_feats[train_rows]), _nearest(samples, val_feats)
+    training_images = {image.tobytes() for image in train_set.images}
+    identical = sum(image.tobytes() in training_images for image in synthetic.images)
+    return {"dcr_share_closer_to_train": round(float((to_train < to_holdout).float().mean()), 4),
+            "n_samples": len(samples), "n_reference": len(val_feats), "identical_to_training": identical}

@@ -47,6 +47,7 @@ class TrainOptions:
     checkpoint_every: int = 1
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    class_names: list[str] | None = None  # names for the dataset's labels 0..K-1 (IDX files carry none)
 
 
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -270,6 +271,11 @@ def train(options: TrainOptions) -> dict[str, Any]:
         raise InvalidInputError(f"--resume: {out} holds no {STATE_FILE} to continue from")
     device = resolve_device(options.device)
     dataset = load_dataset(options.data)
+    if options.class_names is not None:
+        if len(options.class_names) != len(dataset.class_names):
+            raise InvalidInputError(f"--class-names names {len(options.class_names)} classes; the data has "
+                                    f"{len(dataset.class_names)}")
+        dataset = ImageDataset(dataset.images, dataset.labels, list(options.class_names))
     train_set, val_set = dataset.split(options.val_fraction)
     torch.manual_seed(options.seed)
     trainer = make_trainer(options.arch, dataset, options, device)

@@ -8,13 +8,16 @@ import torch
 from app.core.nets import Classifier
 from app.ml.datasets import load_dataset
 from app.ml.evaluation import (
+    density_coverage,
     evaluate,
+    expected_calibration_error,
     frechet_distance,
     memorisation_rate,
     memorisation_threshold,
     precision_recall,
     predict,
     sliced_wasserstein,
+    temperature,
     train_classifier,
 )
 
@@ -41,6 +44,29 @@ def test_precision_recall(digits_features) -> None:
     assert precision > 0.8 and recall > 0.8
     precision, recall = precision_recall(train, noise)
     assert precision < 0.1 and recall < 0.1
+
+
+def test_density_and_coverage(digits_features) -> None:
+    train, val, noise, _ = digits_features
+    density, coverage = density_coverage(train, val)
+    assert 0.6 < density < 1.6 and coverage > 0.8  # held-out real digits: as dense as real data, covering it
+    density, coverage = density_coverage(train, noise)
+    assert density < 0.05 and coverage < 0.05
+    density, coverage = density_coverage(train, train[:10].repeat(50, 1))  # a few modes, many copies
+    assert coverage < 0.1
+
+
+def test_temperature_scaling_calibrates_an_overconfident_model() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, (4000,), generator=gen)
+    logits = torch.randn(4000, 3, generator=gen)
+    logits[torch.arange(4000), labels] += 1.0  # informative, then made 5× too confident
+    overconfident = logits * 5
+    t = temperature(overconfident, labels)
+    assert 3 < t < 7
+    before = expected_calibration_error(overconfident.softmax(1), labels)
+    after = expected_calibration_error((overconfident / t).softmax(1), labels)
+    assert after < 0.03 < before
 
 
 def test_memorisation_flags_copies_only(digits_features) -> None:
@@ -71,5 +97,10 @@ def test_evaluate_writes_card_and_evaluator(tiny_vae: Path, tmp_path: Path) -> N
     assert card["evaluation"]["n_synthetic"] == 200 and card["evaluation"]["data_matches_training"]
     assert card["test_metrics"]["n"] == 200
     assert card["training"]["epochs_done"] == 2  # the training summary is kept
+    assert metrics["density"] >= 0 and 0 <= metrics["coverage"] <= 1
+    assert set(card["per_class"]) == {str(i) for i in range(10)}
+    assert {"tstr_recall", "frechet_distance", "label_agreement"} <= set(card["per_class"]["3"])
+    assert 0 <= card["privacy"]["dcr_share_closer_to_train"] <= 1 and card["privacy"]["identical_to_training"] == 0
+    assert card["calibration"]["temperature"] > 0 and card["calibration"]["ece_after"] >= 0
     evaluator = Classifier.from_pretrained(tiny_vae)[0]
     assert evaluator(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -1,0 +1,143 @@
+"""The TSTR protocol: a fixed small CNN (the same for every figure) trained on real, synthetic or mixed data and
+scored on real test images that no model saw for training or selection, over several seeds.
+
+The CNN is deliberately not the evaluator: 3×3 convolutions of 32 and 64 channels, each followed by 2×2
+max-pooling, a dense layer of 128, Adam at 1e-3, batches of 128, pixels scaled to [0, 1], no augmentation.
+Mixtures are compared at matched optimizer steps: every arm of one comparison takes the same number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.core.model import load_model
+from app.core.sampling import per_class_labels, sample
+from app.ml.card import update_card
+from app.ml.datasets import load_dataset
+
+BATCH = 128
+
+
+def classical_augmentation(x: torch.Tensor, generator: torch.Generator, degrees: float = 10.0, scale: float = 0.1,
+                           shift: float = 0.1) -> torch.Tensor:
+    """A random rotation (±degrees), scale (1 ± scale) and shift (± shift of the size) per image `[N, C, H, W]`."""
+    n = len(x)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale
+    offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * shift * 2  # grid coordinates span 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+class ProtocolCNN(nn.Sequential):
+    def __init__(self, height: int, width: int, channels: int, num_classes: int) -> None:
+        flat = 64 * (height // 4) * (width // 4)
+        super().__init__(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+def train_and_score(images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+                    num_classes: int, seed: int, steps: int | None = None, epochs: int = 4,
+                    augment: bool = False) -> float:
+    """Test accuracy of the protocol CNN trained on uint8 `[N, H, W, C]` images (for `steps`, else `epochs`)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    _, h, w, c = images.shape
+    model = ProtocolCNN(h, w, c, num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = steps or epochs * math.ceil(len(images) / BATCH)
+    x, y = _tensor(images), torch.from_numpy(labels.astype(np.int64))
+    order = np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        if len(order) < BATCH:
+            order = np.concatenate([order, rng.permutation(len(x))])
+        batch, order = order[:BATCH], order[BATCH:]
+        xb = classical_augmentation(x[batch], generator) if augment else x[batch]
+        loss = F.cross_entropy(model(xb), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        predicted = torch.cat([model(_tensor(test_images[i : i + 1000])).argmax(1)
+                               for i in range(0, len(test_images), 1000)])
+    return float((predicted.numpy() == test_labels).mean())
+
+
+@dataclass
+class Figure:
+    """One arm over several seeds."""
+
+    scores: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"mean": round(self.mean, 4), "std": round(self.std, 4), "scores": [round(s, 4) for s in self.scores]}
+
+
+def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray, np.ndarray],
+                test: tuple[np.ndarray, np.ndarray], num_classes: int, seeds: list[int]) -> dict[str, dict]:
+    """Every arm of the protocol on the test images: synthetic only (TSTR, 4 epochs), real only (4 epochs), and at
+    matched steps (those of real + synthetic for 4 epochs): real only, real with classical augmentation, real +
+    synthetic."""
+    (xr, yr), (xs, ys), (xt, yt) = real, synthetic, test
+    mixed = np.concatenate([xr, xs]), np.concatenate([yr, ys])
+    matched = 4 * math.ceil(len(mixed[0]) / BATCH)
+    arms = {
+        "tstr": lambda s: train_and_score(xs, ys, xt, yt, num_classes, s),
+        "real": lambda s: train_and_score(xr, yr, xt, yt, num_classes, s),
+        "real_matched_steps": lambda s: train_and_score(xr, yr, xt, yt, num_classes, s, steps=matched),
+        "real_augmented_matched_steps": lambda s: train_and_score(xr, yr, xt, yt, num_classes, s, steps=matched,
+                                                                  augment=True),
+        "real_plus_synthetic_matched_steps": lambda s: train_and_score(*mixed, xt, yt, num_classes, s,
+                                                                       steps=matched),
+    }
+    report = {name: Figure([arm(seed) for seed in seeds]).as_dict() for name, arm in arms.items()}
+    report["tstr_to_real_ratio"] = {"mean": round(report["tstr"]["mean"] / report["real"]["mean"], 4)}
+    report["protocol"] = {"seeds": seeds, "n_real": len(xr), "n_synthetic": len(xs), "n_test": len(xt),
+                          "matched_steps": matched, "cnn": "conv3x3(32)-pool-conv3x3(64)-pool-dense(128), Adam 1e-3, "
+                                                           "batch 128, pixels in [0, 1]"}
+    return report
+
+
+def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 1000,
+                 seeds: tuple[int, ...] = (0, 1, 2), sample_seed: int = 0) -> dict[str, Any]:
+    """The protocol for one model: its training split as the real data (split as in training), `per_class` samples
+    of every class (seed `sample_seed`), scored on `test_spec`; written to the card's `protocol` section."""
+    started = time.perf_counter()
+    model = load_model(folder, "cpu")
+    training = model.config["training_data"]
+    real, _ = load_dataset(data_spec).split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
+    test = load_dataset(test_spec)
+    synthetic = sample(model, sample_seed, per_class_labels(model.num_classes, per_class))
+    report = tstr_report((real.images, real.labels), synthetic, (test.images, test.labels), model.num_classes,
+                         list(seeds))
+    report["protocol"].update(data=data_spec, test_data=test_spec, per_class=per_class, sample_seed=sample_seed,
+                              seconds=round(time.perf_counter() - started, 1))
+    update_card(folder, protocol=report)
+    return report
