@@ -12,6 +12,8 @@ from app.core.checkpoint import config_hash, read_json
 from app.core.nets import SyntheticNet
 from app.errors import CheckpointError
 
+NEIGHBOURS_FILE = "neighbours.png"  # evaluation's nearest-training-neighbour grid, shown on the card
+
 
 @dataclass
 class SyntheticModel:

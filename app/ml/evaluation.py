@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from app.core.checkpoint import save_features, utc_now
 from app.core.device import resolve_device
-from app.core.images import to_model_range
-from app.core.model import load_model
+from app.core.images import encode_png, image_grid, to_model_range
+from app.core.model import NEIGHBOURS_FILE, load_model
 from app.core.nets import Classifier, ClassifierConfig
 from app.core.sampling import per_class_labels, sample
 from app.ml.card import update_card
@@ -236,6 +236,7 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     sections["per_class"] = _per_class(model.class_names, tstr, val_set, real_feats, train_set.labels, synthetic,
                                        synth_feats, synth_probs)
     sections["privacy"] = _privacy(train_set, real_feats, val_feats, synthetic, synth_feats, seed)
+    _write_neighbours(folder / NEIGHBOURS_FILE, train_set, real_feats, synthetic, synth_feats)
     sections["calibration"] = calibration
     return update_card(folder, **sections, metrics={key: round(value, 6) for key, value in metrics.items()},
                        evaluation={
@@ -293,3 +294,20 @@ def _privacy(train_set: ImageDataset, real_feats: torch.Tensor, val_feats: torch
     identical = sum(image.tobytes() in training_images for image in synthetic.images)
     return {"dcr_share_closer_to_train": round(float((to_train < to_holdout).float().mean()), 4),
             "n_samples": len(samples), "n_reference": len(val_feats), "identical_to_training": identical}
+
+
+def _write_neighbours(path: Path, train_set: ImageDataset, real_feats: torch.Tensor, synthetic: ImageDataset,
+                      synth_feats: torch.Tensor, per_class: int = 2) -> None:
+    """For the memorisation check by eye: per class, the samples closest to a training image (row-wise: sample,
+    its nearest training image)."""
+    pairs = []
+    for label in range(len(synthetic.class_names)):
+        rows = np.flatnonzero(synthetic.labels == label)
+        if not len(rows):
+            continue
+        distances = torch.cdist(synth_feats[rows], real_feats)
+        nearest_distance, nearest = distances.min(dim=1)
+        for i in nearest_distance.argsort()[:per_class].tolist():
+            pairs += [synthetic.images[rows[i]], train_set.images[int(nearest[i])]]
+    if pairs:
+        path.write_bytes(encode_png(image_grid(np.stack(pairs), columns=2 * per_class, scale=2)))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated, Literal
 
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from app.api.card_page import card_page
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
+from app.engine.cards import card_images
 from app.engine.repository import ModelEntry
 from app.errors import ConflictError
 
@@ -39,6 +44,22 @@ async def list_models(repository: RepositoryDep, settings: SettingsDep) -> Model
             responses={404: {"model": ErrorPublic}})
 async def get_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelDetailPublic:
     return model_public(repository.get(name), settings.dtype, detail=True)
+
+
+@router.get("/{name}/card", summary="A model's quality card", response_model=None,
+            description="The card as JSON (default) or, with `format=html`, a self-contained report: the TSTR "
+                        "protocol, per-class figures, privacy, calibration, a sample grid and the nearest-training-"
+                        "neighbour grid.",
+            responses={200: {"content": {"application/json": {}, "text/html": {}}}, 404: {"model": ErrorPublic},
+                       409: {"model": ErrorPublic}})
+async def get_card(repository: RepositoryDep, name: ModelName,
+                   format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json"
+                   ) -> Response:
+    async with repository.serving(name) as served:
+        if format == "json":
+            return JSONResponse(served.model.card)
+        samples_png, neighbours_png = await card_images(served, repository.settings)
+    return HTMLResponse(card_page(name, served.model.card, samples_png, neighbours_png))
 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,

@@ -56,3 +56,26 @@ async def test_failed_reload_keeps_serving_the_old_version(models_dir: Path) -> 
         reload = await client.post("/v1/models/digits-vae/load")
         assert reload.status_code == 409 and "still serving" in reload.json()["detail"]
         assert (await client.post("/v1/models/digits-vae/generate", json={"n": 2})).status_code == 200
+
+
+async def test_card_as_json_and_as_a_self_contained_html_report(tmp_path) -> None:
+    import json
+
+    from tests.conftest import copy_shipped
+
+    models = copy_shipped(tmp_path, "mnist-cvae")
+    card_path = models / "mnist-cvae" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["training"]["note"] = "<script>alert(1)</script>"  # anything in a card is shown as text
+    card["per_class"] = {"7": {"tstr_recall": 0.9, "label_agreement": 0.95, "frechet_distance": 3.2}}
+    card_path.write_text(json.dumps(card))
+    async with serve(models) as client:
+        as_json = await client.get("/v1/models/mnist-cvae/card")
+        page = await client.get("/v1/models/mnist-cvae/card", params={"format": "html"})
+        missing = await client.get("/v1/models/nope/card")
+    assert as_json.status_code == 200 and as_json.json() == card
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    text = page.text
+    assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert text.count('src="data:image/png;base64,') >= 1 and "Per class" in text and "src=\"http" not in text
+    assert missing.status_code == 404
