@@ -11,7 +11,8 @@ from app.core.sampling import per_class_labels, sample
 from app.ml.evaluation import predict
 from tests.conftest import ROOT
 
-DEFAULTS = {"mnist-cgan": "gan", "mnist-cvae": "vae"}
+FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+DEFAULTS = {"mnist-cgan": "gan", "mnist-cvae": "vae", "fashion-cgan": "gan", "fashion-cvae": "vae"}
 
 
 @pytest.mark.parametrize(("name", "kind"), DEFAULTS.items())
@@ -19,13 +20,14 @@ def test_default_model_loads_and_samples(name: str, kind: str) -> None:
     folder = ROOT / "models" / name
     model = load_model(folder)
     assert model.kind == kind and model.image_shape == (28, 28, 1)
-    assert model.class_names == [str(i) for i in range(10)]
+    assert model.class_names == (FASHION if name.startswith("fashion") else [str(i) for i in range(10)])
     images, labels = sample(model, 0, per_class_labels(10, 5))
     assert images.shape == (50, 28, 28, 1) and images.dtype == np.uint8
     assert labels.tolist() == per_class_labels(10, 5)
-    assert 0 < images.mean() < 128  # dark background, bright strokes: digits, not noise or blank frames
+    assert 0 < images.mean() < 160  # dark background, bright foreground: not noise or blank frames
     probs, _ = predict(Classifier.from_pretrained(folder)[0], images)
-    assert (probs.argmax(1).numpy() == labels).mean() >= 0.8  # the label asked for is the digit drawn
+    # the label asked for is what is drawn (clothes overlap more: a shirt, a t-shirt and a pullover look alike)
+    assert (probs.argmax(1).numpy() == labels).mean() >= (0.7 if name.startswith("fashion") else 0.8)
 
 
 @pytest.mark.parametrize("name", DEFAULTS)
@@ -34,6 +36,8 @@ def test_default_model_card(name: str) -> None:
     card = json.loads((folder / "card.json").read_text())
     for key in ("frechet_distance", "precision", "recall", "tstr_accuracy", "augmentation_gain", "memorisation_rate"):
         assert key in card["metrics"]
-    assert card["test_metrics"]["n"] == 1000
+    assert card["test_metrics"]["n"] == (8000 if name.startswith("fashion") else 1000)
+    protocol = card["protocol"]  # the headline figures: a fixed CNN over seeds on real test images
+    assert len(protocol["tstr"]["scores"]) >= 2 and 0 < protocol["tstr"]["mean"] <= 1
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "training_state" not in f.name)
     assert size <= 20 * 1024 * 1024
