@@ -264,11 +264,9 @@ def write_chunk(handle: IO[bytes], data: bytes) -> None:
     handle.write(data)
 
 
-def _finish_file(handle: IO[bytes], part: Path, final: Path) -> None:
+def _flush(handle: IO[bytes]) -> None:
     handle.flush()
     os.fsync(handle.fileno())
-    handle.close()
-    part.replace(final)  # only a complete archive ever carries the final name
 
 
 def _failure(exc: Exception) -> str:
@@ -344,9 +342,10 @@ class JobRunner:
                         if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                             await self._update(job.id, done=done)
                             reported = time.monotonic()
-                    await asyncio.to_thread(_finish_file, handle, part, final)
+                    await asyncio.to_thread(_flush, handle)
                 finally:
                     handle.close()
+                await asyncio.to_thread(part.replace, final)  # only a complete archive carries the final name
                 await self._update(job.id, state=JobState.SUCCEEDED, done=len(plan), finished_at=time.time(),
                                    result_bytes=written)
         except asyncio.CancelledError:
