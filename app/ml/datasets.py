@@ -1,7 +1,8 @@
 """Image datasets from IDX files, ImageFolder directories or zips, `.npz` arrays and scikit-learn's digits.
 
 A data SPEC names one of them: a path (`.npz`, `.zip`, an IDX images file, a directory of IDX files or of class
-sub-folders) or the word `digits`; an optional `#START:STOP` suffix keeps that slice of the examples.
+sub-folders) or the word `digits`; an optional `#START:STOP` suffix keeps that slice of the examples, and
+`#START:STOP,START:STOP` the concatenation of several (e.g. `mnist#0:1000,2000:8000` leaves 1,000–1,999 out).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from app.core.safezip import ZipLimits, check_image_file, read_zip
 from app.errors import DataError
 
 _IDX_UBYTE = 0x08
-_SLICE = re.compile(r"^(?P<path>.*)#(?P<start>-?\d*):(?P<stop>-?\d*)$")
+_SLICES = re.compile(r"^(?P<path>.*)#(?P<slices>-?\d*:-?\d*(?:,-?\d*:-?\d*)*)$")
 
 
 @dataclass
@@ -79,17 +80,16 @@ class ImageDataset:
 
 def load_dataset(spec: str) -> ImageDataset:
     """Load the dataset a SPEC names (see the module docstring)."""
-    match = _SLICE.match(spec)
-    part: slice | None = None
-    if match:
-        spec = match["path"]
-        part = slice(int(match["start"]) if match["start"] else None, int(match["stop"]) if match["stop"] else None)
-    dataset = _load_whole(spec)
-    if part is not None:
-        dataset = dataset.subset(part)
-        if len(dataset) == 0:
-            raise DataError(f"the slice #{match['start']}:{match['stop']} of {spec!r} is empty")
-    return dataset
+    match = _SLICES.match(spec)
+    if not match:
+        return _load_whole(spec)
+    dataset = _load_whole(match["path"])
+    rows = np.arange(len(dataset))
+    bounds = [part.split(":") for part in match["slices"].split(",")]
+    index = np.concatenate([rows[slice(int(a) if a else None, int(b) if b else None)] for a, b in bounds])
+    if len(index) == 0:
+        raise DataError(f"the slice #{match['slices']} of {match['path']!r} is empty")
+    return dataset.subset(index)
 
 
 def _load_whole(spec: str) -> ImageDataset:

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from sklearn.mixture import GaussianMixture
 from torch import nn
 from tqdm import tqdm
 
@@ -64,9 +66,38 @@ def _load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def diff_augment(x: torch.Tensor, policies: str) -> torch.Tensor:
+    """DiffAugment (Zhao et al., 2020): differentiable augmentations applied alike to real and generated images, so
+    a discriminator trained on few images cannot memorise them. Policies: `translation` (shift by up to 1/8 of the
+    size, background filled in), `cutout` (blank a random square of half the size)."""
+    n, _, h, w = x.shape
+    for policy in filter(None, policies.split(",")):
+        if policy == "translation":
+            dy, dx = max(1, h // 8), max(1, w // 8)
+            padded = F.pad(x, (dx, dx, dy, dy), value=-1.0)
+            shift_y = torch.randint(0, 2 * dy + 1, (n, 1, 1), device=x.device)
+            shift_x = torch.randint(0, 2 * dx + 1, (n, 1, 1), device=x.device)
+            rows = (torch.arange(h, device=x.device)[None, :, None] + shift_y).expand(n, h, w)
+            cols = (torch.arange(w, device=x.device)[None, None, :] + shift_x).expand(n, h, w)
+            flat = padded.flatten(2)
+            index = (rows * (w + 2 * dx) + cols).flatten(1)[:, None, :].expand(-1, x.shape[1], -1)
+            x = flat.gather(2, index).view_as(x)
+        elif policy == "cutout":
+            size_y, size_x = h // 2, w // 2
+            top = torch.randint(0, h - size_y + 1, (n, 1, 1), device=x.device)
+            left = torch.randint(0, w - size_x + 1, (n, 1, 1), device=x.device)
+            ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+            inside = (ys >= top) & (ys < top + size_y) & (xs >= left) & (xs < left + size_x)
+            x = x.masked_fill(inside[:, None], -1.0)
+        else:
+            raise InvalidInputError(f"unknown diff_augment policy {policy!r}; use translation and/or cutout")
+    return x
+
+
 class GanTrainer:
-    """Non-saturating logistic loss, a class head on the discriminator (trained on real images) that also
-    steers the generator, a mode-seeking term against collapse within a class, and an EMA generator for sampling."""
+    """Logistic or hinge loss, optionally DiffAugment, optionally a class head on the discriminator (trained on
+    real images) that also steers the generator, a mode-seeking term against collapse within a class, and an EMA
+    generator for sampling."""
 
     def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999,
                  betas: tuple[float, float] = (0.5, 0.999), mode_seeking: float = 0.1,
@@ -86,9 +117,13 @@ class GanTrainer:
     def _labels(self, n: int) -> torch.Tensor | None:
         return torch.randint(self.hparams.num_classes, (n,), device=self.device) if self.hparams.num_classes else None
 
-    @staticmethod
-    def _d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    def _d_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "hinge":
+            return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
         return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.hparams.diff_augment) if self.hparams.diff_augment else x
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         n = len(x)
@@ -96,16 +131,16 @@ class GanTrainer:
         fake_y = None if half is None else torch.cat([half, half, half[: n % 2]])  # pairs share a label
         z = torch.randn(n, self.hparams.latent_dim, device=self.device)
         fake = self.generator(z, fake_y)
-        d_real, class_real = self.discriminator.score_and_logits(x, y)
-        d_fake = self.discriminator(fake.detach(), fake_y)
+        d_real, class_real = self.discriminator.score_and_logits(self._augment(x), y)
+        d_fake = self.discriminator(self._augment(fake.detach()), fake_y)
         d_loss = self._d_loss(d_real, d_fake)
         # The class head learns from real images only, then teaches the generator.
         d_class = F.cross_entropy(class_real, y) if class_real is not None else torch.zeros((), device=self.device)
         self.optimizers["opt_d"].zero_grad(set_to_none=True)
         (d_loss + self.class_weight * d_class).backward()
         self.optimizers["opt_d"].step()
-        d_gen, class_gen = self.discriminator.score_and_logits(fake, fake_y)
-        g_loss = F.softplus(-d_gen).mean()
+        d_gen, class_gen = self.discriminator.score_and_logits(self._augment(fake), fake_y)
+        g_loss = -d_gen.mean() if self.hparams.loss == "hinge" else F.softplus(-d_gen).mean()
         if class_gen is not None:
             g_loss = g_loss + self.class_weight * F.cross_entropy(class_gen, fake_y)
         if self.mode_seeking:
@@ -133,6 +168,10 @@ class GanTrainer:
                                     fake_y)
         self.discriminator.train()
         return {"d_loss": self._d_loss(d_real, d_fake).item(), "d_real": d_real.mean().item()}
+
+    def finish_epoch(self, seed: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Before checkpointing: the EMA generator's batch-norm statistics from its own activations."""
+        self.refresh_ema_statistics(seed)
 
     @torch.no_grad()
     def refresh_ema_statistics(self, seed: int, batches: int = 16, batch_size: int = 256) -> None:
@@ -181,13 +220,14 @@ class VaeTrainer:
         self.vae.train()
         return losses
 
-    def refresh_ema_statistics(self, seed: int) -> None:
-        """VAEs keep no EMA copy."""
+    def finish_epoch(self, seed: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Before checkpointing: fit the learned prior to the training images' posteriors."""
+        fit_prior(self.vae, x, y, seed)
 
     def sample(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         self.vae.eval()
         with torch.no_grad():
-            images = self.vae.decode(z.to(self.device), None if y is None else y.to(self.device))
+            images = self.vae.generate(z.to(self.device), None if y is None else y.to(self.device))
         self.vae.train()
         return images
 
@@ -196,6 +236,38 @@ class VaeTrainer:
 
 
 Trainer = GanTrainer | VaeTrainer
+
+
+@torch.no_grad()
+def fit_prior(vae: ConditionalVAE, x: torch.Tensor, y: torch.Tensor | None, seed: int, chunk: int = 1000) -> None:
+    """Fit the VAE's per-class Gaussian mixtures to the posterior means of images `x` (labels `y`); each component's
+    covariance adds the mean posterior variance, so samples keep the encoder's spread. A class with few images gets
+    fewer components (at least 10 images each)."""
+    cfg = vae.cfg
+    if not cfg.prior_components:
+        return
+    was_training = vae.training
+    vae.eval()
+    labels = y if y is not None else torch.zeros(len(x), dtype=torch.long, device=x.device)
+    stats = [vae.encode(x[i : i + chunk], None if y is None else y[i : i + chunk]) for i in range(0, len(x), chunk)]
+    vae.train(was_training)
+    mu = torch.cat([m for m, _ in stats]).double().cpu().numpy()
+    variance = torch.cat([v for _, v in stats]).double().exp().cpu().numpy()
+    classes, m, d = max(cfg.num_classes, 1), cfg.prior_components, cfg.latent_dim
+    weights, means = torch.zeros(classes, m, dtype=torch.float64), torch.zeros(classes, m, d, dtype=torch.float64)
+    covariances = torch.eye(d, dtype=torch.float64).repeat(classes, m, 1, 1)
+    for label in range(classes):
+        rows = (labels == label).cpu().numpy()
+        if not rows.any():
+            weights[label, 0] = 1.0
+            continue
+        used = max(1, min(m, int(rows.sum()) // 10))
+        mixture = GaussianMixture(used, covariance_type="full", reg_covar=1e-3, random_state=seed).fit(mu[rows])
+        spread = np.diag(variance[rows].mean(0))
+        weights[label, :used] = torch.from_numpy(mixture.weights_)
+        means[label, :used] = torch.from_numpy(mixture.means_)
+        covariances[label, :used] = torch.from_numpy(mixture.covariances_ + spread)
+    vae.prior.set_mixture(weights.float(), means.float(), covariances.float())
 
 
 def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device: torch.device) -> Trainer:
@@ -315,7 +387,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
             bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in totals.items()})
         for key, value in totals.items():
             history.setdefault(f"train_{key}", []).append(value / steps)
-        trainer.refresh_ema_statistics(seed=epoch)
+        trainer.finish_epoch(epoch, x_train, y_train if conditional else None)
         for key, value in trainer.validate(x_val, y_val if conditional else None).items():
             history.setdefault(f"val_{key}", []).append(value)
         epoch += 1

@@ -3,7 +3,7 @@ import torch
 
 from app.core.nets.classifier import Classifier, ClassifierConfig
 from app.core.nets.gan import Discriminator, GanConfig, Generator
-from app.core.nets.vae import ConditionalVAE, VaeConfig
+from app.core.nets.vae import ConditionalVAE, MixturePrior, VaeConfig
 
 
 @pytest.mark.parametrize(("height", "width", "channels"), [(28, 28, 1), (8, 8, 1), (32, 24, 3)])
@@ -61,3 +61,26 @@ def test_classifier_features_and_logits() -> None:
     x = torch.randn(4, 1, 8, 8)
     assert model.features(x).shape == (4, 128)
     assert model(x).shape == (4, 10)
+
+
+def test_unfitted_prior_is_the_standard_normal() -> None:
+    vae = ConditionalVAE(VaeConfig(8, 8, 1, num_classes=3)).eval()
+    z, labels = torch.randn(5, 16), torch.tensor([0, 1, 2, 0, 1])
+    assert torch.equal(vae.prior(z, labels), z)
+    assert torch.allclose(vae.generate(z, labels), vae.decode(z, labels))
+
+
+def test_fitted_prior_draws_each_component_by_weight_and_keeps_it_under_a_temperature() -> None:
+    prior = MixturePrior(VaeConfig(8, 8, 1, num_classes=2, latent_dim=4, prior_components=2))
+    means = torch.tensor([[[10.0] * 4, [-10.0] * 4], [[0.0] * 4, [50.0] * 4]])
+    prior.set_mixture(torch.tensor([[0.8, 0.2], [0.0, 1.0]]), means, torch.eye(4).repeat(2, 2, 1, 1) * 0.01)
+    z = torch.randn(4000, 4, generator=torch.Generator().manual_seed(1))
+    first = prior(z, torch.zeros(4000, dtype=torch.long))
+    share = (first[:, 0] > 0).float().mean().item()
+    assert 0.77 < share < 0.83  # the 0.8 component, picked independently of where z lies
+    assert ((first[:, 0] > 0) == (z[:, 0] > 0)).float().mean() < 0.9
+    assert torch.allclose(prior(z, torch.ones(4000, dtype=torch.long)).mean(0), torch.full((4,), 50.0), atol=0.1)
+    cooled = prior(z * 0.5, torch.zeros(4000, dtype=torch.long))
+    assert torch.equal(cooled[:, 0] > 0, first[:, 0] > 0)  # a temperature moves a sample within its component
+    centre = means[0, (first[:, 0] < 0).long()]
+    assert (cooled - centre).abs().max() < (first - centre).abs().max()

@@ -38,6 +38,8 @@ def test_real_mnist_and_slices() -> None:
     assert np.bincount(dataset.labels).tolist() == [773, 905, 834, 803, 788, 723, 756, 813, 787, 818]
     tail = load_dataset(f"{MNIST}#7000:")
     assert len(tail) == 1000 and np.array_equal(tail.images, dataset.images[7000:])
+    holed = load_dataset(f"{MNIST}#0:1000,2000:8000")
+    assert len(holed) == 7000 and np.array_equal(holed.labels[1000:], dataset.labels[2000:])
 
 
 @pytest.mark.parametrize(

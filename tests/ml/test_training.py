@@ -4,9 +4,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from app.errors import InvalidInputError
+from app.ml.training import diff_augment
 from tests.conftest import train_tiny
 
 
@@ -19,6 +21,24 @@ def test_vae_training_lowers_the_loss_and_logs(tiny_vae: Path) -> None:
         assert (tiny_vae / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = json.loads((tiny_vae / "card.json").read_text())
     assert card["training"]["epochs_done"] == 2
+    prior = load_file(tiny_vae / "prior.safetensors")
+    weights = prior["cumulative_weights"]
+    assert weights.shape == (10, 10) and torch.allclose(weights[:, -1], torch.ones(10))
+    assert prior["means"].abs().sum() > 0  # fitted to the training images, not the N(0, I) it starts as
+
+
+def test_diff_augment_moves_and_blanks_pixels() -> None:
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 16, 16), -1.0)
+    x[:, :, 8, 8] = 1.0
+    moved = diff_augment(x, "translation")
+    assert (moved == 1.0).flatten(1).sum(1).eq(1).all()  # one bright pixel each, somewhere within 2 pixels
+    positions = (moved[:, 0] == 1.0).nonzero()[:, 1:]
+    assert positions.sub(8).abs().max() <= 2 and len({tuple(p) for p in positions.tolist()}) > 5
+    blanked = diff_augment(torch.ones(8, 1, 16, 16), "cutout")
+    assert (blanked == -1.0).flatten(1).sum(1).eq(64).all()
+    with pytest.raises(InvalidInputError, match="unknown diff_augment policy"):
+        diff_augment(x, "color")
 
 
 def test_gan_training_learns(tiny_gan: Path) -> None:

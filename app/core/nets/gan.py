@@ -21,7 +21,10 @@ class GanConfig(SyntheticConfig):
     g_channels: int = 32
     d_channels: int = 32
     embed_dim: int = 32
-    aux_classifier: bool = True
+    aux_classifier: bool = True  # a class head on the discriminator that also steers the generator
+    spectral_norm: bool = False  # spectral norm instead of batch norm in the discriminator (Miyato et al., 2018)
+    loss: str = "logistic"  # or "hinge"
+    diff_augment: str = ""  # DiffAugment policies applied to every image the discriminator sees: "translation,cutout"
 
 
 class Generator(nn.Module):
@@ -62,14 +65,16 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: GanConfig) -> None:
         super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda layer: layer)
         widths = [cfg.d_channels * 2**i for i in range(cfg.n_up + 1)]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 3, 1, 1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [norm(nn.Conv2d(cfg.channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.2)]
         for c_in, c_out in itertools.pairwise(widths):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            layers += [norm(nn.Conv2d(c_in, c_out, 4, 2, 1)),
+                       nn.Identity() if cfg.spectral_norm else nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
         flat = widths[-1] * math.ceil(cfg.height / 2**cfg.n_up) * math.ceil(cfg.width / 2**cfg.n_up)
-        self.score = nn.Linear(flat, 1)
+        self.score = norm(nn.Linear(flat, 1))
         self.embed = nn.Embedding(cfg.num_classes, flat) if cfg.num_classes else None
         has_classifier = cfg.aux_classifier and cfg.num_classes
         self.classify = nn.Linear(flat, cfg.num_classes) if has_classifier else None

@@ -1,4 +1,9 @@
-"""A convolutional class-conditional VAE; the label enters the encoder as one-hot planes, the decoder beside z."""
+"""A convolutional class-conditional VAE; the label enters the encoder as one-hot planes, the decoder beside z.
+
+Samples come from a learned prior: per class, a Gaussian mixture fitted to the encoder's posterior means after
+training ("ex-post density estimation", Ghosh et al. 2020). N(0, I) leaves the holes of the aggregate posterior in:
+on MNIST a tenth of its samples were not recognisably their class.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class VaeConfig(SyntheticConfig):
     latent_dim: int = 16
     base_channels: int = 32
     beta: float = 1.0
+    prior_components: int = 10
 
     @property
     def widths(self) -> list[int]:
@@ -82,6 +88,40 @@ class Decoder(nn.Module):
         return logits[:, :, : self.cfg.height, : self.cfg.width]
 
 
+class MixturePrior(nn.Module):
+    """Per class, a Gaussian mixture over the latent space; maps a standard-normal draw z to a draw from it.
+
+    The component is picked from z's direction by a high-frequency hash (so it is a pure function of z, independent
+    in effect of z's position, and unchanged when z is scaled by a temperature), then z is scaled by the component's
+    Cholesky factor and shifted by its mean. Unfitted, it is N(0, I) exactly."""
+
+    def __init__(self, cfg: VaeConfig) -> None:
+        super().__init__()
+        k, m, d = max(cfg.num_classes, 1), max(cfg.prior_components, 1), cfg.latent_dim
+        self.register_buffer("cumulative_weights", torch.arange(1, m + 1).div(m).expand(k, m).clone())
+        self.register_buffer("means", torch.zeros(k, m, d))
+        self.register_buffer("scale_tril", torch.eye(d).expand(k, m, d, d).clone())
+        self.register_buffer("hash_direction", torch.randn(d, generator=torch.Generator().manual_seed(0)))
+
+    def set_mixture(self, weights: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor) -> None:
+        """Install fitted mixtures: weights `[K, M]`, means `[K, M, D]`, covariances `[K, M, D, D]`."""
+        cumulative = weights.cumsum(1) / weights.sum(1, keepdim=True)
+        cumulative[:, -1] = 1.0
+        self.cumulative_weights.copy_(cumulative)
+        self.means.copy_(means)
+        self.scale_tril.copy_(torch.linalg.cholesky(covariances))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(z.device.type, enabled=False):  # the hash needs float32 precision
+            z32 = z.float()
+            u = torch.frac((F.normalize(z32, dim=1) @ self.hash_direction).abs() * 1000.0)
+            rows = labels if labels is not None else torch.zeros(len(z), dtype=torch.long, device=z.device)
+            cumulative = self.cumulative_weights[rows]
+            component = torch.searchsorted(cumulative, u[:, None]).squeeze(1).clamp_max(cumulative.shape[1] - 1)
+            mean, tril = self.means[rows, component], self.scale_tril[rows, component]
+            return (mean + (tril @ z32[:, :, None]).squeeze(2)).to(z.dtype)
+
+
 @register
 class ConditionalVAE(SyntheticNet):
     """Encoder + decoder with the reparameterisation trick; loss = reconstruction (Bernoulli) + β·KL. Serving loads
@@ -89,12 +129,14 @@ class ConditionalVAE(SyntheticNet):
 
     kind = "vae"
     config_class = VaeConfig
-    weight_files: ClassVar[dict[str, str]] = {"decoder": "decoder.safetensors", "encoder": "encoder.safetensors"}
+    weight_files: ClassVar[dict[str, str]] = {"decoder": "decoder.safetensors", "encoder": "encoder.safetensors",
+                                              "prior": "prior.safetensors"}
 
     def __init__(self, cfg: VaeConfig) -> None:
         super().__init__(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.prior = MixturePrior(cfg)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x, labels)
@@ -104,7 +146,8 @@ class ConditionalVAE(SyntheticNet):
         return torch.tanh(self.decoder(z, labels) / 2)
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.decode(z, labels)
+        """Standard-normal draws → samples of the learned prior, decoded."""
+        return self.decode(self.prior(z, labels), labels)
 
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The decoded posterior mean of each image."""
