@@ -100,10 +100,9 @@ class GanTrainer:
     generator for sampling."""
 
     def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999,
-                 betas: tuple[float, float] = (0.5, 0.999), mode_seeking: float = 0.1,
-                 class_weight: float = 1.0) -> None:
+                 betas: tuple[float, float] = (0.5, 0.999), mode_seeking: float = 0.1) -> None:
         self.hparams, self.device, self.ema_decay = hparams, device, ema_decay
-        self.mode_seeking, self.class_weight = mode_seeking, class_weight
+        self.mode_seeking = mode_seeking
         # The checkpoint holds the EMA generator (what serving samples from) and the discriminator.
         self.net = ConditionalGAN(hparams).to(device)
         self.generator = copy.deepcopy(self.net.generator)  # the generator the optimizer trains
@@ -137,12 +136,12 @@ class GanTrainer:
         # The class head learns from real images only, then teaches the generator.
         d_class = F.cross_entropy(class_real, y) if class_real is not None else torch.zeros((), device=self.device)
         self.optimizers["opt_d"].zero_grad(set_to_none=True)
-        (d_loss + self.class_weight * d_class).backward()
+        (d_loss + d_class).backward()
         self.optimizers["opt_d"].step()
         d_gen, class_gen = self.discriminator.score_and_logits(self._augment(fake), fake_y)
         g_loss = -d_gen.mean() if self.hparams.loss == "hinge" else F.softplus(-d_gen).mean()
         if class_gen is not None:
-            g_loss = g_loss + self.class_weight * F.cross_entropy(class_gen, fake_y)
+            g_loss = g_loss + self.hparams.class_weight * F.cross_entropy(class_gen, fake_y)
         if self.mode_seeking:
             # Mode seeking (Mao et al., 2019): two latents with one label must not map to one image.
             k = n // 2

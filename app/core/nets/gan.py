@@ -21,7 +21,8 @@ class GanConfig(SyntheticConfig):
     g_channels: int = 32
     d_channels: int = 32
     embed_dim: int = 32
-    aux_classifier: bool = True  # a class head on the discriminator that also steers the generator
+    aux_classifier: bool = True  # a class head on the discriminator (trained on real images)
+    class_weight: float = 1.0  # how hard that class head steers the generator
     spectral_norm: bool = False  # spectral norm instead of batch norm in the discriminator (Miyato et al., 2018)
     loss: str = "logistic"  # or "hinge"
     diff_augment: str = ""  # DiffAugment policies applied to every image the discriminator sees: "translation,cutout"
