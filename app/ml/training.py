@@ -277,7 +277,7 @@ def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device
             return GanTrainer(GanConfig(**common, **options.hyperparameters), device, options.lr)
         if arch == "vae":
             return VaeTrainer(VaeConfig(**common, **options.hyperparameters), device, options.lr)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"bad hyper-parameter for {arch}: {exc}") from exc
     raise InvalidInputError(f"unknown architecture {arch!r}; use gan or vae")
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.errors import InvalidInputError
-from app.ml.training import diff_augment
+from app.ml.training import TrainOptions, diff_augment, train
 from tests.conftest import train_tiny
 
 
@@ -39,6 +39,14 @@ def test_diff_augment_moves_and_blanks_pixels() -> None:
     assert (blanked == -1.0).flatten(1).sum(1).eq(64).all()
     with pytest.raises(InvalidInputError, match="unknown diff_augment policy"):
         diff_augment(x, "color")
+
+
+@pytest.mark.parametrize(("hparams", "message"), [({"loss": "wgan"}, "logistic or hinge"),
+                                                   ({"diff_augment": "color"}, "diff_augment")])
+def test_bad_gan_training_options_are_refused_up_front(tmp_path: Path, hparams: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        train(TrainOptions(arch="gan", data="digits", out=tmp_path / "bad", device="cpu", progress=False,
+                           hyperparameters=hparams))
 
 
 def test_gan_training_learns(tiny_gan: Path) -> None:

@@ -27,6 +27,14 @@ class GanConfig(SyntheticConfig):
     loss: str = "logistic"  # or "hinge"
     diff_augment: str = ""  # DiffAugment policies applied to every image the discriminator sees: "translation,cutout"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("logistic", "hinge"):
+            raise ValueError(f"loss must be logistic or hinge, not {self.loss!r}")
+        unknown = set(filter(None, self.diff_augment.split(","))) - {"translation", "cutout"}
+        if unknown:
+            raise ValueError(f"unknown diff_augment policies {sorted(unknown)}; use translation and/or cutout")
+
 
 class Generator(nn.Module):
     """z (+ label) → image in [-1, 1]: linear to a small grid, `n_up` transposed-conv ×2 stages, 3×3 conv, tanh."""
