@@ -260,9 +260,13 @@ def fit_prior(vae: ConditionalVAE, x: torch.Tensor, y: torch.Tensor | None, seed
         if not rows.any():
             weights[label, 0] = 1.0
             continue
+        spread = np.diag(variance[rows].mean(0))
+        if rows.sum() < 2:  # one image: a Gaussian around its posterior
+            weights[label, 0], means[label, 0] = 1.0, torch.from_numpy(mu[rows][0])
+            covariances[label, 0] = torch.from_numpy(spread + 1e-3 * np.eye(d))
+            continue
         used = max(1, min(m, int(rows.sum()) // 10))
         mixture = GaussianMixture(used, covariance_type="full", reg_covar=1e-3, random_state=seed).fit(mu[rows])
-        spread = np.diag(variance[rows].mean(0))
         weights[label, :used] = torch.from_numpy(mixture.weights_)
         means[label, :used] = torch.from_numpy(mixture.means_)
         covariances[label, :used] = torch.from_numpy(mixture.covariances_ + spread)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.core.nets import ConditionalVAE, VaeConfig
 from app.errors import InvalidInputError
-from app.ml.training import TrainOptions, diff_augment, train
+from app.ml.training import TrainOptions, diff_augment, fit_prior, train
 from tests.conftest import train_tiny
 
 
@@ -40,6 +41,14 @@ def test_diff_augment_moves_and_blanks_pixels() -> None:
     with pytest.raises(InvalidInputError, match="unknown diff_augment policy"):
         diff_augment(x, "color")
 
+
+
+def test_prior_fits_classes_with_one_image_or_none() -> None:
+    vae = ConditionalVAE(VaeConfig(8, 8, 1, num_classes=3))
+    fit_prior(vae, torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 1]), seed=0)
+    assert torch.equal(vae.prior.cumulative_weights[2], torch.ones(10))  # no image: the unfitted N(0, I) component
+    images = vae.generate(torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert images.shape == (6, 1, 8, 8) and torch.isfinite(images).all()
 
 @pytest.mark.parametrize(("hparams", "message"), [({"loss": "wgan"}, "logistic or hinge"),
                                                    ({"diff_augment": "color"}, "diff_augment")])
