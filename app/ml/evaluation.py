@@ -53,16 +53,15 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, e
 
 
 @torch.inference_mode()
-def predict(model: Classifier, images: np.ndarray, batch_size: int = 1000,
-            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class probabilities `[N, K]` at this temperature, features `[N, D]`) of uint8 images."""
+def predict(model: Classifier, images: np.ndarray, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities `[N, K]`, features `[N, D]`) of uint8 images."""
     device = next(model.parameters()).device
     probs, feats = [], []
     for start in range(0, len(images), batch_size):
         x = to_model_range(images[start : start + batch_size]).to(device)
         f = model.features(x)
         feats.append(f.float().cpu())
-        probs.append((model.head(f) / temperature).softmax(dim=1).float().cpu())
+        probs.append(model.head(f).softmax(dim=1).float().cpu())
     return torch.cat(probs), torch.cat(feats)
 
 
