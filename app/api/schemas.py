@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -31,7 +32,7 @@ def _boolean(value: object) -> object:
 FormInt = Annotated[int, BeforeValidator(_decimal)]
 FormBool = Annotated[bool, BeforeValidator(_boolean)]
 OutputFormat = Literal["json", "npz", "png"]
-ArchiveFormat = Literal["zip", "tar", "npz"]
+ArchiveFormat = Literal["zip", "tar", "parquet", "npz"]
 
 
 class _Strict(BaseModel):
@@ -79,13 +80,27 @@ class DatasetRequest(_Filters):
     label: str | int | None = Field(None, description="with n: the class of every sample; omitted → drawn")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="omitted → a random seed (see X-Seed)")
     truncation: float = Field(1.0, gt=0, le=4, description="latent scale: GAN truncation ψ, VAE prior temperature")
-    format: ArchiveFormat = Field("zip", description="zip (ImageFolder), tar (WebDataset) or npz (size-limited)")
+    format: ArchiveFormat = Field("zip", description="zip (ImageFolder with metadata.parquet and a dataset card for "
+                                  "Hugging Face datasets), tar (WebDataset), parquet (the Hub's format) or npz "
+                                  "(size-limited)")
 
 
 class JobRequest(DatasetRequest):
-    """A dataset export run in the background: the same fields as a streamed export, plus the model."""
+    """A dataset export run in the background: the same fields as a streamed export, plus the model, the shard size
+    of a tar result and a URL to call when the job ends."""
 
     model: str = Field(description="model name", examples=["mnist-cgan"], pattern=MODEL_NAME.pattern)
+    shard_size: int = Field(10_000, ge=1, le=1_000_000, description="with format tar: samples per WebDataset shard")
+    callback_url: str | None = Field(None, max_length=2048, description="an http(s) URL the server POSTs the job to "
+                                     "when it succeeds or fails, signed with your webhook secret (see GET "
+                                     "/v1/webhooks/secret)", examples=["https://example.com/hooks/synthgen"])
+
+
+class JobFilePublic(BaseModel):
+    name: str
+    bytes: int
+    media_type: str
+    url: str = Field(description="where to download it (supports Range)")
 
 
 class JobPublic(BaseModel):
@@ -96,12 +111,15 @@ class JobPublic(BaseModel):
     total: int
     eta_s: float | None = Field(None, description="estimated seconds left while running")
     error: str | None = None
-    format: str
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
+    format: ArchiveFormat
+    created_at: datetime = Field(description="ISO 8601, UTC")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     result_bytes: int | None = None
-    result_url: str | None = Field(None, description="where to download the archive once succeeded")
+    result_url: str | None = Field(None, description="where to download the archive once succeeded (a tar result "
+                                   "is several shards: see `files`)")
+    files: list[JobFilePublic] = Field(default_factory=list, description="the result's files once succeeded: the "
+                                       "archive, or the WebDataset shards and their manifest.json")
     request: dict[str, Any]
 
 

@@ -1,7 +1,8 @@
 """Writing generated samples to disk: `.npz` arrays, a PNG grid, or ImageFolder PNGs in a directory or a zip.
 
-The ImageFolder layout is `<class_name>/<8-digit index>.png` with `labels.csv`
-(file_name,label,class_name,seed,index) and `manifest.json`; the same inputs always give the same bytes.
+The ImageFolder layout is `<class_name>/<8-digit index>.png` with `labels.csv` (file_name,label,class_name,seed,index),
+the same rows as `metadata.parquet` with the Hugging Face features, a dataset card `README.md` and `manifest.json`.
+WebDataset tars come as shards. The same inputs always give the same bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from app.core.images import encode_png, image_grid
+from app.engine.hub import ParquetExport, dataset_card, metadata_parquet
+from app.engine.sink import ByteSink
 from app.errors import InvalidInputError
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identical between runs
@@ -49,29 +52,6 @@ def sample_file_name(class_name: str, index: int) -> str:
     return f"{class_name}/{index:08d}.png"
 
 
-class _Sink:
-    """A write-only, unseekable stream that keeps what was written until `take()`."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._position = 0
-
-    def write(self, data: bytes) -> int:
-        self._chunks.append(bytes(data))
-        self._position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._position
-
-    def flush(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        data, self._chunks = b"".join(self._chunks), []
-        return data
-
-
 class ImageFolderZip:
     """Writes the ImageFolder layout into a zip as a stream: add samples batch by batch and `take()` the bytes
     written so far, so an archive of any size needs only one batch in memory. With `sources`, files are named
@@ -81,7 +61,7 @@ class ImageFolderZip:
 
     def __init__(self, class_names: list[str], seed: int, sources: bool = False) -> None:
         self.class_names, self.seed, self.sources = class_names, seed, sources
-        self._sink = _Sink()
+        self._sink = ByteSink()
         self._zip = zipfile.ZipFile(self._sink, "w", compression=zipfile.ZIP_STORED)  # type: ignore[arg-type]
         # 16-17 bytes a sample, for labels.csv at the end
         self._labels, self._indices, self._source = array("q"), array("q"), array("b")
@@ -114,58 +94,90 @@ class ImageFolderZip:
         return dict(sorted(Counter(self._class(label) for label in self._labels).items()))
 
     def finish(self, manifest: dict[str, Any]) -> bytes:
-        """Write labels.csv and manifest.json and close the archive; returns the last bytes."""
+        """Write labels.csv, metadata.parquet, README.md and manifest.json and close the archive; returns the last
+        bytes."""
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(LABELS_HEADER + (["source"] if self.sources else []))
-        for label, index, code in zip(self._labels, self._indices, self._source):
-            row = [self._name(label, index, code), label, self.class_names[label] if self.class_names else "",
-                   self.seed, index]
+        rows = list(zip(self._labels, self._indices, self._source))
+        names = [self._name(label, index, code) for label, index, code in rows]
+        for name, (label, index, code) in zip(names, rows):
+            row = [name, label, self.class_names[label] if self.class_names else "", self.seed, index]
             writer.writerow([csv_cell(cell) for cell in row + ([self.SOURCES[code]] if self.sources else [])])
         manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": self.counts()}
+        sources = [self.SOURCES[code] for code in self._source] if self.sources else None
         self._write("labels.csv", text.getvalue().encode())
+        self._write("metadata.parquet", metadata_parquet(self.class_names, names, self._labels.tolist(), self.seed,
+                                                         self._indices.tolist(), sources))
+        self._write("README.md", dataset_card(manifest, self.class_names, self.sources).encode())
         self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
         self._zip.close()
         return self._sink.take()
 
 
-class WebDatasetTar:
-    """Writes samples as a WebDataset tar stream: `<key>.png`, `<key>.cls` (the label) and `<key>.json` per sample,
-    keys being 8-digit indices; bytes come out batch by batch like `ImageFolderZip`."""
+class WebDatasetShards:
+    """Samples as WebDataset shards: `<prefix>-000000.tar`, … of at most `shard_size` samples each, every sample
+    `<key>.png`, `<key>.cls` (the label) and `<key>.json` (label, class name, model, seed, index), keys being 8-digit
+    indices. Nothing else goes into a shard, so `wds.WebDataset(urls)` reads every member as part of a sample; the
+    manifest is a sidecar file. `add` and `finish` return `(file name, bytes)` pieces in order."""
 
-    def __init__(self, class_names: list[str], seed: int) -> None:
-        self.class_names, self.seed = class_names, seed
-        self._sink = _Sink()
-        self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in finish)
-        self._count = 0
+    def __init__(self, class_names: list[str], seed: int, model: str, prefix: str, shard_size: int) -> None:
+        self.class_names, self.seed, self.model = class_names, seed, model
+        self.prefix, self.shard_size = prefix, shard_size
+        self._sink = ByteSink()
+        self._tar: tarfile.TarFile | None = None
+        self._shard, self._in_shard, self._count = -1, 0, 0
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.prefix}-{self._shard:06d}.tar"
+
+    def _close_shard(self) -> list[tuple[str, bytes]]:
+        if self._tar is None:
+            return []
+        self._tar.close()
+        self._tar = None
+        return [(self.shard_name, self._sink.take())]
 
     def _write(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o644, 0
-        self._tar.addfile(info, io.BytesIO(data))
+        self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
 
-    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> list[tuple[str, bytes]]:
+        pieces: list[tuple[str, bytes]] = []
         for image, label, index in zip(images, labels.tolist(), indices):
+            if self._tar is None or self._in_shard == self.shard_size:
+                pieces += self._close_shard()
+                self._shard, self._in_shard = self._shard + 1, 0
+                self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             key = f"{index:08d}"
-            class_name = self.class_names[label] if self.class_names else None
             self._write(f"{key}.png", encode_png(image))
             self._write(f"{key}.cls", str(label).encode())
-            self._write(f"{key}.json", json.dumps({"label": label, "class_name": class_name, "seed": self.seed,
-                                                   "index": index}, sort_keys=True).encode())
+            self._write(f"{key}.json", json.dumps({
+                "label": label, "class_name": self.class_names[label] if self.class_names else None,
+                "model": self.model, "seed": self.seed, "index": index}, sort_keys=True).encode())
+            self._in_shard += 1
             self._count += 1
-        return self._sink.take()
+        if self._tar is not None:
+            pieces.append((self.shard_name, self._sink.take()))
+        return pieces
 
-    def finish(self, manifest: dict[str, Any]) -> bytes:
-        """Append `manifest.json` (read by neither WebDataset nor tar tools as a sample) and close the stream."""
-        self._write("manifest.json", (json.dumps({**manifest, "seed": self.seed, "count": self._count},
-                                                 sort_keys=True, indent=2) + "\n").encode())
-        self._tar.close()
-        return self._sink.take()
+    def finish(self, manifest: dict[str, Any] | None) -> list[tuple[str, bytes]]:
+        """Close the last shard; with a manifest, add it as `manifest.json` (with the shards' names)."""
+        pieces = self._close_shard()
+        if manifest is not None:
+            shards = [f"{self.prefix}-{shard:06d}.tar" for shard in range(self._shard + 1)]
+            text = json.dumps({**manifest, "seed": self.seed, "count": self._count, "shards": shards},
+                              sort_keys=True, indent=2) + "\n"
+            pieces.append(("manifest.json", text.encode()))
+        return pieces
 
 
 def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
                  manifest: dict[str, Any]) -> None:
-    """Write samples to `path`: `.npz`, `.zip`, a `.png` grid (a row per class when balanced), or a directory."""
+    """Write samples to `path`: `.npz`, `.zip` (ImageFolder), `.tar` (one WebDataset shard), `.parquet`, a `.png`
+    grid (a row per class when balanced), or an ImageFolder directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".png":
         counts = np.bincount(labels)
@@ -175,8 +187,18 @@ def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names
     if path.suffix == ".npz":
         path.write_bytes(npz_bytes(images, labels))
         return
+    if path.suffix == ".tar":
+        shards = WebDatasetShards(class_names, seed, manifest["model"], path.stem, max(len(images), 1))
+        path.write_bytes(b"".join(data for _, data in shards.add(images, labels, range(len(images)))
+                                  + shards.finish(None)))
+        return
+    if path.suffix == ".parquet":
+        table = ParquetExport(class_names, seed)
+        path.write_bytes(table.add(images, labels, range(len(images))) + table.finish(manifest))
+        return
     if path.suffix not in ("", ".zip"):
-        raise InvalidInputError(f"--out {path}: use a .npz, .zip or .png file, or a directory without a suffix")
+        raise InvalidInputError(f"--out {path}: use a .npz, .zip, .tar, .parquet or .png file, or a directory "
+                                "without a suffix")
     archive = ImageFolderZip(class_names, seed)
     data = archive.add(images, labels, range(len(images))) + archive.finish(manifest)
     if path.suffix == ".zip":

@@ -1,21 +1,25 @@
 """Dataset exports: a plan generated chunk by chunk through the micro-batcher and written as a zip (ImageFolder),
-a tar (WebDataset) or an npz. The archive streams: memory stays flat whatever its size. Jobs write the same bytes."""
+WebDataset tar shards, Parquet or an npz. The archive streams: memory stays flat whatever its size. Jobs write the
+same bytes."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 
-from app.engine.archives import ImageFolderZip, WebDatasetTar, npz_bytes
+from app.engine.archives import ImageFolderZip, WebDatasetShards, npz_bytes
 from app.engine.filters import FilterReport, fill
 from app.engine.generation import sampler
+from app.engine.hub import ParquetExport
 from app.engine.plans import SamplePlan, build_manifest
 from app.engine.repository import ServedModel
 from app.settings import Settings
 
-MEDIA_TYPES = {"zip": "application/zip", "tar": "application/x-tar", "npz": "application/octet-stream"}
+MEDIA_TYPES = {"zip": "application/zip", "tar": "application/x-tar", "parquet": "application/vnd.apache.parquet",
+               "npz": "application/octet-stream"}
 
 
 def export_limit(settings: Settings, output: str) -> tuple[int, str]:
@@ -26,10 +30,39 @@ def export_limit(settings: Settings, output: str) -> tuple[int, str]:
     return settings.max_dataset_samples, f"one {output} export (SYNTHGEN_MAX_DATASET_SAMPLES)"
 
 
-async def stream_export(served: ServedModel, plan: SamplePlan, output: str, settings: Settings
-                        ) -> AsyncIterator[bytes]:
-    """The archive's bytes, chunk by chunk (a forward pass each); the next chunk is generated while the last one is
-    encoded. With filters, each slot keeps its first passing candidate and the manifest counts the rejections."""
+def export_name(model: str, seed: int) -> str:
+    """What an export's files are named after: `<model>-seed<seed>`."""
+    return f"{model}-seed{seed}"
+
+
+class _OneFile:
+    """A single-file archive writer (zip, Parquet) giving named pieces like `WebDatasetShards`."""
+
+    def __init__(self, writer: ImageFolderZip | ParquetExport, name: str) -> None:
+        self.writer, self.name = writer, name
+
+    def add(self, *args: Any) -> list[tuple[str, bytes]]:
+        return [(self.name, self.writer.add(*args))]
+
+    def finish(self, manifest: dict[str, Any]) -> list[tuple[str, bytes]]:
+        return [(self.name, self.writer.finish(manifest))]
+
+
+def _writer(output: str, served: ServedModel, plan: SamplePlan, shard_size: int | None
+            ) -> WebDatasetShards | _OneFile:
+    model, name = served.model, export_name(served.model.name, plan.seed)
+    if output == "tar":
+        return WebDatasetShards(model.class_names, plan.seed, model.name, name, shard_size or len(plan))
+    writer = (ImageFolderZip if output == "zip" else ParquetExport)(model.class_names, plan.seed)
+    return _OneFile(writer, f"{name}.{output}")
+
+
+async def stream_export(served: ServedModel, plan: SamplePlan, output: str, settings: Settings,
+                        shard_size: int | None = None) -> AsyncIterator[tuple[str, bytes]]:
+    """The export's files as `(file name, bytes)` pieces in order, chunk by chunk (a forward pass each); the next
+    chunk is generated while the last one is encoded. A tar is one WebDataset shard, or with `shard_size` shards of
+    that many samples and a `manifest.json` sidecar. With filters, each slot keeps its first passing candidate and
+    the manifest counts the rejections."""
     model, spec, report, chunk = served.model, plan.filters, FilterReport(), settings.max_batch_size
     generate = sampler(served, plan.seed, plan.truncation, settings.request_timeout_s, wait_when_full=True)
 
@@ -44,16 +77,20 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
         if output == "npz":  # npz cannot stream: collect (size-limited by the plan), then one write
             parts = [await pending] + [await produce(start) for start in starts[1:]]
             indices = np.concatenate([p[2] for p in parts]) if spec.active else None
-            yield await served.on_cpu(npz_bytes, np.concatenate([p[0] for p in parts]),
-                                          np.concatenate([p[1] for p in parts]), indices)
+            data = await served.on_cpu(npz_bytes, np.concatenate([p[0] for p in parts]),
+                                       np.concatenate([p[1] for p in parts]), indices)
+            yield f"{export_name(model.name, plan.seed)}.npz", data
             return
-        writer = (ImageFolderZip if output == "zip" else WebDatasetTar)(model.class_names, plan.seed)
+        writer = _writer(output, served, plan, shard_size)
         for position in range(len(starts)):
             images, labels, indices = await pending
             if position + 1 < len(starts):
                 pending = produce(starts[position + 1])
-            yield await served.on_cpu(writer.add, images, labels, indices.tolist())
-        yield await served.on_cpu(writer.finish, build_manifest(model, plan, output, report.rejected))
+            for piece in await served.on_cpu(writer.add, images, labels, indices.tolist()):
+                yield piece
+        manifest = build_manifest(model, plan, output, report.rejected)
+        for piece in await served.on_cpu(writer.finish, manifest if output != "tar" or shard_size else None):
+            yield piece
     finally:
         if not pending.done():
             pending.cancel()

@@ -1,6 +1,7 @@
 """Asynchronous dataset jobs: persisted in SQLite (standard library) under the data directory, run in the
-background through the same export code as the streamed route, written to a `.part` file and renamed only when
-complete, so a half-written archive is never reported as succeeded.
+background through the same export code as the streamed route, written into a `.part` folder and renamed only when
+complete, so a half-written result is never reported as succeeded. A result is a folder of files: one archive, or
+WebDataset shards with a `manifest.json` sidecar.
 
 Every job belongs to the API key that made it. Admission is one transaction: the queue bound (429), and the disk
 quota (507) counted from the database (results kept plus the reservation of every unfinished job, each an upper
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -35,6 +37,7 @@ from app.settings import Settings
 
 log = logging.getLogger("synthgen.jobs")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
 @dataclass
@@ -195,23 +198,35 @@ class JobStore:
         """Delete the job and its files; a download already reading the result finishes (POSIX keeps an open
         file's data until it is closed)."""
         job = self.get(job_id)
-        for path in (self.result_path(job), self.part_path(job)):
-            path.unlink(missing_ok=True)
+        for folder in (self.result_dir(job), self.part_dir(job)):
+            shutil.rmtree(folder, ignore_errors=True)
         with self._lock:
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
-    def open_result(self, job: Job) -> IO[bytes]:
-        """The result opened for reading; NotFoundError if it was deleted or expired meanwhile."""
+    def files(self, job: Job) -> list[tuple[str, int]]:
+        """A finished job's files and their sizes: the data files by name, then the manifest sidecar if any."""
         try:
-            return self.result_path(job).open("rb")
+            entries = [(entry.name, entry.stat().st_size) for entry in os.scandir(self.result_dir(job))]
         except FileNotFoundError:
-            raise NotFoundError(f"no result for job {job.id}; it was deleted or expired") from None
+            return []
+        return sorted(entries, key=lambda entry: (entry[0] == "manifest.json", entry[0]))
 
-    def result_path(self, job: Job) -> Path:
-        return self.results / f"{job.id}.{job.format}"
+    def open_file(self, job: Job, name: str) -> IO[bytes]:
+        """One file of the result opened for reading; NotFoundError if there is no such file (or it was deleted or
+        expired meanwhile)."""
+        if FILE_NAME.fullmatch(name):
+            try:
+                return (self.result_dir(job) / name).open("rb")
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+        raise NotFoundError(f"job {job.id} has no file {name!r} (it was deleted or expired, or never existed); its "
+                            "files are listed in the job's `files`")
 
-    def part_path(self, job: Job) -> Path:
-        return self.results / f"{job.id}.{job.format}.part"
+    def result_dir(self, job: Job) -> Path:
+        return self.results / job.id
+
+    def part_dir(self, job: Job) -> Path:
+        return self.results / f"{job.id}.part"
 
     def fail_unfinished(self, job_ids: list[str] | None = None, stale_s: float | None = None,
                         replica: str | None = None) -> int:
@@ -227,7 +242,7 @@ class JobStore:
             rows = self._db.execute(query, args).fetchall()
         chosen = [job_id for (job_id,) in rows if job_ids is None or job_id in job_ids]
         for job_id in chosen:
-            self.part_path(self.get(job_id)).unlink(missing_ok=True)
+            shutil.rmtree(self.part_dir(self.get(job_id)), ignore_errors=True)
             self.update(job_id, state=JobState.FAILED, error=INTERRUPTED, finished_at=time.time())
         return len(chosen)
 
@@ -249,14 +264,15 @@ class JobStore:
 
 def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str) -> int:
     """An upper bound of an archive's size, reserved against the quotas: a PNG is at most its raw rows (plus a
-    filter byte each) and some overhead; a zip adds headers and a labels.csv row per sample, a tar a 512-byte header
-    and padding per member (png, cls, json); plus the manifest with the model's card."""
+    filter byte each) and some overhead; a zip adds headers and a row of labels.csv and metadata.parquet per sample,
+    Parquet its row, a tar a 512-byte header and padding per member (png, cls, json); plus the manifest with the
+    model's card."""
     height, width, channels = model.image_shape
     if output == "npz":
         return len(plan) * (height * width * channels + 16) + 65_536
     raw = (width * channels + 1) * height
     png = raw + raw // 1024 + 128  # zlib's worst case (stored blocks) plus the PNG chunks
-    per_sample = png + 400 if output == "zip" else png + 512 + 3 * 512 + 2 * 512
+    per_sample = {"zip": png + 400, "parquet": png + 200}.get(output, png + 512 + 3 * 512 + 2 * 512)
     return len(plan) * per_sample + len(json.dumps(model.card)) + 65_536
 
 
@@ -324,35 +340,41 @@ class JobRunner:
         await asyncio.to_thread(self.store.update, job_id, **fields)
 
     async def _run(self, job: Job, plan: SamplePlan) -> None:
-        part, final = self.store.part_path(job), self.store.result_path(job)
+        part, final = self.store.part_dir(job), self.store.result_dir(job)
         owner_slot = self._owner_slots.setdefault(job.owner, asyncio.Semaphore(self.settings.max_running_jobs_per_key))
         try:
             async with owner_slot, self._slots, self.repository.serving(job.model) as served:
                 await self._update(job.id, state=JobState.RUNNING, started_at=time.time())
-                handle = await asyncio.to_thread(part.open, "wb")
+                await asyncio.to_thread(part.mkdir, parents=True, exist_ok=True)
+                handles: dict[str, IO[bytes]] = {}
                 try:
                     written, done, reported = 0, 0, time.monotonic()
-                    async for data in stream_export(served, plan, job.format, self.settings):
+                    shard_size = job.request.get("shard_size") if job.format == "tar" else None
+                    async for name, data in stream_export(served, plan, job.format, self.settings, shard_size):
                         written += len(data)
                         if written > job.reserved_bytes:
                             raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for "
                                                      "it; the partial result was removed")
-                        await asyncio.to_thread(write_chunk, handle, data)
+                        if name not in handles:
+                            handles[name] = await asyncio.to_thread((part / name).open, "wb")
+                        await asyncio.to_thread(write_chunk, handles[name], data)
                         done = min(done + self.settings.max_batch_size, len(plan))
                         if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                             await self._update(job.id, done=done)
                             reported = time.monotonic()
-                    await asyncio.to_thread(_flush, handle)
+                    for handle in handles.values():
+                        await asyncio.to_thread(_flush, handle)
                 finally:
-                    handle.close()
-                await asyncio.to_thread(part.replace, final)  # only a complete archive carries the final name
+                    for handle in handles.values():
+                        handle.close()
+                await asyncio.to_thread(part.replace, final)  # only a complete result carries the final name
                 await self._update(job.id, state=JobState.SUCCEEDED, done=len(plan), finished_at=time.time(),
                                    result_bytes=written)
         except asyncio.CancelledError:
-            part.unlink(missing_ok=True)
+            shutil.rmtree(part, ignore_errors=True)
             raise
         except Exception as exc:  # every failure is recorded on the job, never lost
-            part.unlink(missing_ok=True)
+            shutil.rmtree(part, ignore_errors=True)
             log.error("job %s failed: %s", job.id, exc)
             await self._update(job.id, state=JobState.FAILED, error=_failure(exc), finished_at=time.time())
         finally:

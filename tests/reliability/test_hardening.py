@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -149,7 +150,7 @@ async def test_reload_keeps_running_exports_and_jobs_and_unload_fails_them_at_on
 
 async def test_a_download_survives_the_delete_of_its_job(models_dir: Path) -> None:
     async with serve(models_dir) as client:
-        job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 2000, "format": "tar"})).json()
+        job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 2000, "format": "zip"})).json()
         job = await wait_for_job(client, job["id"], ("succeeded",))
         async with client.stream("GET", job["result_url"]) as download:
             chunks = download.aiter_raw(65536)
@@ -162,7 +163,8 @@ async def test_a_download_survives_the_delete_of_its_job(models_dir: Path) -> No
         # the file gone while the job still says succeeded (another replica expiring it): 404, not a 500
         submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5})
         other = await wait_for_job(client, submitted.json()["id"], ("succeeded",))
-        client.app.state.jobs.result_path(client.app.state.jobs.get(other["id"])).unlink()  # type: ignore[attr-defined]
+        store = client.app.state.jobs  # type: ignore[attr-defined]
+        shutil.rmtree(store.result_dir(store.get(other["id"])))
         vanished = await client.get(other["result_url"])
         assert vanished.status_code == 404 and "deleted or expired" in vanished.json()["detail"]
 

@@ -20,6 +20,8 @@ EXAMPLES = {
                  "value": {"per_class": 100, "seed": 0, "format": "zip"}},
     "chosen counts": {"summary": "more of the rare classes, WebDataset tar",
                       "value": {"per_class": {"3": 50, "8": 200}, "seed": 1, "format": "tar"}},
+    "parquet": {"summary": "Parquet for the Hugging Face Hub", "value": {"per_class": 100, "seed": 3,
+                                                                          "format": "parquet"}},
     "npz": {"summary": "arrays", "value": {"n": 500, "label": "7", "seed": 2, "format": "npz"}},
 }
 
@@ -29,11 +31,15 @@ EXAMPLES = {
     summary="Export a dataset",
     description=(
         "Streams an archive while its samples are generated (constant server memory whatever its size), sharing "
-        "the model's micro-batcher fairly with interactive requests. `zip`: ImageFolder layout "
-        "`<class_name>/<8-digit index>.png` with `labels.csv` (file_name,label,class_name,seed,index) and "
-        "`manifest.json` (model, config hash, seed, counts, code version, created-at, quality card): enough to "
-        "regenerate it bit for bit. `tar`: WebDataset (`<key>.png`, `<key>.cls`, `<key>.json`). `npz`: `images` "
-        "and `labels`, limited in size because npz cannot stream."
+        "the model's micro-batcher fairly with interactive requests; the same request gives the same bytes. `zip`: "
+        "ImageFolder layout `<class_name>/<8-digit index>.png` with `labels.csv` (file_name,label,class_name,seed,"
+        "index), `metadata.parquet` (the same rows with the class names as a `ClassLabel`, for Hugging Face "
+        "`load_dataset(\"imagefolder\", data_dir=...)`), a dataset card `README.md` and `manifest.json` (model, "
+        "config hash, seed, counts, code version, quality card): enough to regenerate it bit for bit. `tar`: one "
+        "WebDataset shard (`<key>.png`, `<key>.cls`, `<key>.json` with model, seed and index; nothing else, so "
+        "`wds.WebDataset(url)` needs no handler; jobs write several shards and a manifest). `parquet`: columns "
+        "image (PNG bytes), label, class_name, seed, index with the Hugging Face features, a row group per batch. "
+        "`npz`: `images` and `labels`, limited in size because npz cannot stream."
     ),
     response_class=StreamingResponse,
     responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
@@ -47,7 +53,7 @@ async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=E
         plan = plan_samples(served.model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                             label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
         stream = stream_export(served, plan, body.format, settings)
-        first = await anext(stream)  # errors before the first byte still become proper HTTP answers
+        _, first = await anext(stream)  # errors before the first byte still become proper HTTP answers
     except BaseException:
         await repository.release(served)
         raise
@@ -55,7 +61,7 @@ async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=E
     async def archive() -> AsyncIterator[bytes]:
         try:
             yield first
-            async for chunk in stream:
+            async for _, chunk in stream:
                 yield chunk
         finally:
             await stream.aclose()  # a client that went away stops the generation

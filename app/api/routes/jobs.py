@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -21,12 +22,12 @@ from app.api.deps import (
     require_json,
 )
 from app.api.responses import open_file_response
-from app.api.schemas import ErrorPublic, JobPublic, JobRequest, JobsPublic
+from app.api.schemas import ErrorPublic, JobFilePublic, JobPublic, JobRequest, JobsPublic
 from app.engine.exports import MEDIA_TYPES, export_limit
-from app.engine.jobs import Job
+from app.engine.jobs import Job, JobStore
 from app.engine.plans import plan_samples
 from app.engine.states import JobState
-from app.errors import ConflictError
+from app.errors import ConflictError, NotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
@@ -39,10 +40,29 @@ EXAMPLES = {"balanced": {"summary": "1,000 images of every digit as an ImageFold
                          "value": {"model": "mnist-cgan", "per_class": 1000, "seed": 0, "format": "zip"}}}
 
 
-def job_public(job: Job) -> JobPublic:
-    url = f"/v1/jobs/{job.id}/result" if job.state == JobState.SUCCEEDED else None
+def _time(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def _media_type(name: str, job: Job) -> str:
+    return "application/json" if name.endswith(".json") else MEDIA_TYPES[job.format]
+
+
+def job_public(job: Job, files: list[tuple[str, int]] | None = None) -> JobPublic:
+    """The job as the API shows it; `files` (name, size) once it succeeded."""
+    succeeded = job.state == JobState.SUCCEEDED
     fields = {name: getattr(job, name) for name in JobPublic.model_fields if hasattr(job, name)}
-    return JobPublic(**fields, result_url=url)
+    fields.update(created_at=_time(job.created_at), started_at=_time(job.started_at),
+                  finished_at=_time(job.finished_at))
+    listed = [JobFilePublic(name=name, bytes=size, media_type=_media_type(name, job),
+                            url=f"/v1/jobs/{job.id}/files/{name}") for name, size in files or []]
+    return JobPublic(**fields, files=listed if succeeded else [],
+                     result_url=f"/v1/jobs/{job.id}/result" if succeeded and job.format != "tar" else None)
+
+
+def _public(store: JobStore, job: Job) -> JobPublic:
+    """Blocking (lists the result's files): call it off the event loop."""
+    return job_public(job, store.files(job) if job.state == JobState.SUCCEEDED else None)
 
 
 @router.post("", status_code=202, summary="Submit a dataset job", response_model=JobPublic,
@@ -69,29 +89,63 @@ async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)
 async def list_jobs(store: StoreDep, caller: CallerDep,
                     limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100) -> JobsPublic:
     jobs = await asyncio.to_thread(store.list, caller.owner, limit)
-    return JobsPublic(jobs=[job_public(job) for job in jobs])
+    return JobsPublic(jobs=[await asyncio.to_thread(_public, store, job) for job in jobs])
 
 
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
             description="State (queued, running, succeeded, failed), progress, ETA and error.")
 async def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
-    return job_public(await asyncio.to_thread(store.get, job_id, caller.owner))
+    job = await asyncio.to_thread(store.get, job_id, caller.owner)
+    return await asyncio.to_thread(_public, store, job)
 
 
 @router.get("/{job_id}/result", summary="Download a job's archive", response_class=StreamingResponse,
-            description="The finished archive. Supports `Range: bytes=START-[END]` so a broken download resumes. "
-                        "A download that started is served whole even if the job is deleted or expires meanwhile.",
-            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 206: {"description": "a range"},
-                       404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 416: {"model": ErrorPublic}})
+            operation_id="download_job_result",
+            description="The finished archive of a zip, parquet or npz job (a tar job's shards are in its `files`). "
+                        "Supports `Range: bytes=START-[END]` so a broken download resumes. A download that started is "
+                        "served whole even if the job is deleted or expires meanwhile.",
+            responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                         for t in MEDIA_TYPES.values()}, "description": "the archive"},
+                       206: {"description": "a range"}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
+                       416: {"model": ErrorPublic}})
 async def get_result(job_id: JobId, store: StoreDep, caller: CallerDep, request: Request) -> StreamingResponse:
-    job = await asyncio.to_thread(store.get, job_id, caller.owner)
+    job = await _finished(store, job_id, caller.owner)
+    if job.format == "tar":
+        raise ConflictError(f"job {job_id} wrote WebDataset shards; download each of its `files` from "
+                            f"/v1/jobs/{job_id}/files/<name>")
+    names = [name for name, _ in await asyncio.to_thread(store.files, job) if name != "manifest.json"]
+    if not names:
+        raise NotFoundError(f"no result for job {job_id}; it was deleted or expired")
+    return await _file_response(store, job, names[0], request)
+
+
+@router.get("/{job_id}/files/{name}", summary="Download one file of a job's result", response_class=StreamingResponse,
+            operation_id="download_job_file",
+            description="One of the files listed in the finished job's `files`: a WebDataset shard, the manifest "
+                        "sidecar, or the archive. Supports `Range` like the result.",
+            responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                         for t in {*MEDIA_TYPES.values(), "application/json"}},
+                             "description": "the file"},
+                       206: {"description": "a range"}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
+                       416: {"model": ErrorPublic}})
+async def get_file(job_id: JobId, name: str, store: StoreDep, caller: CallerDep, request: Request
+                   ) -> StreamingResponse:
+    job = await _finished(store, job_id, caller.owner)
+    return await _file_response(store, job, name, request)
+
+
+async def _finished(store: JobStore, job_id: str, owner: str) -> Job:
+    job = await asyncio.to_thread(store.get, job_id, owner)
     if job.state != JobState.SUCCEEDED:
         raise ConflictError(f"job {job_id} is {job.state}" + (f" ({job.error})" if job.error else "")
                             + "; its result is ready once it succeeded")
-    handle = await asyncio.to_thread(store.open_result, job)
+    return job
+
+
+async def _file_response(store: JobStore, job: Job, name: str, request: Request) -> StreamingResponse:
+    handle = await asyncio.to_thread(store.open_file, job, name)
     size = os.fstat(handle.fileno()).st_size
-    filename = f"{job.model}-seed{job.request['seed']}.{job.format}"
-    return open_file_response(handle, size, MEDIA_TYPES[job.format], filename, request.headers.get("range"))
+    return open_file_response(handle, size, _media_type(name, job), name, request.headers.get("range"))
 
 
 @router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job", responses={404: {"model": ErrorPublic}},

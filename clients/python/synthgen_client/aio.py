@@ -77,11 +77,20 @@ class AsyncClient:
         return calls.check_finished(job)
 
     async def download(self, job_id: str, path: str | Path, progress: bool = False) -> Path:
-        """Download a finished job's archive; an interrupted download resumes from `PATH.part` with Range."""
-        path = Path(path)
+        """Download a finished job's archive to `path` (a tar job's shards and manifest.json into the folder
+        `path`); an interrupted download resumes from `<file>.part` with Range."""
+        path, job = Path(path), await self.job(job_id)
+        if job["format"] != "tar":
+            return await self._download_file(job["result_url"], path, progress)
+        path.mkdir(parents=True, exist_ok=True)
+        for file in job["files"]:
+            await self._download_file(file["url"], path / file["name"], progress)
+        return path
+
+    async def _download_file(self, url: str, path: Path, progress: bool) -> Path:
         part = calls.part_path(path)
         have, headers = calls.range_headers(part)
-        async with self._http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as response:
+        async with self._http.stream("GET", url, headers=headers) as response:
             if response.status_code != 416:  # 416: the part file is already complete
                 if response.status_code >= 400:
                     await response.aread()

@@ -74,6 +74,10 @@ async def test_async_client(url: str, tmp_path: Path) -> None:
         assert any(job["model"] == "digits-vae" for job in await client.jobs())
         with np.load(path) as arrays:
             assert arrays["images"].shape == (7, 8, 8)
+        shards = await client.download_dataset("digits-vae", tmp_path / "shards", n=7, seed=2, format="tar",
+                                               shard_size=3)
+        assert sorted(p.name for p in shards.iterdir()) == [f"digits-vae-seed2-{i:06d}.tar" for i in range(3)] + [
+            "manifest.json"]
 
 
 def test_dataset_command(url: str, tmp_path: Path) -> None:

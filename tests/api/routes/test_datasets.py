@@ -55,8 +55,8 @@ async def test_tar_and_npz_exports(models_dir: Path) -> None:
         names = archive.getnames()
         classes = [archive.extractfile(f"{i:08d}.cls").read().decode() for i in range(7)]
         meta = json.loads(archive.extractfile("00000006.json").read())
-    assert len(names) == 7 * 3 + 1 and classes == ["3"] * 5 + ["8"] * 2
-    assert meta == {"class_name": "8", "index": 6, "label": 8, "seed": 1}
+    assert len(names) == 7 * 3 and classes == ["3"] * 5 + ["8"] * 2  # samples only: no manifest in the stream
+    assert meta == {"class_name": "8", "index": 6, "label": 8, "model": "digits-vae", "seed": 1}
     with np.load(io.BytesIO(npz.content), allow_pickle=False) as arrays:
         assert arrays["images"].shape == (12, 8, 8) and arrays["labels"].tolist() == [4] * 12
     assert again.content == npz.content
