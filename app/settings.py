@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -74,6 +74,15 @@ class Settings(BaseSettings):
                                                                 "proxy addresses whose X-Forwarded-For is trusted")
     replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
                             description="names this server in the jobs store; jobs it ran are failed when it restarts")
+    webhook_secret: SecretStr | None = Field(None, description="master secret of job webhook signatures (each API "
+                                             "key gets its own, derived from it); unset: a random one kept in "
+                                             "data_dir/webhook.key")
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated "
+                                                                "hosts, addresses or networks (10.0.0.0/8) that "
+                                                                "callback URLs may reach although not public")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="tries of one webhook delivery")
+    webhook_backoff_s: float = Field(2.0, gt=0, le=600, description="wait before the first retry; doubles each time")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="one delivery attempt's timeout")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -84,7 +93,8 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
 
-    @field_validator("api_keys", "admin_api_keys", "cors_origins", "forwarded_allow_ips", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", "forwarded_allow_ips", "webhook_allow_hosts",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):

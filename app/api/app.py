@@ -20,10 +20,12 @@ from app.api.deps import RateLimiter
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import augment, datasets, generate, health, jobs, models, vae
+from app.api.routes import webhooks as webhook_routes
 from app.core.device import resolve_device
 from app.engine.jobs import HEARTBEAT_S, JobRunner, JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import ModelRepository
+from app.engine.webhooks import UrlPolicy, WebhookSender, load_master_secret
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.app")
@@ -62,8 +64,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         failed = await asyncio.to_thread(store.fail_unfinished, replica=settings.replica_id)
         if failed:
             log.warning("%d job(s) this server was running when it last stopped were marked failed", failed)
-        runner = JobRunner(store, repository, settings)
-        app.state.jobs, app.state.job_runner = store, runner
+        master = await asyncio.to_thread(load_master_secret, settings.webhook_secret and
+                                         settings.webhook_secret.get_secret_value(), settings.data_dir)
+        webhooks = WebhookSender(master, UrlPolicy(settings.webhook_allow_hosts), settings.webhook_max_attempts,
+                                 settings.webhook_backoff_s, settings.webhook_timeout_s)
+
+        async def announce(job_id: str) -> None:
+            job = await asyncio.to_thread(store.get, job_id)
+            url = job.request.get("callback_url")
+            if url:
+                public = await asyncio.to_thread(jobs.public_job, store, job)
+                webhooks.send(url, job.owner, f"job.{job.state}", public.model_dump(mode="json"))
+
+        runner = JobRunner(store, repository, settings, on_finished=announce)
+        app.state.jobs, app.state.job_runner, app.state.webhooks = store, runner, webhooks
         housekeeping = [asyncio.create_task(_keep_jobs(store, settings.job_ttl_s)),
                         asyncio.create_task(runner.heartbeat()), asyncio.create_task(repository.supervise())]
         await repository.load_all()
@@ -73,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in housekeeping:
                 task.cancel()
             await runner.close()
+            await webhooks.close()
             await repository.close()
             await asyncio.to_thread(store.close)
             executor.shutdown(wait=True, cancel_futures=True)
@@ -101,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_failures = RateLimiter(settings.auth_failures_per_s, 10, what="failed authentications")
     install_error_handlers(app)
 
-    for module in (health, models, generate, vae, datasets, jobs, augment):
+    for module in (health, models, generate, vae, datasets, jobs, webhook_routes, augment):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:

@@ -14,6 +14,7 @@ from fastapi import Depends, Path, Request
 from app.engine.jobs import JOB_ID, JobRunner, JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import MODEL_NAME, ModelRepository
+from app.engine.webhooks import WebhookSender
 from app.errors import (
     ForbiddenError,
     InvalidApiKeyError,
@@ -44,6 +45,10 @@ def get_runner(request: Request) -> JobRunner:
     return request.app.state.job_runner
 
 
+def get_webhooks(request: Request) -> WebhookSender:
+    return request.app.state.webhooks
+
+
 ModelName = Annotated[str, Path(description="a model's name (GET /v1/models lists them)", pattern=MODEL_NAME.pattern,
                                 openapi_examples={"GAN": {"value": "mnist-cgan"}, "VAE": {"value": "mnist-cvae"}})]
 JobId = Annotated[str, Path(description="the id POST /v1/jobs returned", pattern=JOB_ID.pattern)]
@@ -53,6 +58,7 @@ RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
+WebhooksDep = Annotated[WebhookSender, Depends(get_webhooks)]
 
 
 class RateLimiter:

@@ -127,6 +127,12 @@ class JobsPublic(BaseModel):
     jobs: list[JobPublic]
 
 
+class WebhookSecretPublic(BaseModel):
+    secret: str = Field(description="HMAC-SHA256 key of your jobs' webhook signatures")
+    signature_header: str = "X-Synthgen-Signature"
+    events: list[str] = ["job.succeeded", "job.failed"]
+
+
 class AugmentationsRequest(_Strict):
     """Classical augmentations; each value is the op's strength and 0 turns it off."""
 

@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -301,8 +302,9 @@ class JobRunner:
 
     PROGRESS_EVERY_S = 0.5
 
-    def __init__(self, store: JobStore, repository: ModelRepository, settings: Settings) -> None:
-        self.store, self.repository, self.settings = store, repository, settings
+    def __init__(self, store: JobStore, repository: ModelRepository, settings: Settings,
+                 on_finished: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.store, self.repository, self.settings, self.on_finished = store, repository, settings, on_finished
         self.limits = JobLimits.from_settings(settings)
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._owner_slots: dict[str, asyncio.Semaphore] = {}
@@ -339,6 +341,13 @@ class JobRunner:
     async def _update(self, job_id: str, **fields: Any) -> None:
         await asyncio.to_thread(self.store.update, job_id, **fields)
 
+    async def _notify(self, job_id: str) -> None:
+        if self.on_finished is not None:
+            try:
+                await self.on_finished(job_id)
+            except Exception:  # a webhook problem never changes the job
+                log.exception("the end of job %s could not be announced", job_id)
+
     async def _run(self, job: Job, plan: SamplePlan) -> None:
         part, final = self.store.part_dir(job), self.store.result_dir(job)
         owner_slot = self._owner_slots.setdefault(job.owner, asyncio.Semaphore(self.settings.max_running_jobs_per_key))
@@ -370,6 +379,7 @@ class JobRunner:
                 await asyncio.to_thread(part.replace, final)  # only a complete result carries the final name
                 await self._update(job.id, state=JobState.SUCCEEDED, done=len(plan), finished_at=time.time(),
                                    result_bytes=written)
+            await self._notify(job.id)
         except asyncio.CancelledError:
             shutil.rmtree(part, ignore_errors=True)
             raise
@@ -377,5 +387,6 @@ class JobRunner:
             shutil.rmtree(part, ignore_errors=True)
             log.error("job %s failed: %s", job.id, exc)
             await self._update(job.id, state=JobState.FAILED, error=_failure(exc), finished_at=time.time())
+            await self._notify(job.id)
         finally:
             self._tasks.pop(job.id, None)

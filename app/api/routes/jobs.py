@@ -18,6 +18,7 @@ from app.api.deps import (
     RunnerDep,
     SettingsDep,
     StoreDep,
+    WebhooksDep,
     require_api_key,
     require_json,
 )
@@ -60,7 +61,7 @@ def job_public(job: Job, files: list[tuple[str, int]] | None = None) -> JobPubli
                      result_url=f"/v1/jobs/{job.id}/result" if succeeded and job.format != "tar" else None)
 
 
-def _public(store: JobStore, job: Job) -> JobPublic:
+def public_job(store: JobStore, job: Job) -> JobPublic:
     """Blocking (lists the result's files): call it off the event loop."""
     return job_public(job, store.files(job) if job.state == JobState.SUCCEEDED else None)
 
@@ -69,14 +70,18 @@ def _public(store: JobStore, job: Job) -> JobPublic:
              description="Queues a dataset export that runs in the background and persists across restarts; the "
                          "job belongs to the API key that submitted it. Answers 202 with the job and its `Location`; "
                          "poll it, then download the result. Refused at once with 429 when too many jobs are queued "
-                         "(in all or for this key) and 507 when its result could pass a disk quota.",
+                         "(in all or for this key) and 507 when its result could pass a disk quota. With a "
+                         "`callback_url`, the job is POSTed there when it succeeds or fails (see GET "
+                         "/v1/webhooks/secret).",
              responses={202: {"description": "the job, queued", "links": LINKS},
                         **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
              dependencies=[Depends(require_json)])
 async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
                      repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
-                     caller: CallerDep) -> JobPublic:
+                     caller: CallerDep, webhooks: WebhooksDep) -> JobPublic:
     model = repository.ready_model(body.model).model
+    if body.callback_url is not None:
+        await asyncio.to_thread(webhooks.policy.check, body.callback_url)
     plan = plan_samples(model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                         label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
     job = await runner.submit(model, {**body.model_dump(), "seed": plan.seed}, plan, body.format, caller.owner)
@@ -89,14 +94,14 @@ async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)
 async def list_jobs(store: StoreDep, caller: CallerDep,
                     limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100) -> JobsPublic:
     jobs = await asyncio.to_thread(store.list, caller.owner, limit)
-    return JobsPublic(jobs=[await asyncio.to_thread(_public, store, job) for job in jobs])
+    return JobsPublic(jobs=[await asyncio.to_thread(public_job, store, job) for job in jobs])
 
 
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
             description="State (queued, running, succeeded, failed), progress, ETA and error.")
 async def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
     job = await asyncio.to_thread(store.get, job_id, caller.owner)
-    return await asyncio.to_thread(_public, store, job)
+    return await asyncio.to_thread(public_job, store, job)
 
 
 @router.get("/{job_id}/result", summary="Download a job's archive", response_class=StreamingResponse,
