@@ -44,6 +44,17 @@ async def _keep_jobs(store: JobStore, ttl_s: float, every_s: float = HEARTBEAT_S
         await asyncio.sleep(every_s)
 
 
+def _json_first(schema: dict) -> dict:
+    """Answers with several media types list application/json first: client generators type a response by its
+    first media type, and JSON is the one with a schema."""
+    for operation in (op for path in schema["paths"].values() for op in path.values()):
+        for response in operation.get("responses", {}).values():
+            content = response.get("content", {})
+            if "application/json" in content:
+                response["content"] = {"application/json": content["application/json"], **content}
+    return schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load in the lifespan (at start-up), on the device's single worker thread."""
     settings = settings or Settings()
@@ -94,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cpu.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="synthgen", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, generate_unique_id_function=lambda route: route.name)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -110,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
 
     app.state.settings = settings
+    default_openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or _json_first(default_openapi())  # type: ignore[method-assign]
     app.state.metrics = metrics
     if settings.rate_limit_per_s:
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)

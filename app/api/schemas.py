@@ -189,6 +189,10 @@ class ErrorPublic(BaseModel):
     request_id: str | None = None
 
 
+class LivePublic(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
 class ReadyPublic(BaseModel):
     ready: bool
     models: dict[str, ModelStatus]

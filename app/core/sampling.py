@@ -16,7 +16,7 @@ from app.core.model import SyntheticModel
 from app.errors import InvalidInputError
 
 _MASK64 = (1 << 64) - 1
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # the largest integer every JSON parser (JavaScript's too) reads exactly
 
 
 def index_seed(seed: int, index: int) -> int:

@@ -52,7 +52,7 @@ def test_swagger_try_it_out_renders_a_grid(server: tuple[str, int], browser) -> 
 
     url, _ = server
     browser.get(f"{url}/docs")
-    operation_id = "operations-generate-generate_v1_models__name__generate_post"
+    operation_id = "operations-generate-generate_samples"
     operation = _wait(lambda: browser.find_element(By.ID, operation_id))
     operation.find_element(By.CLASS_NAME, "opblock-summary").click()
     _wait(lambda: operation.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()

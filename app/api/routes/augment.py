@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from app.api.deps import RepositoryDep, SettingsDep, require_api_key
 from app.api.schemas import AugmentationsRequest, ErrorPublic, FormBool, FormInt
+from app.core.sampling import MAX_SEED
 from app.engine.augment import AugmentRequest, AugmentSpec, check_request, parse_upload, stream_augmented, zip_limits
 from app.errors import InvalidInputError
 
@@ -33,7 +34,7 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 422
     responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                      "description": "the augmented dataset"}, **ERRORS},
 )
-async def augment(
+async def augment_dataset(
     repository: RepositoryDep,
     settings: SettingsDep,
     dataset: Annotated[UploadFile, File(description="the dataset zip")],
@@ -41,7 +42,7 @@ async def augment(
     target_per_class: Annotated[FormInt, Form(ge=0, le=1_000_000, description="images per class in the answer")] = 0,
     copies_per_image: Annotated[FormInt, Form(ge=0, le=100, description="augmented copies of every image")] = 0,
     augmentations: Annotated[str, Form(description='JSON, e.g. {"rotation": 15, "translate": 0.1}')] = "{}",
-    seed: Annotated[FormInt, Form(ge=0, le=2**63 - 1)] = 0,
+    seed: Annotated[FormInt, Form(ge=0, le=MAX_SEED)] = 0,
     convert: Annotated[FormBool, Form(description="resize/convert images to the model's shape")] = False,
     include_originals: Annotated[FormBool, Form(description="put the uploaded images in the answer")] = True,
 ) -> StreamingResponse:

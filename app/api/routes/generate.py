@@ -11,7 +11,7 @@ from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key,
 from app.api.disconnect import unless_disconnected
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, GenerateRequest
-from app.engine.generation import generate_samples
+from app.engine import generation
 from app.engine.plans import plan_samples
 
 router = APIRouter(prefix="/v1/models", tags=["generate"], dependencies=[Depends(require_api_key)])
@@ -39,12 +39,12 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
     responses={**SAMPLE_RESPONSES, **ERRORS},
     dependencies=[Depends(require_json)],
 )
-async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
+async def generate_samples(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
                    repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> Response:
     request.state.n = body.n
     async with repository.serving(name) as served:
         plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
                             filters=body.filters(), max_samples=settings.max_samples_per_request,
                             scope="one request (SYNTHGEN_MAX_SAMPLES_PER_REQUEST; use a dataset export for more)")
-        samples = await unless_disconnected(request, generate_samples(served, plan, settings))
+        samples = await unless_disconnected(request, generation.generate_samples(served, plan, settings))
     return await samples_response(samples, body.format)

@@ -7,21 +7,21 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import MetricsDep, RepositoryDep
-from app.api.schemas import ReadyPublic
+from app.api.schemas import LivePublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness", description="200 while the process runs.")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", summary="Liveness", description="200 while the process runs.", response_model=LivePublic)
+async def check_liveness() -> LivePublic:
+    return LivePublic()
 
 
 @router.get("/readyz", summary="Readiness", response_model=ReadyPublic,
             description="200 only when every model that should serve is loaded and its worker runs; else 503 "
                         "naming what is not ready.",
             responses={503: {"model": ReadyPublic, "description": "not ready; `problems` says why"}})
-async def readyz(repository: RepositoryDep) -> JSONResponse:
+async def check_readiness(repository: RepositoryDep) -> JSONResponse:
     problems = repository.not_ready()
     body = ReadyPublic(ready=not problems, models={n: e.status for n, e in repository.entries.items()},
                        problems=problems)
@@ -30,5 +30,5 @@ async def readyz(repository: RepositoryDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", description="Prometheus text exposition format.",
             response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(metrics: MetricsDep) -> Response:
+async def get_metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

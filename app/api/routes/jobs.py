@@ -76,7 +76,7 @@ def public_job(store: JobStore, job: Job) -> JobPublic:
              responses={202: {"description": "the job, queued", "links": LINKS},
                         **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
              dependencies=[Depends(require_json)])
-async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
+async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
                      repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
                      caller: CallerDep, webhooks: WebhooksDep) -> JobPublic:
     model = repository.ready_model(body.model).model
@@ -91,7 +91,7 @@ async def submit_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)
 
 @router.get("", summary="List your jobs", response_model=JobsPublic,
             description="The jobs of the calling API key, newest first.")
-async def list_jobs(store: StoreDep, caller: CallerDep,
+async def list_dataset_jobs(store: StoreDep, caller: CallerDep,
                     limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100) -> JobsPublic:
     jobs = await asyncio.to_thread(store.list, caller.owner, limit)
     return JobsPublic(jobs=[await asyncio.to_thread(public_job, store, job) for job in jobs])
@@ -99,13 +99,12 @@ async def list_jobs(store: StoreDep, caller: CallerDep,
 
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
             description="State (queued, running, succeeded, failed), progress, ETA and error.")
-async def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
+async def get_dataset_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
     job = await asyncio.to_thread(store.get, job_id, caller.owner)
     return await asyncio.to_thread(public_job, store, job)
 
 
 @router.get("/{job_id}/result", summary="Download a job's archive", response_class=StreamingResponse,
-            operation_id="download_job_result",
             description="The finished archive of a zip, parquet or npz job (a tar job's shards are in its `files`). "
                         "Supports `Range: bytes=START-[END]` so a broken download resumes. A download that started is "
                         "served whole even if the job is deleted or expires meanwhile.",
@@ -113,7 +112,7 @@ async def get_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPubli
                                          for t in MEDIA_TYPES.values()}, "description": "the archive"},
                        206: {"description": "a range"}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
                        416: {"model": ErrorPublic}})
-async def get_result(job_id: JobId, store: StoreDep, caller: CallerDep, request: Request) -> StreamingResponse:
+async def download_job_result(job_id: JobId, store: StoreDep, caller: CallerDep, request: Request) -> StreamingResponse:
     job = await _finished(store, job_id, caller.owner)
     if job.format == "tar":
         raise ConflictError(f"job {job_id} wrote WebDataset shards; download each of its `files` from "
@@ -125,7 +124,6 @@ async def get_result(job_id: JobId, store: StoreDep, caller: CallerDep, request:
 
 
 @router.get("/{job_id}/files/{name}", summary="Download one file of a job's result", response_class=StreamingResponse,
-            operation_id="download_job_file",
             description="One of the files listed in the finished job's `files`: a WebDataset shard, the manifest "
                         "sidecar, or the archive. Supports `Range` like the result.",
             responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
@@ -133,7 +131,7 @@ async def get_result(job_id: JobId, store: StoreDep, caller: CallerDep, request:
                              "description": "the file"},
                        206: {"description": "a range"}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
                        416: {"model": ErrorPublic}})
-async def get_file(job_id: JobId, name: str, store: StoreDep, caller: CallerDep, request: Request
+async def download_job_file(job_id: JobId, name: str, store: StoreDep, caller: CallerDep, request: Request
                    ) -> StreamingResponse:
     job = await _finished(store, job_id, caller.owner)
     return await _file_response(store, job, name, request)
@@ -155,7 +153,7 @@ async def _file_response(store: JobStore, job: Job, name: str, request: Request)
 
 @router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job", responses={404: {"model": ErrorPublic}},
                description="Stops a queued or running job and deletes it and its files.")
-async def delete_job(job_id: JobId, store: StoreDep, runner: RunnerDep, caller: CallerDep) -> Response:
+async def delete_dataset_job(job_id: JobId, store: StoreDep, runner: RunnerDep, caller: CallerDep) -> Response:
     await asyncio.to_thread(store.get, job_id, caller.owner)
     await runner.cancel(job_id)
     await asyncio.to_thread(store.delete, job_id)

@@ -52,7 +52,7 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: Mode
                         "neighbour grid.",
             responses={200: {"content": {"application/json": {}, "text/html": {}}}, 404: {"model": ErrorPublic},
                        409: {"model": ErrorPublic}})
-async def get_card(repository: RepositoryDep, name: ModelName,
+async def get_model_card(repository: RepositoryDep, name: ModelName,
                    format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json"
                    ) -> Response:
     async with repository.serving(name) as served:

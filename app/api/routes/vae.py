@@ -38,7 +38,7 @@ def _split_labels(labels: str | None) -> list[str | int] | None:
              description="Upload PNG/JPEG images; each is encoded and decoded (the posterior mean). `labels`: one "
                          "class for all or one per image, comma-separated; omitted → the best-fitting class.",
              responses={**SAMPLE_RESPONSES, **ERRORS})
-async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
                       files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                       labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
                       convert: ConvertForm = False, format: FormatForm = "png") -> Response:
@@ -55,7 +55,7 @@ async def reconstruct(repository: RepositoryDep, settings: SettingsDep, name: Mo
              description="Decodes `steps` points on the straight line from the latent of (seed_a, index 0) to that "
                          "of (seed_b, index 0); a conditional VAE also morphs label_a into label_b.",
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
-async def interpolate(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
+async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
                       repository: RepositoryDep, name: ModelName) -> Response:
     async with repository.serving(name) as served:
         samples = await vae.interpolate(served, body.seed_a, body.seed_b, body.label_a, body.label_b, body.steps)
@@ -66,7 +66,7 @@ async def interpolate(body: Annotated[InterpolateRequest, Body(openapi_examples=
              description="Upload an image and a mask of the same size (white = missing). The gaps are filled by "
                          "iterating encode/decode while the known pixels stay clamped.",
              responses={**SAMPLE_RESPONSES, **ERRORS})
-async def inpaint(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+async def inpaint_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
                   image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
                   mask: Annotated[UploadFile, File(description="white where pixels are missing")],
                   label: Annotated[str | None, Form(description="class; omitted → the best-fitting class")] = None,

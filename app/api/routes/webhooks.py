@@ -13,7 +13,6 @@ router = APIRouter(prefix="/v1/webhooks", tags=["jobs"], dependencies=[Depends(r
 
 
 @router.get("/secret", summary="Your webhook secret", response_model=WebhookSecretPublic,
-            operation_id="get_webhook_secret",
             description="The secret that signs the notifications of your jobs' `callback_url`: each POST carries "
                         "`X-Synthgen-Signature: t=<unix seconds>,v1=<hex>` where hex is HMAC-SHA256 of "
                         "`<t>.<raw body>` under this secret. Reject a stale `t` to stop replays.")
