@@ -1,4 +1,5 @@
-# The README's commands: `make serve`, `make test` (what CI runs) and `make demo`.
+# The README's commands: `make serve` and `make test` (what CI runs); `make demo` writes sample grids and a zip to
+# out/ without a server.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -43,6 +44,12 @@ docker-check: install
 	$(BIN)/hadolint Dockerfile
 	rm -rf .docker-replay && $(PYTHON) -m venv .docker-replay
 	. .docker-replay/bin/activate && TORCH=cpu sh deploy/install.sh . >/dev/null
+	sh deploy/smoke.sh .docker-replay/bin/python models
+	rm -rf .docker-replay && $(PYTHON) -m venv .docker-replay
+	# the CUDA image's branch: torch comes with the base image (here the CPU wheel stands in for it) and the
+	# install must keep it
+	.docker-replay/bin/python -m pip install --quiet torch==2.13.0
+	. .docker-replay/bin/activate && TORCH=preinstalled sh deploy/install.sh . | grep "keeps the preinstalled torch"
 	sh deploy/smoke.sh .docker-replay/bin/python models
 	rm -rf .docker-replay
 

@@ -8,27 +8,37 @@ import yaml
 from tests.conftest import ROOT
 
 
-def test_compose_file() -> None:
+def test_compose_profiles_select_services_without_surprises() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    api = services["api"]
-    device = api["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert api["build"]["args"]["VARIANT"] == "cuda" and api["environment"]["SYNTHGEN_DEVICE"].endswith("cuda}")
-    for name in ("api", "api-cpu"):
-        service = services[name]
-        assert service["ports"] == ["${SYNTHGEN_PORT:-8000}:8000"]
-        assert service["restart"] == "unless-stopped"
-        assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    # every service is behind a profile: `--profile cpu` never starts the GPU service, and the reverse
+    assert {name: service["profiles"] for name, service in services.items()} == {
+        "api-gpu": ["gpu"], "api-cpu": ["cpu"], "prometheus": ["monitoring"]}
+    gpu, cpu = services["api-gpu"], services["api-cpu"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "deploy" not in cpu
+    assert gpu["build"]["args"]["VARIANT"] == "cuda" and cpu["build"]["args"]["VARIANT"] == "cpu"
+    assert gpu["environment"]["SYNTHGEN_DEVICE"] == "${SYNTHGEN_DEVICE:-cuda}"
+    assert cpu["environment"]["SYNTHGEN_DEVICE"] == "${SYNTHGEN_DEVICE:-cpu}"
+    published = [service["ports"][0].rsplit(":", 1)[0] for service in services.values()]
+    assert len(set(published)) == len(published)  # no two services publish the same host port
+    for service in (gpu, cpu):
+        env = service["environment"]
+        # the README's defaults unless the operator overrides them
+        assert env["SYNTHGEN_DTYPE"] == "${SYNTHGEN_DTYPE:-float32}"
+        assert env["SYNTHGEN_MAX_BATCH_SIZE"] == "${SYNTHGEN_MAX_BATCH_SIZE:-256}"
+        assert all(key.startswith("SYNTHGEN_") for key in env)
+        assert service["restart"] == "unless-stopped" and "/readyz" in " ".join(service["healthcheck"]["test"])
         assert "./models:/srv/synthgen/models:ro" in service["volumes"]
         assert "synthgen-data:/srv/synthgen/data" in service["volumes"]
-        assert all(key.startswith("SYNTHGEN_") for key in service["environment"])
-    assert services["api-cpu"]["profiles"] == ["cpu"] and services["api-cpu"]["build"]["args"]["VARIANT"] == "cpu"
-    assert "deploy" not in services["api-cpu"]
-    assert services["prometheus"]["profiles"] == ["monitoring"]
+        assert service["networks"]["default"]["aliases"] == ["synthgen"]
     assert "synthgen-data" in compose["volumes"]
+    # Prometheus discovers the services that run by their shared alias: no target for one that was not started
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
-    assert scrape["metrics_path"] == "/metrics"
+    assert scrape["metrics_path"] == "/metrics" and "static_configs" not in scrape
+    assert scrape["dns_sd_configs"] == [{"names": ["synthgen"], "type": "A", "port": 8000}]
+    readme = (ROOT / "README.md").read_text()
+    assert "docker compose --profile gpu up -d" in readme and "docker compose --profile cpu up -d" in readme
 
 
 def test_dockerfile_contract() -> None:

@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api.deps import RateLimiter
 from app.api.errors import install_error_handlers
+from app.api.logs import configure_logging
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import augment, datasets, generate, health, jobs, models, vae
 from app.api.routes import webhooks as webhook_routes
@@ -58,7 +59,7 @@ def _json_first(schema: dict) -> dict:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models load in the lifespan (at start-up), on the device's single worker thread."""
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level)
     metrics = Metrics()
 
     @asynccontextmanager

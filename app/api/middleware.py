@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -119,9 +118,9 @@ class RequestContextMiddleware:
             self.metrics.request_seconds.labels(route).observe(elapsed)
             state = scope.get("state", {})
             if log.isEnabledFor(logging.INFO):
-                log.info(json.dumps({"request_id": request_id, "method": scope["method"], "route": route,
-                                     "path": scope["path"], "model": scope.get("path_params", {}).get("name"),
-                                     "n": state.get("n"), "status": status, "latency_ms": round(elapsed * 1000, 2)}))
+                log.info({"request_id": request_id, "method": scope["method"], "route": route, "path": scope["path"],
+                          "model": scope.get("path_params", {}).get("name"), "samples": state.get("n"),
+                          "status": status, "latency_ms": round(elapsed * 1000, 2)})
 
 
 async def _read_body(receive: Receive, limit: int, content_length: str, timeout_s: float) -> bytes | None:

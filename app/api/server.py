@@ -90,6 +90,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     protocol = type("Protocol", (GuardedProtocol,), {"header_timeout_s": settings.header_timeout_s,
                                                      "max_connections": settings.max_connections})
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, http=protocol,
+                log_config=None, access_log=False,  # app.api.logs: JSON lines, one per request
                 timeout_keep_alive=5, timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
                 proxy_headers=bool(settings.forwarded_allow_ips),
                 forwarded_allow_ips=",".join(settings.forwarded_allow_ips) or None)

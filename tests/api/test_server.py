@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from tests.conftest import rss_mb
+from tests.conftest import launch_server, rss_mb, stop_server
 
 
 def test_real_server_generates(server: tuple[str, int]) -> None:
@@ -47,3 +49,22 @@ def test_streamed_export_keeps_server_memory_flat(server: tuple[str, int], tmp_p
     peak = max(rss for _, rss in samples)
     print(f"server RSS: {warm:.1f} MB after 10% of {received / 1e6:.1f} MB, peak {peak:.1f} MB")
     assert peak - warm < 25, (warm, peak)  # the archive is never held whole (it is about 3 MB per 10% here)
+
+
+def test_logs_are_one_json_object_per_line_and_one_line_per_request(tmp_path: Path, tiny_gan: Path) -> None:
+    shutil.copytree(tiny_gan, tmp_path / "models" / "digits-gan")
+    process, url = launch_server(tmp_path / "models", tmp_path / "data")
+    try:
+        httpx.post(f"{url}/v1/models/digits-gan/generate", json={"n": 3}, headers={"X-Request-ID": "req-1"})
+        httpx.get(f"{url}/v1/models/no-such-model", headers={"X-Request-ID": "req-2"})
+    finally:
+        output = stop_server(process)
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is a JSON object
+    assert all({"time", "level", "logger"} <= line.keys() for line in lines)
+    assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's own lines go the same way
+    requests = {line["request_id"]: line for line in lines if line["logger"] == "synthgen.access"}
+    assert sum(line["logger"] == "synthgen.access" for line in lines) == len(requests)  # once per request
+    assert requests["req-1"] | {"latency_ms": 0} == {
+        **requests["req-1"], "method": "POST", "route": "/v1/models/{name}/generate", "model": "digits-gan",
+        "samples": 3, "status": 200, "latency_ms": 0}
+    assert requests["req-2"]["status"] == 404 and requests["req-2"]["model"] == "no-such-model"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
@@ -47,11 +47,12 @@ EXAMPLES = {
     dependencies=[Depends(require_json)],
 )
 async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=EXAMPLES)], repository: RepositoryDep,
-                         settings: SettingsDep, name: ModelName) -> StreamingResponse:
+                         settings: SettingsDep, name: ModelName, request: Request) -> StreamingResponse:
     served = repository.acquire(name)  # the export finishes on this version even if the model is reloaded
     try:
         plan = plan_samples(served.model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                             label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
+        request.state.n = len(plan)
         stream = stream_export(served, plan, body.format, settings)
         _, first = await anext(stream)  # errors before the first byte still become proper HTTP answers
     except BaseException:

@@ -78,12 +78,13 @@ def public_job(store: JobStore, job: Job) -> JobPublic:
              dependencies=[Depends(require_json)])
 async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
                      repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
-                     caller: CallerDep, webhooks: WebhooksDep) -> JobPublic:
+                     caller: CallerDep, webhooks: WebhooksDep, request: Request) -> JobPublic:
     model = repository.ready_model(body.model).model
     if body.callback_url is not None:
         await asyncio.to_thread(webhooks.policy.check, body.callback_url)
     plan = plan_samples(model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                         label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
+    request.state.n = len(plan)
     job = await runner.submit(model, {**body.model_dump(), "seed": plan.seed}, plan, body.format, caller.owner)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
