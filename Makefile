@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve demo test lint docker-check browser clean
+.PHONY: install serve demo test lint docker-check browser postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,18 @@ demo: install
 	$(BIN)/synthgen generate --model models/mnist-cvae --per-class 10 --seed 0 --out out/mnist-cvae.png
 	$(BIN)/synthgen generate --model models/mnist-cgan --per-class 100 --seed 0 --out out/mnist-cgan.zip
 
-test: install docker-check browser
+test: install docker-check browser postgres
 	$(BIN)/ruff check app tests clients
 	$(BIN)/python -m pytest -q
+
+# The job-store tests need a PostgreSQL server (a throw-away cluster per test session); as root (CI) Debian's package
+# is installed, else those tests skip.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		else echo "PostgreSQL missing and not root: the PostgreSQL tests will skip"; fi; \
+	fi
 
 # The browser tests need Debian's chromium and chromedriver; as root (CI) they are installed, else the tests skip.
 browser:

@@ -1,5 +1,5 @@
-"""The `synthgen` command line: train, generate, evaluate and serve; `bench` and `dataset` (the Python client's
-command) have their own parsers."""
+"""The `synthgen` command line: train, generate, evaluate, serve, worker and db; `bench` and `dataset` (the Python
+client's command) have their own parsers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app import __version__
 from app.errors import InvalidInputError, SynthgenError
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -59,18 +63,44 @@ def _protocol(args: argparse.Namespace) -> None:
             print(f"{arm:34s} {figure['mean']:.4f}" + (f" ± {figure['std']:.4f}" if "std" in figure else ""))
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _settings(args: argparse.Namespace, **extra: object) -> Settings:
+    """SYNTHGEN_* settings with the command line's overrides."""
     from pydantic import ValidationError
 
-    from app.api.server import serve
     from app.settings import Settings
 
-    overrides = {key: value for key, value in (("models_dir", args.models_dir), ("device", args.device)) if value}
+    overrides = {key: getattr(args, key, None) for key in ("models_dir", "device")} | extra
     try:
-        settings = Settings(**overrides)
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
         raise InvalidInputError(f"invalid settings: {exc}") from exc
-    serve(settings, args.host, args.port)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from app.api.server import serve
+
+    serve(_settings(args, run_jobs=False if args.no_jobs else None), args.host, args.port)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from app.api.logs import configure_logging
+    from app.engine.worker import run_worker
+
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    asyncio.run(run_worker(settings, args.metrics_port))
+
+
+def _db(args: argparse.Namespace) -> None:
+    from app.engine.schema import create_engine, upgrade
+
+    settings = _settings(args)
+    url = settings.database_url or f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(create_engine(url))
+    print("the jobs database schema is up to date")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     serve.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
+    serve.add_argument("--no-jobs", action="store_true", help="leave jobs to `synthgen worker` processes "
+                       "(SYNTHGEN_RUN_JOBS=false)")
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser("worker", help="run dataset jobs from the shared jobs database, nothing else")
+    worker.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
+    worker.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    worker.set_defaults(run=_worker)
+
+    db = commands.add_parser("db", help="the jobs database (SYNTHGEN_DATABASE_URL, default SQLite in the data dir)")
+    db.add_argument("action", choices=["upgrade"], help="upgrade: migrate the schema to this version")
+    db.set_defaults(run=_db)
 
     commands.add_parser("dataset", help="have a synthgen server generate a dataset and download it (needs the "
                         "client: pip install ./clients/python)", add_help=False)

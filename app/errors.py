@@ -17,6 +17,10 @@ class CheckpointError(SynthgenError):
     """A checkpoint folder is missing, corrupt, truncated or does not match its config."""
 
 
+class SchemaError(SynthgenError):
+    """The jobs database's schema is not the one this version uses."""
+
+
 class NotFoundError(SynthgenError, LookupError):
     """A named thing (model, class, job) does not exist."""
 

@@ -72,8 +72,14 @@ class Settings(BaseSettings):
                                       "are cut and failed after this")
     forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated "
                                                                 "proxy addresses whose X-Forwarded-For is trusted")
-    replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
-                            description="names this server in the jobs store; jobs it ran are failed when it restarts")
+    replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=100,
+                            description="names this server's job worker in the jobs store (with its process id)")
+    database_url: str | None = Field(None, description="the jobs database: postgresql://user:password@host/db for "
+                                     "several processes; unset: SQLite in the data directory")
+    job_lease_s: float = Field(30.0, ge=1, le=3600, description="a worker renews its jobs' leases every third of "
+                               "this; a job whose lease ran out (its worker died) is resumed by another")
+    run_jobs: bool = Field(True, description="run jobs in this server process too (false: a separate "
+                           "`synthgen worker` runs them)")
     webhook_secret: SecretStr | None = Field(None, description="master secret of job webhook signatures (each API "
                                              "key gets its own, derived from it); unset: a random one kept in "
                                              "data_dir/webhook.key")

@@ -26,6 +26,7 @@ from app.ml.training import TrainOptions, train
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist"
 TINY_GAN = {"g_channels": 8, "d_channels": 8, "latent_dim": 16, "embed_dim": 8}
 TINY_VAE = {"base_channels": 8, "latent_dim": 8}
@@ -171,3 +172,27 @@ def faulty_models_dir(models_dir: Path) -> Path:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "class_name": "FaultyGAN"}))
     return models_dir
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (skips with the reason where PostgreSQL is not installed)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Each job-store backend: None (the embedded SQLite default), or a fresh, migrated PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    from app.engine.schema import create_engine, upgrade
+
+    url = request.getfixturevalue("postgres").database()
+    engine = create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url

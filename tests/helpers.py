@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import time
 import zipfile
 
 import httpx
@@ -41,11 +42,14 @@ def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) 
 
 
 async def wait_for_job(client: httpx.AsyncClient, job_id: str, states: tuple[str, ...] = ("succeeded", "failed"),
-                       headers: dict[str, str] | None = None) -> dict:
-    """Poll a job until it is in one of `states` (at most 30 s)."""
-    for _ in range(3000):
+                       headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> dict:
+    """Poll a job until it is in one of `states` (at most `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         job = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
         if job["state"] in states:
             return job
+        if time.monotonic() > deadline:
+            break
         await asyncio.sleep(0.01)
     raise AssertionError(f"job {job_id} stayed {job['state']}")

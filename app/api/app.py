@@ -23,7 +23,8 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.routes import augment, datasets, generate, health, jobs, models, vae
 from app.api.routes import webhooks as webhook_routes
 from app.core.device import resolve_device
-from app.engine.jobs import HEARTBEAT_S, JobRunner, JobStore
+from app.engine.jobs import JobWorker, worker_name
+from app.engine.jobstore import JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import ModelRepository
 from app.engine.webhooks import UrlPolicy, WebhookSender, load_master_secret
@@ -37,10 +38,9 @@ Concurrent requests are packed into batches per model; a sample is a pure functi
 Try **POST /v1/models/{name}/generate** with `format=png` to see a grid of samples."""
 
 
-async def _keep_jobs(store: JobStore, ttl_s: float, every_s: float = HEARTBEAT_S) -> None:
-    """Fail jobs whose replica stopped beating (crashed), and delete expired results."""
+async def _expire_jobs(store: JobStore, ttl_s: float, every_s: float = 30.0) -> None:
+    """Delete finished jobs and their results once past their TTL."""
     while True:
-        await asyncio.to_thread(store.fail_unfinished, None, 6 * HEARTBEAT_S)
         await asyncio.to_thread(store.expire, ttl_s)
         await asyncio.sleep(every_s)
 
@@ -72,10 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.open_access:
             log.warning("no API keys are configured: anyone who can reach this server may use every operation "
                         "(set SYNTHGEN_API_KEYS and SYNTHGEN_ADMIN_API_KEYS to require keys)")
-        store = JobStore(settings.data_dir, settings.replica_id)
-        failed = await asyncio.to_thread(store.fail_unfinished, replica=settings.replica_id)
-        if failed:
-            log.warning("%d job(s) this server was running when it last stopped were marked failed", failed)
+        store = await asyncio.to_thread(JobStore, settings.data_dir, settings.database_url)
         master = await asyncio.to_thread(load_master_secret, settings.webhook_secret and
                                          settings.webhook_secret.get_secret_value(), settings.data_dir)
         webhooks = WebhookSender(master, UrlPolicy(settings.webhook_allow_hosts), settings.webhook_max_attempts,
@@ -88,17 +85,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 public = await asyncio.to_thread(jobs.public_job, store, job)
                 webhooks.send(url, job.owner, f"job.{job.state}", public.model_dump(mode="json"))
 
-        runner = JobRunner(store, repository, settings, on_finished=announce)
-        app.state.jobs, app.state.job_runner, app.state.webhooks = store, runner, webhooks
-        housekeeping = [asyncio.create_task(_keep_jobs(store, settings.job_ttl_s)),
-                        asyncio.create_task(runner.heartbeat()), asyncio.create_task(repository.supervise())]
+        worker = JobWorker(store, repository, settings, worker_name(settings), metrics, on_finished=announce) \
+            if settings.run_jobs else None
+        app.state.jobs, app.state.job_worker, app.state.webhooks = store, worker, webhooks
+        housekeeping = [asyncio.create_task(_expire_jobs(store, settings.job_ttl_s)),
+                        asyncio.create_task(repository.supervise())]
+        if worker is not None:
+            housekeeping.append(asyncio.create_task(worker.run()))
         await repository.load_all()
         try:
             yield
         finally:
             for task in housekeeping:
                 task.cancel()
-            await runner.close()
+            if worker is not None:
+                await worker.close()
             await webhooks.close()
             await repository.close()
             await asyncio.to_thread(store.close)

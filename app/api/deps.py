@@ -11,7 +11,8 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Path, Request
 
-from app.engine.jobs import JOB_ID, JobRunner, JobStore
+from app.engine.jobs import JobWorker
+from app.engine.jobstore import JOB_ID, JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import MODEL_NAME, ModelRepository
 from app.engine.webhooks import WebhookSender
@@ -41,8 +42,9 @@ def get_store(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_runner(request: Request) -> JobRunner:
-    return request.app.state.job_runner
+def get_worker(request: Request) -> JobWorker | None:
+    """This process's job worker (None with SYNTHGEN_RUN_JOBS=false: a separate worker runs the jobs)."""
+    return request.app.state.job_worker
 
 
 def get_webhooks(request: Request) -> WebhookSender:
@@ -57,7 +59,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
+WorkerDep = Annotated[JobWorker | None, Depends(get_worker)]
 WebhooksDep = Annotated[WebhookSender, Depends(get_webhooks)]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from app.core.images import encode_png, image_grid
-from app.engine.hub import ParquetExport, dataset_card, metadata_parquet
+from app.engine.hub import MetadataParquet, ParquetExport, dataset_card
 from app.engine.sink import ByteSink
 from app.errors import InvalidInputError
 
@@ -63,8 +63,9 @@ class ImageFolderZip:
         self.class_names, self.seed, self.sources = class_names, seed, sources
         self._sink = ByteSink()
         self._zip = zipfile.ZipFile(self._sink, "w", compression=zipfile.ZIP_STORED)  # type: ignore[arg-type]
-        # 16-17 bytes a sample, for labels.csv at the end
+        # 17 bytes a sample, for labels.csv at the end; metadata.parquet is written as samples come
         self._labels, self._indices, self._source = array("q"), array("q"), array("b")
+        self._metadata = MetadataParquet(class_names, seed, sources)
 
     def _class(self, label: int) -> str:
         return self.class_names[label] if self.class_names else "samples"
@@ -84,7 +85,9 @@ class ImageFolderZip:
         """Add PNGs for these samples; returns the archive bytes produced."""
         code = self.SOURCES.index(source)
         for image, label, index in zip(images, labels.tolist(), indices):
-            self._write(self._name(label, index, code), encode_png(image))
+            name = self._name(label, index, code)
+            self._write(name, encode_png(image))
+            self._metadata.add(name, int(label), int(index), source if self.sources else None)
             self._labels.append(int(label))
             self._indices.append(int(index))
             self._source.append(code)
@@ -99,16 +102,13 @@ class ImageFolderZip:
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(LABELS_HEADER + (["source"] if self.sources else []))
-        rows = list(zip(self._labels, self._indices, self._source))
-        names = [self._name(label, index, code) for label, index, code in rows]
-        for name, (label, index, code) in zip(names, rows):
-            row = [name, label, self.class_names[label] if self.class_names else "", self.seed, index]
+        for label, index, code in zip(self._labels, self._indices, self._source):
+            row = [self._name(label, index, code), label, self.class_names[label] if self.class_names else "",
+                   self.seed, index]
             writer.writerow([csv_cell(cell) for cell in row + ([self.SOURCES[code]] if self.sources else [])])
         manifest = {**manifest, "seed": self.seed, "count": len(self._labels), "counts": self.counts()}
-        sources = [self.SOURCES[code] for code in self._source] if self.sources else None
         self._write("labels.csv", text.getvalue().encode())
-        self._write("metadata.parquet", metadata_parquet(self.class_names, names, self._labels.tolist(), self.seed,
-                                                         self._indices.tolist(), sources))
+        self._write("metadata.parquet", self._metadata.finish())
         self._write("README.md", dataset_card(manifest, self.class_names, self.sources).encode())
         self._write("manifest.json", (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
         self._zip.close()
@@ -121,12 +121,14 @@ class WebDatasetShards:
     indices. Nothing else goes into a shard, so `wds.WebDataset(urls)` reads every member as part of a sample; the
     manifest is a sidecar file. `add` and `finish` return `(file name, bytes)` pieces in order."""
 
-    def __init__(self, class_names: list[str], seed: int, model: str, prefix: str, shard_size: int) -> None:
+    def __init__(self, class_names: list[str], seed: int, model: str, prefix: str, shard_size: int,
+                 first_shard: int = 0) -> None:
+        """`first_shard` > 0 resumes: the samples of the shards before it were written by an earlier run."""
         self.class_names, self.seed, self.model = class_names, seed, model
         self.prefix, self.shard_size = prefix, shard_size
         self._sink = ByteSink()
         self._tar: tarfile.TarFile | None = None
-        self._shard, self._in_shard, self._count = -1, 0, 0
+        self._shard, self._in_shard, self._count = first_shard - 1, 0, first_shard * shard_size
 
     @property
     def shard_name(self) -> str:

@@ -48,21 +48,22 @@ class _OneFile:
         return [(self.name, self.writer.finish(manifest))]
 
 
-def _writer(output: str, served: ServedModel, plan: SamplePlan, shard_size: int | None
+def _writer(output: str, served: ServedModel, plan: SamplePlan, shard_size: int | None, start: int
             ) -> WebDatasetShards | _OneFile:
     model, name = served.model, export_name(served.model.name, plan.seed)
     if output == "tar":
-        return WebDatasetShards(model.class_names, plan.seed, model.name, name, shard_size or len(plan))
+        size = shard_size or len(plan)
+        return WebDatasetShards(model.class_names, plan.seed, model.name, name, size, first_shard=start // size)
     writer = (ImageFolderZip if output == "zip" else ParquetExport)(model.class_names, plan.seed)
     return _OneFile(writer, f"{name}.{output}")
 
 
 async def stream_export(served: ServedModel, plan: SamplePlan, output: str, settings: Settings,
-                        shard_size: int | None = None) -> AsyncIterator[tuple[str, bytes]]:
+                        shard_size: int | None = None, start: int = 0) -> AsyncIterator[tuple[str, bytes]]:
     """The export's files as `(file name, bytes)` pieces in order, chunk by chunk (a forward pass each); the next
     chunk is generated while the last one is encoded. A tar is one WebDataset shard, or with `shard_size` shards of
-    that many samples and a `manifest.json` sidecar. With filters, each slot keeps its first passing candidate and
-    the manifest counts the rejections."""
+    that many samples and a `manifest.json` sidecar; `start` (a multiple of `shard_size`) resumes those shards at
+    that sample. With filters, each slot keeps its first passing candidate and the manifest counts the rejections."""
     model, spec, report, chunk = served.model, plan.filters, FilterReport(), settings.max_batch_size
     generate = sampler(served, plan.seed, plan.truncation, settings.request_timeout_s, wait_when_full=True)
 
@@ -71,19 +72,19 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
         return asyncio.ensure_future(fill(generate, served.judge, served.executor, spec, list(range(start, stop)),
                                           plan.labels(start, stop), len(plan), settings.filter_max_rounds, report))
 
-    starts = list(range(0, len(plan), chunk))
-    pending = produce(0)
+    starts = list(range(start, len(plan), chunk))
+    pending = produce(starts[0]) if starts else None
     try:
         if output == "npz":  # npz cannot stream: collect (size-limited by the plan), then one write
-            parts = [await pending] + [await produce(start) for start in starts[1:]]
+            parts = [await pending] + [await produce(first) for first in starts[1:]]  # type: ignore[misc]
             indices = np.concatenate([p[2] for p in parts]) if spec.active else None
             data = await served.on_cpu(npz_bytes, np.concatenate([p[0] for p in parts]),
                                        np.concatenate([p[1] for p in parts]), indices)
             yield f"{export_name(model.name, plan.seed)}.npz", data
             return
-        writer = _writer(output, served, plan, shard_size)
+        writer = _writer(output, served, plan, shard_size, start)
         for position in range(len(starts)):
-            images, labels, indices = await pending
+            images, labels, indices = await pending  # type: ignore[misc]
             if position + 1 < len(starts):
                 pending = produce(starts[position + 1])
             for piece in await served.on_cpu(writer.add, images, labels, indices.tolist()):
@@ -92,6 +93,6 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
         for piece in await served.on_cpu(writer.finish, manifest if output != "tar" or shard_size else None):
             yield piece
     finally:
-        if not pending.done():
+        if pending is not None and not pending.done():
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)

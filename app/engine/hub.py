@@ -38,18 +38,40 @@ def _schema(class_names: list[str], image_column: str, source: bool) -> pa.Schem
     return pa.schema(fields, metadata={"huggingface": json.dumps(info, sort_keys=True)})
 
 
-def metadata_parquet(class_names: list[str], file_names: list[str], labels: list[int], seed: int,
-                     indices: list[int], sources: list[str] | None = None) -> bytes:
-    """`metadata.parquet` of an ImageFolder export: one row per image, `file_name` relative to the archive root."""
-    schema = _schema(class_names, "file_name", sources is not None)
-    columns: dict[str, list[Any]] = {"file_name": file_names, "label": labels,
-                                     "class_name": [class_names[label] if class_names else "" for label in labels],
-                                     "seed": [seed] * len(labels), "index": indices}
-    if sources is not None:
-        columns["source"] = sources
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(columns, schema=schema), sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
+class MetadataParquet:
+    """`metadata.parquet` of an ImageFolder export, written as the samples come (a row group per 65,536 rows) so
+    that only its compressed bytes are held: one row per image, `file_name` relative to the archive root."""
+
+    ROWS = 65_536
+
+    def __init__(self, class_names: list[str], seed: int, sources: bool = False) -> None:
+        self.class_names, self.seed = class_names, seed
+        self._schema = _schema(class_names, "file_name", sources)
+        self._sink = pa.BufferOutputStream()
+        self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd")
+        self._rows: dict[str, list[Any]] = {name: [] for name in self._schema.names}
+
+    def add(self, file_name: str, label: int, index: int, source: str | None = None) -> None:
+        rows = self._rows
+        rows["file_name"].append(file_name)
+        rows["label"].append(label)
+        rows["class_name"].append(self.class_names[label] if self.class_names else "")
+        rows["seed"].append(self.seed)
+        rows["index"].append(index)
+        if "source" in rows:
+            rows["source"].append(source)
+        if len(rows["index"]) >= self.ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows["index"]:
+            self._writer.write_table(pa.table(self._rows, schema=self._schema))
+            self._rows = {name: [] for name in self._schema.names}
+
+    def finish(self) -> bytes:
+        self._flush()
+        self._writer.close()
+        return self._sink.getvalue().to_pybytes()
 
 
 def dataset_card(manifest: dict[str, Any], class_names: list[str], source: bool = False) -> str:

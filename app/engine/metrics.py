@@ -31,7 +31,7 @@ class ModelObserver:
 
 class Metrics:
     """Requests, latency, queue wait, compute time, batch sizes, forward passes, queue depth, samples, model
-    status and CUDA memory."""
+    status, CUDA memory, and the jobs queue with each worker's job throughput."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -52,6 +52,13 @@ class Metrics:
         self.model_status = Gauge("synthgen_model_status", "1 for the model's current status", ["model", "status"],
                                   registry=r)
         self.device_memory = Gauge("synthgen_device_memory_bytes", "CUDA memory allocated", ["device"], registry=r)
+        self.jobs = Gauge("synthgen_jobs", "jobs in the shared store by state", ["state"], registry=r)
+        self.oldest_queued_job = Gauge("synthgen_oldest_queued_job_seconds", "age of the oldest queued job",
+                                       registry=r)
+        self.job_samples = Counter("synthgen_job_samples_total", "samples written by jobs, per worker", ["worker"],
+                                   registry=r)
+        self.job_seconds = Counter("synthgen_job_seconds_total", "seconds spent running jobs, per worker (samples / "
+                                   "seconds is its throughput)", ["worker"], registry=r)
 
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
@@ -59,6 +66,12 @@ class Metrics:
     def set_status(self, model: str, status: ModelStatus) -> None:
         for name in ModelStatus:
             self.model_status.labels(model, name).set(1 if name == status else 0)
+
+    def set_queue(self, stats: dict[str, float]) -> None:
+        """The job store's queue, for an autoscaler: jobs queued and running, the oldest queued job's age."""
+        self.jobs.labels("queued").set(stats["queued"])
+        self.jobs.labels("running").set(stats["running"])
+        self.oldest_queued_job.set(stats["oldest_queued_s"])
 
     def render(self) -> bytes:
         if torch.cuda.is_available():

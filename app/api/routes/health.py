@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import MetricsDep, RepositoryDep
+from app.api.deps import MetricsDep, RepositoryDep, StoreDep
 from app.api.schemas import LivePublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
@@ -30,5 +32,6 @@ async def check_readiness(repository: RepositoryDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", description="Prometheus text exposition format.",
             response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def get_metrics(metrics: MetricsDep) -> Response:
+async def get_metrics(metrics: MetricsDep, store: StoreDep) -> Response:
+    metrics.set_queue(await asyncio.to_thread(store.queue_stats))
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -15,17 +15,18 @@ from app.api.deps import (
     CallerDep,
     JobId,
     RepositoryDep,
-    RunnerDep,
     SettingsDep,
     StoreDep,
     WebhooksDep,
+    WorkerDep,
     require_api_key,
     require_json,
 )
 from app.api.responses import open_file_response
 from app.api.schemas import ErrorPublic, JobFilePublic, JobPublic, JobRequest, JobsPublic
 from app.engine.exports import MEDIA_TYPES, export_limit
-from app.engine.jobs import Job, JobStore
+from app.engine.jobs import estimate_bytes
+from app.engine.jobstore import Job, JobLimits, JobStore
 from app.engine.plans import plan_samples
 from app.engine.states import JobState
 from app.errors import ConflictError, NotFoundError
@@ -77,7 +78,7 @@ def public_job(store: JobStore, job: Job) -> JobPublic:
                         **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
              dependencies=[Depends(require_json)])
 async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
-                     repository: RepositoryDep, settings: SettingsDep, runner: RunnerDep,
+                     repository: RepositoryDep, settings: SettingsDep, store: StoreDep, worker: WorkerDep,
                      caller: CallerDep, webhooks: WebhooksDep, request: Request) -> JobPublic:
     model = repository.ready_model(body.model).model
     if body.callback_url is not None:
@@ -85,7 +86,11 @@ async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=E
     plan = plan_samples(model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                         label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
     request.state.n = len(plan)
-    job = await runner.submit(model, {**body.model_dump(), "seed": plan.seed}, plan, body.format, caller.owner)
+    job = await asyncio.to_thread(store.create, model.name, {**body.model_dump(), "seed": plan.seed}, len(plan),
+                                  body.format, caller.owner, estimate_bytes(plan, model, body.format),
+                                  JobLimits.from_settings(settings))
+    if worker is not None:
+        worker.wake()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job)
 
@@ -124,7 +129,8 @@ async def download_job_result(job_id: JobId, store: StoreDep, caller: CallerDep,
     return await _file_response(store, job, names[0], request)
 
 
-@router.get("/{job_id}/files/{name}", summary="Download one file of a job's result", response_class=StreamingResponse,
+@router.get("/{job_id}/files/{file_name}", summary="Download one file of a job's result",
+            response_class=StreamingResponse,
             description="One of the files listed in the finished job's `files`: a WebDataset shard, the manifest "
                         "sidecar, or the archive. Supports `Range` like the result.",
             responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
@@ -132,10 +138,10 @@ async def download_job_result(job_id: JobId, store: StoreDep, caller: CallerDep,
                              "description": "the file"},
                        206: {"description": "a range"}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
                        416: {"model": ErrorPublic}})
-async def download_job_file(job_id: JobId, name: str, store: StoreDep, caller: CallerDep, request: Request
-                   ) -> StreamingResponse:
+async def download_job_file(job_id: JobId, file_name: str, store: StoreDep, caller: CallerDep, request: Request
+                            ) -> StreamingResponse:
     job = await _finished(store, job_id, caller.owner)
-    return await _file_response(store, job, name, request)
+    return await _file_response(store, job, file_name, request)
 
 
 async def _finished(store: JobStore, job_id: str, owner: str) -> Job:
@@ -154,8 +160,9 @@ async def _file_response(store: JobStore, job: Job, name: str, request: Request)
 
 @router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job", responses={404: {"model": ErrorPublic}},
                description="Stops a queued or running job and deletes it and its files.")
-async def delete_dataset_job(job_id: JobId, store: StoreDep, runner: RunnerDep, caller: CallerDep) -> Response:
+async def delete_dataset_job(job_id: JobId, store: StoreDep, worker: WorkerDep, caller: CallerDep) -> Response:
     await asyncio.to_thread(store.get, job_id, caller.owner)
-    await runner.cancel(job_id)
+    if worker is not None:  # a job running in another process stops at its next lease renewal
+        await worker.cancel(job_id)
     await asyncio.to_thread(store.delete, job_id)
     return Response(status_code=204)
