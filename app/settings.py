@@ -76,6 +76,16 @@ class Settings(BaseSettings):
                             description="names this server's job worker in the jobs store (with its process id)")
     database_url: str | None = Field(None, description="the jobs database: postgresql://user:password@host/db for "
                                      "several processes; unset: SQLite in the data directory")
+    results_url: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+                                    description="s3://bucket/prefix: job results in an S3-compatible store; unset: "
+                                    "the data directory")
+    s3_endpoint_url: str | None = Field(None, description="the S3-compatible endpoint (unset: AWS)")
+    s3_region: str | None = Field(None, description="the bucket's region")
+    s3_access_key_id: str | None = Field(None, description="unset: the standard AWS variables and files")
+    s3_secret_access_key: SecretStr | None = None
+    results_redirect: bool = Field(False, description="downloads answer 307 to a presigned URL of the store instead "
+                                   "of being streamed through the server")
+    results_presign_s: int = Field(900, ge=60, le=7 * 24 * 3600, description="lifetime of a presigned URL")
     job_lease_s: float = Field(30.0, ge=1, le=3600, description="a worker renews its jobs' leases every third of "
                                "this; a job whose lease ran out (its worker died) is resumed by another")
     run_jobs: bool = Field(True, description="run jobs in this server process too (false: a separate "

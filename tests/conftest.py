@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -196,3 +196,33 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
     upgrade(engine)
     engine.dispose()
     return url
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """An S3-compatible server (moto's standalone server) on 127.0.0.1 and a free port; yields its endpoint."""
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is a dev dependency: pip install -e .[dev]")
+    port = _free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_settings(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh bucket on the S3 server; returns the SYNTHGEN_* settings that put job results there."""
+    import uuid
+
+    import boto3
+
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"results-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    return {"SYNTHGEN_RESULTS_URL": f"s3://{bucket}/jobs", "SYNTHGEN_S3_ENDPOINT_URL": s3_server,
+            **S3_CREDENTIALS}

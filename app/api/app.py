@@ -27,6 +27,7 @@ from app.engine.jobs import JobWorker, worker_name
 from app.engine.jobstore import JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import ModelRepository
+from app.engine.results import result_storage
 from app.engine.webhooks import UrlPolicy, WebhookSender, load_master_secret
 from app.settings import Settings
 
@@ -72,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.open_access:
             log.warning("no API keys are configured: anyone who can reach this server may use every operation "
                         "(set SYNTHGEN_API_KEYS and SYNTHGEN_ADMIN_API_KEYS to require keys)")
-        store = await asyncio.to_thread(JobStore, settings.data_dir, settings.database_url)
+        store = await asyncio.to_thread(JobStore, settings.data_dir, settings.database_url,
+                                        result_storage(settings, settings.data_dir))
         master = await asyncio.to_thread(load_master_secret, settings.webhook_secret and
                                          settings.webhook_secret.get_secret_value(), settings.data_dir)
         webhooks = WebhookSender(master, UrlPolicy(settings.webhook_allow_hosts), settings.webhook_max_attempts,

@@ -16,10 +16,9 @@ import errno
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -30,6 +29,7 @@ from app.engine.jobstore import Job, JobStore
 from app.engine.metrics import Metrics
 from app.engine.plans import SamplePlan, plan_samples
 from app.engine.repository import ModelRepository
+from app.engine.results import ResultWriter
 from app.engine.states import JobState
 from app.errors import QuotaExceededError, SynthgenError
 from app.settings import Settings
@@ -50,18 +50,6 @@ def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str) -> int:
     png = raw + raw // 1024 + 128  # zlib's worst case (stored blocks) plus the PNG chunks
     per_sample = {"zip": png + 400, "parquet": png + 200}.get(output, png + 512 + 3 * 512 + 2 * 512)
     return len(plan) * per_sample + len(json.dumps(model.card)) + 65_536
-
-
-def write_chunk(handle: IO[bytes], data: bytes) -> None:
-    handle.write(data)
-
-
-def _close(handle: IO[bytes]) -> int:
-    """Flush to disk and close; returns the file's size."""
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()
-    return os.stat(handle.name).st_size
 
 
 def _failure(exc: Exception) -> str:
@@ -103,17 +91,6 @@ def resumable(job: Job) -> bool:
     borders, so their manifest needs the whole run)."""
     request = job.request
     return job.format == "tar" and request.get("min_confidence") is None and not request.get("max_similarity")
-
-
-def _prepare_part(part: os.PathLike, kept: dict[str, int]) -> None:
-    """The part folder with exactly the files of the checkpoint (a partial shard is dropped)."""
-    os.makedirs(part, exist_ok=True)
-    for entry in os.scandir(part):
-        if kept.get(entry.name) != entry.stat().st_size:
-            os.unlink(entry.path)
-    missing = set(kept) - {entry.name for entry in os.scandir(part)}
-    if missing:
-        raise FileNotFoundError(f"checkpointed files are gone: {sorted(missing)}")
 
 
 class JobWorker:
@@ -213,17 +190,16 @@ class JobWorker:
                 log.exception("the end of job %s could not be announced", job_id)
 
     async def _run(self, job: Job) -> None:
-        part, final = self.store.part_dir(job), self.store.result_dir(job)
+        storage = self.store.storage
         checkpoint = (job.checkpoint if resumable(job) else None) or {"files": {}, "next": 0}
-        files: dict[str, int] = dict(checkpoint["files"])
-        handle: IO[bytes] | None = None
-        started = time.monotonic()
+        writer: ResultWriter | None = None
+        started, open_file = time.monotonic(), False
         try:
-            await asyncio.to_thread(_prepare_part, part, files)
+            writer = await asyncio.to_thread(storage.writer, job.id, checkpoint)
             async with self.repository.serving(job.model) as served:
                 plan = plan_for(served.model, job.request, self.settings)
                 shard_size = job.request.get("shard_size") if job.format == "tar" else None
-                written, done, reported = sum(files.values()), checkpoint["next"], time.monotonic()
+                written, done, reported = sum(checkpoint["files"].values()), checkpoint["next"], time.monotonic()
                 current: str | None = None
                 stream = stream_export(served, plan, job.format, self.settings, shard_size, start=checkpoint["next"])
                 async for name, data in stream:
@@ -232,46 +208,42 @@ class JobWorker:
                         raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for it; "
                                                  "the partial result was removed")
                     if name != current:
-                        if handle is not None and current is not None:
-                            files[current] = await asyncio.to_thread(_close, handle)
-                            await self._checkpoint(job, files, shard_size)
-                        handle, current = await asyncio.to_thread((part / name).open, "wb"), name
-                    await asyncio.to_thread(write_chunk, handle, data)
+                        if open_file:
+                            await asyncio.to_thread(writer.close_file)
+                            await self._checkpoint(job, writer, shard_size)
+                        await asyncio.to_thread(writer.open, name)
+                        current, open_file = name, True
+                    await asyncio.to_thread(writer.write, data)
                     done = min(done + self.settings.max_batch_size, len(plan))
                     if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                         await self._update(job.id, done=done)
                         reported = time.monotonic()
-                if handle is not None and current is not None:
-                    files[current] = await asyncio.to_thread(_close, handle)
-                    handle = None
-            await asyncio.to_thread(part.replace, final)  # only a complete result carries the final name
+                if open_file:
+                    await asyncio.to_thread(writer.close_file)
+                    open_file = False
+            await asyncio.to_thread(writer.commit)  # only a complete result appears under its final name
             try:
                 recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),
                                               finished_at=time.time(), result_bytes=written, checkpoint=None)
-            except sa.exc.SQLAlchemyError:  # never recorded: put the files back for whoever takes the job over
-                await asyncio.to_thread(final.replace, part)
+            except sa.exc.SQLAlchemyError:  # never recorded: leave the files for whoever takes the job over
+                await asyncio.to_thread(writer.uncommit)
                 raise
             if not recorded:
-                await asyncio.to_thread(shutil.rmtree, final, True)  # deleted or taken over meanwhile
+                await asyncio.to_thread(storage.delete, job.id)  # deleted or taken over meanwhile
                 return
             if self.metrics is not None:
                 self.metrics.job_samples.labels(self.id).inc(len(plan) - checkpoint["next"])
                 self.metrics.job_seconds.labels(self.id).inc(time.monotonic() - started)
             await self._notify(job.id)
         except asyncio.CancelledError:
-            if handle is not None:
-                handle.close()
-            if not resumable(job):
-                shutil.rmtree(part, ignore_errors=True)
+            if writer is not None and not resumable(job):
+                await asyncio.shield(asyncio.to_thread(writer.abort))
             raise
         except sa.exc.SQLAlchemyError as exc:  # the database stayed away: the lease runs out, another worker resumes
-            if handle is not None:
-                handle.close()
             log.error("job %s left for another worker: the database is unreachable (%s)", job.id, exc)
         except Exception as exc:  # every failure is recorded on the job, never lost
-            if handle is not None:
-                handle.close()
-            shutil.rmtree(part, ignore_errors=True)
+            if writer is not None:
+                await asyncio.to_thread(writer.abort)
             log.error("job %s failed: %s", job.id, exc)
             await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
                                finished_at=time.time(), checkpoint=None)
@@ -279,8 +251,9 @@ class JobWorker:
         finally:
             self._tasks.pop(job.id, None)
 
-    async def _checkpoint(self, job: Job, files: dict[str, int], shard_size: int | None) -> None:
+    async def _checkpoint(self, job: Job, writer: ResultWriter, shard_size: int | None) -> None:
         """After each complete shard of a tar job: what a worker taking the job over resumes from."""
         if shard_size and resumable(job):
-            shards = sum(name.endswith(".tar") for name in files)
-            await self._update(job.id, persist=True, checkpoint={"files": files, "next": shards * shard_size})
+            state = writer.state()
+            shards = sum(name.endswith(".tar") for name in state["files"])
+            await self._update(job.id, persist=True, checkpoint={**state, "next": shards * shard_size})

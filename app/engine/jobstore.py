@@ -1,5 +1,5 @@
 """The job store: job records in a SQL database (SQLite embedded by default, PostgreSQL for more than one
-process; SQLAlchemy Core) and result files under the data directory.
+process; SQLAlchemy Core) and their results (`app.engine.results`: the data directory or an object store).
 
 Admission is one transaction (serialized by a write lock on SQLite, an advisory lock on PostgreSQL): the queue
 bound (429) and the disk quota (507), counted from results kept plus the reservation of every unfinished job,
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 
+from app.engine.results import LocalResults, S3Results
 from app.engine.schema import JOBS, check, create_engine
 from app.engine.states import JobState
 from app.errors import InvalidInputError, NotFoundError, QuotaExceededError, RateLimitedError
@@ -100,10 +99,11 @@ def _held() -> sa.ColumnElement[int]:
 class JobStore:
     """Job records at `url` (schema checked first; SQLite upgraded in place) and results under `data_dir`."""
 
-    def __init__(self, data_dir: Path, url: str | None = None) -> None:
+    def __init__(self, data_dir: Path, url: str | None = None, storage: LocalResults | S3Results | None = None
+                 ) -> None:
         self.data_dir = data_dir
-        self.results = data_dir / "results"
-        self.results.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = storage or LocalResults(data_dir / "results")
         self.url = url or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
         self.engine = create_engine(self.url)
         self.postgres = self.engine.dialect.name == "postgresql"
@@ -237,37 +237,22 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         """Delete the job and its files; a download already reading the result finishes (POSIX keeps an open
-        file's data until it is closed)."""
-        job = self.get(job_id)
-        for folder in (self.result_dir(job), self.part_dir(job)):
-            shutil.rmtree(folder, ignore_errors=True)
+        file's data until it is closed; an object store finishes a GET in progress)."""
+        self.get(job_id)
+        self.storage.delete(job_id)
         with self.engine.begin() as db:
             db.execute(JOBS.delete().where(JOBS.c.id == job_id))
 
     def files(self, job: Job) -> list[tuple[str, int]]:
         """A finished job's files and their sizes: the data files by name, then the manifest sidecar if any."""
-        try:
-            entries = [(entry.name, entry.stat().st_size) for entry in os.scandir(self.result_dir(job))]
-        except FileNotFoundError:
-            return []
-        return sorted(entries, key=lambda entry: (entry[0] == "manifest.json", entry[0]))
+        return sorted(self.storage.files(job.id), key=lambda entry: (entry[0] == "manifest.json", entry[0]))
 
-    def open_file(self, job: Job, name: str) -> IO[bytes]:
-        """One file of the result opened for reading; NotFoundError if there is no such file (or it was deleted or
-        expired meanwhile)."""
-        if FILE_NAME.fullmatch(name):
-            try:
-                return (self.result_dir(job) / name).open("rb")
-            except (FileNotFoundError, IsADirectoryError):
-                pass
-        raise NotFoundError(f"job {job.id} has no file {name!r} (it was deleted or expired, or never existed); its "
-                            "files are listed in the job's `files`")
-
-    def result_dir(self, job: Job) -> Path:
-        return self.results / job.id
-
-    def part_dir(self, job: Job) -> Path:
-        return self.results / f"{job.id}.part"
+    def open_file(self, job: Job, name: str) -> tuple[IO[bytes], int]:
+        """One file of the result opened for reading, and its size; NotFoundError if there is no such file (or it
+        was deleted or expired meanwhile)."""
+        if not FILE_NAME.fullmatch(name):
+            raise NotFoundError(f"job {job.id} has no file {name!r}; its files are listed in the job's `files`")
+        return self.storage.open(job.id, name)
 
     def fail_exhausted(self, max_attempts: int) -> int:
         """Fail jobs whose lease ran out after `max_attempts` claims (a job that kills its workers)."""
@@ -277,7 +262,7 @@ class JobStore:
                 JOBS.c.state == str(JobState.RUNNING), JOBS.c.lease_until < now,
                 JOBS.c.attempts >= max_attempts)).scalars().all()
         for job_id in rows:
-            shutil.rmtree(self.results / f"{job_id}.part", ignore_errors=True)
+            self.storage.delete(job_id)
             self.update(job_id, state=JobState.FAILED, finished_at=time.time(),
                         error=f"interrupted {max_attempts} times (its workers stopped or crashed); submit it again")
         return len(rows)

@@ -15,6 +15,7 @@ from app.engine.jobs import JobWorker, worker_name
 from app.engine.jobstore import JobStore
 from app.engine.metrics import Metrics
 from app.engine.repository import ModelRepository
+from app.engine.results import result_storage
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.worker")
@@ -35,7 +36,8 @@ async def run_worker(settings: Settings, metrics_port: int | None = None) -> Non
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
     cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-codec")
     repository = ModelRepository(settings, device, executor, cpu, metrics)
-    store = await asyncio.to_thread(JobStore, settings.data_dir, settings.database_url)
+    store = await asyncio.to_thread(JobStore, settings.data_dir, settings.database_url,
+                                    result_storage(settings, settings.data_dir))
     worker = JobWorker(store, repository, settings, worker_name(settings), metrics)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

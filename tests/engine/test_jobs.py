@@ -23,12 +23,16 @@ def store(tmp_path: Path, database_url: str | None):
 
 def test_finished_results_expire_after_the_ttl(store: JobStore) -> None:
     job = store.create("m", {"n": 1}, 1, "zip")
-    store.result_dir(job).mkdir()
-    (store.result_dir(job) / "m-seed0.zip").write_bytes(b"archive")
+    writer = store.storage.writer(job.id)
+    writer.open("m-seed0.zip")
+    writer.write(b"archive")
+    writer.close_file()
+    writer.commit()
+    assert store.files(job) == [("m-seed0.zip", 7)]
     store.update(job.id, state="succeeded", finished_at=time.time() - 100)
     running = store.create("m", {"n": 1}, 1, "zip")
     assert store.expire(ttl_s=50) == 1
-    assert not store.result_dir(job).exists()
+    assert store.files(job) == []
     assert store.get(running.id).state == "queued"  # unfinished jobs never expire
 
 

@@ -164,7 +164,7 @@ async def test_a_download_survives_the_delete_of_its_job(models_dir: Path) -> No
         submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5})
         other = await wait_for_job(client, submitted.json()["id"], ("succeeded",))
         store = client.app.state.jobs  # type: ignore[attr-defined]
-        shutil.rmtree(store.result_dir(store.get(other["id"])))
+        shutil.rmtree(store.storage.root / other["id"])
         vanished = await client.get(other["result_url"])
         assert vanished.status_code == 404 and "deleted or expired" in vanished.json()["detail"]
 

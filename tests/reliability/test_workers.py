@@ -1,6 +1,7 @@
 """Jobs at scale on real servers: API replicas started with --no-jobs and `synthgen worker` processes sharing a
-real PostgreSQL database and a data directory. A worker killed with SIGKILL mid-job has its job resumed by the
-other from the last completed shard, with the same bytes as an uninterrupted run on the SQLite default; the
+real PostgreSQL database and a data directory. A worker killed with SIGKILL mid-job (results in an S3-compatible
+store) has its job resumed by the other from the last completed shard, with the same bytes as an uninterrupted
+run on the SQLite and local-folder default; the
 database restarted mid-job never yields a job reported done with a partial result; with two API replicas and two
 workers every job runs exactly once."""
 
@@ -87,8 +88,9 @@ def reference(models_dir: Path, tmp_path: Path) -> dict[str, str]:
     return asyncio.run(run())
 
 
-def test_a_killed_workers_job_is_resumed_by_another_with_the_same_bytes(cluster, reference) -> None:
+def test_a_killed_workers_job_is_resumed_by_another_with_the_same_bytes(cluster, reference, s3_settings) -> None:
     models, env, start_worker, store = cluster
+    env.update(s3_settings)  # PostgreSQL and object storage
     api, url = launch_server(models, Path(env["SYNTHGEN_DATA_DIR"]), env)
     try:
         workers = [start_worker(), start_worker()]

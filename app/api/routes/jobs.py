@@ -4,12 +4,11 @@ only its own jobs."""
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from app.api.deps import (
     CallerDep,
@@ -152,9 +151,14 @@ async def _finished(store: JobStore, job_id: str, owner: str) -> Job:
     return job
 
 
-async def _file_response(store: JobStore, job: Job, name: str, request: Request) -> StreamingResponse:
-    handle = await asyncio.to_thread(store.open_file, job, name)
-    size = os.fstat(handle.fileno()).st_size
+async def _file_response(store: JobStore, job: Job, name: str, request: Request) -> Response:
+    """The file streamed through this server (with Range), or a redirect to the object store's presigned URL when
+    SYNTHGEN_RESULTS_REDIRECT is on."""
+    handle, size = await asyncio.to_thread(store.open_file, job, name)
+    url = await asyncio.to_thread(store.storage.url, job.id, name)
+    if url is not None:
+        handle.close()
+        return RedirectResponse(url, status_code=307)
     return open_file_response(handle, size, _media_type(name, job), name, request.headers.get("range"))
 
 

@@ -1,0 +1,254 @@
+"""Where job results live: a folder per job under the data directory (the default), or an S3-compatible object store
+(`SYNTHGEN_RESULTS_URL=s3://bucket/prefix`).
+
+Either way nothing appears under a result's final name until the whole result is complete: locally the files are
+written into `<job>.part/` and the folder renamed; in S3 every file is a multipart upload completed only when the job
+commits. A writer's `state()` (the files written so far, and in S3 their pending uploads) goes into the job's
+checkpoint, so a worker taking the job over resumes the same uploads."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import urlsplit
+
+from app.errors import InvalidInputError, NotFoundError
+from app.settings import Settings
+
+PART_BYTES = 8 * 1024 * 1024  # S3 parts (at least 5 MiB but the last)
+
+
+def _missing(job_id: str, name: str) -> NotFoundError:
+    return NotFoundError(f"job {job_id} has no file {name!r} (it was deleted or expired, or never existed); its files "
+                         "are listed in the job's `files`")
+
+
+class ResultWriter(Protocol):
+    def open(self, name: str) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def close_file(self) -> int: ...
+    def state(self) -> dict[str, Any]: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class LocalResults:
+    """Results as files under `root/<job id>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def writer(self, job_id: str, resume: dict[str, Any] | None = None) -> LocalWriter:
+        return LocalWriter(self.root / f"{job_id}.part", self.root / job_id, resume)
+
+    def files(self, job_id: str) -> list[tuple[str, int]]:
+        try:
+            return [(entry.name, entry.stat().st_size) for entry in os.scandir(self.root / job_id)]
+        except FileNotFoundError:
+            return []
+
+    def open(self, job_id: str, name: str) -> tuple[IO[bytes], int]:
+        try:
+            handle = (self.root / job_id / name).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise _missing(job_id, name) from None
+        return handle, os.fstat(handle.fileno()).st_size
+
+    def url(self, job_id: str, name: str) -> str | None:
+        return None
+
+    def delete(self, job_id: str) -> None:
+        for folder in (self.root / job_id, self.root / f"{job_id}.part"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class LocalWriter:
+    def __init__(self, part: Path, final: Path, resume: dict[str, Any] | None) -> None:
+        self.part, self.final = part, final
+        self.files: dict[str, int] = dict((resume or {}).get("files", {}))
+        part.mkdir(parents=True, exist_ok=True)
+        for entry in os.scandir(part):  # keep exactly the checkpointed files (a partial one is written again)
+            if self.files.get(entry.name) != entry.stat().st_size:
+                os.unlink(entry.path)
+        missing = set(self.files) - {entry.name for entry in os.scandir(part)}
+        if missing:
+            raise FileNotFoundError(f"checkpointed files are gone: {sorted(missing)}")
+        self._handle: IO[bytes] | None = None
+        self._name = ""
+
+    def open(self, name: str) -> None:
+        self._handle, self._name = (self.part / name).open("wb"), name
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)  # type: ignore[union-attr]
+
+    def close_file(self) -> int:
+        handle, self._handle = self._handle, None
+        handle.flush()  # type: ignore[union-attr]
+        os.fsync(handle.fileno())  # type: ignore[union-attr]
+        handle.close()  # type: ignore[union-attr]
+        self.files[self._name] = os.stat(self.part / self._name).st_size
+        return self.files[self._name]
+
+    def state(self) -> dict[str, Any]:
+        return {"files": dict(self.files)}
+
+    def commit(self) -> None:
+        self.part.replace(self.final)
+
+    def uncommit(self) -> None:
+        """Back to the part folder (the job could not be recorded as done)."""
+        self.final.replace(self.part)
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        shutil.rmtree(self.part, ignore_errors=True)
+
+
+class S3Results:
+    """Results as objects `<prefix>/<job id>/<name>` in an S3-compatible store."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
+                 access_key_id: str | None = None, secret_access_key: str | None = None,
+                 redirect: bool = False, presign_s: int = 900) -> None:
+        import boto3
+
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise InvalidInputError(f"SYNTHGEN_RESULTS_URL {url!r} must look like s3://bucket/prefix")
+        self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
+        self.redirect, self.presign_s = redirect, presign_s
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
+                                   aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
+
+    def key(self, job_id: str, name: str = "") -> str:
+        return "/".join(filter(None, (self.prefix, job_id, name)))
+
+    def writer(self, job_id: str, resume: dict[str, Any] | None = None) -> S3Writer:
+        return S3Writer(self, job_id, resume)
+
+    def files(self, job_id: str) -> list[tuple[str, int]]:
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(job_id) + "/")
+        return [(item["Key"].rsplit("/", 1)[1], item["Size"]) for item in listing.get("Contents", [])]
+
+    def open(self, job_id: str, name: str) -> tuple[IO[bytes], int]:
+        try:
+            size = self.client.head_object(Bucket=self.bucket, Key=self.key(job_id, name))["ContentLength"]
+        except self.client.exceptions.ClientError:
+            raise _missing(job_id, name) from None
+        return S3Reader(self, self.key(job_id, name)), size  # type: ignore[return-value]
+
+    def url(self, job_id: str, name: str) -> str | None:
+        """A presigned download URL when downloads redirect to the store."""
+        if not self.redirect:
+            return None
+        return self.client.generate_presigned_url("get_object", ExpiresIn=self.presign_s,
+                                                  Params={"Bucket": self.bucket, "Key": self.key(job_id, name)})
+
+    def delete(self, job_id: str) -> None:
+        keys = [{"Key": self.key(job_id, name)} for name, _ in self.files(job_id)]
+        if keys:
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.key(job_id) + "/")
+        for upload in uploads.get("Uploads", []):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+class S3Writer:
+    """One multipart upload per file, completed together at `commit`."""
+
+    def __init__(self, store: S3Results, job_id: str, resume: dict[str, Any] | None) -> None:
+        self.store, self.job_id = store, job_id
+        resume = resume or {}
+        self.files: dict[str, int] = dict(resume.get("files", {}))
+        self.uploads: dict[str, dict[str, Any]] = {name: upload for name, upload in resume.get("uploads", {}).items()
+                                                   if name in self.files}
+        client, bucket = store.client, store.bucket
+        pending = client.list_multipart_uploads(Bucket=bucket, Prefix=store.key(job_id) + "/").get("Uploads", [])
+        kept = {upload["upload_id"] for upload in self.uploads.values()}
+        for upload in pending:  # a file the crashed worker had not finished
+            if upload["UploadId"] not in kept:
+                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        self._name, self._buffer, self._size = "", io.BytesIO(), 0
+
+    def open(self, name: str) -> None:
+        upload = self.store.client.create_multipart_upload(Bucket=self.store.bucket, Key=self.store.key(self.job_id,
+                                                                                                        name))
+        self.uploads[name] = {"upload_id": upload["UploadId"], "parts": []}
+        self._name, self._buffer, self._size = name, io.BytesIO(), 0
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._size += len(data)
+        if self._buffer.tell() >= PART_BYTES:
+            self._upload_part()
+
+    def _upload_part(self) -> None:
+        upload = self.uploads[self._name]
+        number = len(upload["parts"]) + 1
+        answer = self.store.client.upload_part(Bucket=self.store.bucket, Key=self.store.key(self.job_id, self._name),
+                                               UploadId=upload["upload_id"], PartNumber=number,
+                                               Body=self._buffer.getvalue())
+        upload["parts"].append([number, answer["ETag"]])
+        self._buffer = io.BytesIO()
+
+    def close_file(self) -> int:
+        if self._buffer.tell() or not self.uploads[self._name]["parts"]:
+            self._upload_part()
+        self.files[self._name] = self._size
+        return self._size
+
+    def state(self) -> dict[str, Any]:
+        return {"files": dict(self.files), "uploads": {name: self.uploads[name] for name in self.files}}
+
+    def commit(self) -> None:
+        for name in self.files:
+            upload = self.uploads[name]
+            self.store.client.complete_multipart_upload(
+                Bucket=self.store.bucket, Key=self.store.key(self.job_id, name), UploadId=upload["upload_id"],
+                MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in upload["parts"]]})
+
+    def uncommit(self) -> None:
+        """The job could not be recorded as done: its objects stay for the worker that takes it over to replace."""
+
+    def abort(self) -> None:
+        self.store.delete(self.job_id)
+
+
+class S3Reader(io.RawIOBase):
+    """A read-only stream over an object: `seek` then `read`, one ranged GET per position."""
+
+    def __init__(self, store: S3Results, key: str) -> None:
+        self.store, self.key, self._position, self._body = store, key, 0, None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position, self._body = offset, None
+        return offset
+
+    def read(self, size: int = -1) -> bytes:
+        if self._body is None:
+            answer = self.store.client.get_object(Bucket=self.store.bucket, Key=self.key,
+                                                  Range=f"bytes={self._position}-")
+            self._body = answer["Body"]
+        data = self._body.read(size if size >= 0 else None)
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
+        super().close()
+
+
+def result_storage(settings: Settings, data_dir: Path) -> LocalResults | S3Results:
+    """The storage the settings name: S3 with SYNTHGEN_RESULTS_URL, else the data directory."""
+    if not settings.results_url:
+        return LocalResults(data_dir / "results")
+    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    return S3Results(settings.results_url, settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id,
+                     secret, settings.results_redirect, settings.results_presign_s)
