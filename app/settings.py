@@ -76,6 +76,9 @@ class Settings(BaseSettings):
                             description="names this server's job worker in the jobs store (with its process id)")
     database_url: str | None = Field(None, description="the jobs database: postgresql://user:password@host/db for "
                                      "several processes; unset: SQLite in the data directory")
+    models_url: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+                                   description="s3://bucket/prefix holding one folder per model: downloaded into "
+                                   "the data directory at start and served instead of models_dir")
     results_url: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
                                     description="s3://bucket/prefix: job results in an S3-compatible store; unset: "
                                     "the data directory")

@@ -26,6 +26,7 @@ from app.core.device import resolve_device
 from app.engine.jobs import JobWorker, worker_name
 from app.engine.jobstore import JobStore
 from app.engine.metrics import Metrics
+from app.engine.remote_models import model_settings
 from app.engine.repository import ModelRepository
 from app.engine.results import result_storage
 from app.engine.webhooks import UrlPolicy, WebhookSender, load_master_secret
@@ -68,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device = resolve_device(settings.device)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
         cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-codec")
-        repository = ModelRepository(settings, device, executor, cpu, metrics)
+        served = await asyncio.to_thread(model_settings, settings)
+        repository = ModelRepository(served, device, executor, cpu, metrics)
         app.state.repository = repository
         if settings.open_access:
             log.warning("no API keys are configured: anyone who can reach this server may use every operation "

@@ -60,9 +60,21 @@ def save_weights(path: Path, module: nn.Module) -> None:
     tmp.replace(path)
 
 
-def load_weights(path: Path, module: nn.Module) -> None:
-    """Load a `.safetensors` file into `module` strictly; any mismatch names the file and the keys."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(path: Path, module: nn.Module, sha256: str | None = None) -> None:
+    """Load a `.safetensors` file into `module` strictly; any mismatch names the file and the keys. With `sha256`
+    (from the config), the file must have that digest: a truncated, corrupted or swapped file is refused."""
     try:
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise CheckpointError(f"{path}: its sha256 is not the one config.json records (corrupt, truncated or "
+                                  "replaced); copy or download the model folder again")
         state = load_file(str(path))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: weights file missing") from exc
@@ -159,12 +171,14 @@ class Checkpointable(nn.Module):
             save_weights(folder / file, self.part(part))
         write_json(folder / self.config_file, {
             **metadata, "format_version": FORMAT_VERSION, "class_name": type(self).__name__, "kind": self.kind,
-            "hyperparameters": dataclasses.asdict(self.cfg), "weights": self.weight_files, "code_version": __version__})
+            "hyperparameters": dataclasses.asdict(self.cfg), "weights": self.weight_files, "code_version": __version__,
+            "sha256": {file: file_sha256(folder / file) for file in self.weight_files.values()}})
 
-    def load_parts(self, folder: Path, parts: tuple[str, ...] = ()) -> None:
-        """Load these parts' weights (default: all) strictly from `folder`."""
+    def load_parts(self, folder: Path, parts: tuple[str, ...] = (), sha256: dict[str, str] | None = None) -> None:
+        """Load these parts' weights (default: all) strictly from `folder`, checked against their digests."""
         for part in parts or tuple(self.weight_files):
-            load_weights(folder / self.weight_files[part], self.part(part))
+            file = self.weight_files[part]
+            load_weights(folder / file, self.part(part), (sha256 or {}).get(file))
 
     @classmethod
     def from_pretrained(cls, folder: Path, serving: bool = False) -> tuple[Self, dict[str, Any]]:
@@ -185,7 +199,10 @@ class Checkpointable(nn.Module):
         except Exception as exc:  # a value of the right type can still be impossible (e.g. a negative width)
             raise CheckpointError(f"{path}: the hyperparameters do not build a {arch.__name__}: {exc}") from exc
         parts = arch.serving_parts if serving else ()
-        net.load_parts(folder, parts)
+        digests = config.get("sha256")
+        if digests is not None and not isinstance(digests, dict):
+            raise CheckpointError(f"{path}: 'sha256' must map weight files to their hex digests")
+        net.load_parts(folder, parts, digests)
         for part in set(arch.weight_files) - set(parts or arch.weight_files):
             setattr(net, part, None)
         return net.eval().requires_grad_(False), config

@@ -113,18 +113,9 @@ class LocalWriter:
 class S3Results:
     """Results as objects `<prefix>/<job id>/<name>` in an S3-compatible store."""
 
-    def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
-                 access_key_id: str | None = None, secret_access_key: str | None = None,
-                 redirect: bool = False, presign_s: int = 900) -> None:
-        import boto3
-
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise InvalidInputError(f"SYNTHGEN_RESULTS_URL {url!r} must look like s3://bucket/prefix")
-        self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
-        self.redirect, self.presign_s = redirect, presign_s
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
-                                   aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
+    def __init__(self, url: str, client: Any, redirect: bool = False, presign_s: int = 900) -> None:
+        self.bucket, self.prefix = split_s3_url(url)
+        self.client, self.redirect, self.presign_s = client, redirect, presign_s
 
     def key(self, job_id: str, name: str = "") -> str:
         return "/".join(filter(None, (self.prefix, job_id, name)))
@@ -245,10 +236,26 @@ class S3Reader(io.RawIOBase):
         super().close()
 
 
+def split_s3_url(url: str) -> tuple[str, str]:
+    """s3://bucket/prefix → (bucket, prefix)."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise InvalidInputError(f"{url!r} must look like s3://bucket/prefix")
+    return parts.netloc, parts.path.strip("/")
+
+
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the configured endpoint and credentials (unset: boto3's own lookup)."""
+    import boto3
+
+    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+                        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=secret)
+
+
 def result_storage(settings: Settings, data_dir: Path) -> LocalResults | S3Results:
     """The storage the settings name: S3 with SYNTHGEN_RESULTS_URL, else the data directory."""
     if not settings.results_url:
         return LocalResults(data_dir / "results")
-    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-    return S3Results(settings.results_url, settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id,
-                     secret, settings.results_redirect, settings.results_presign_s)
+    return S3Results(settings.results_url, s3_client(settings), settings.results_redirect,
+                     settings.results_presign_s)

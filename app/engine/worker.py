@@ -14,6 +14,7 @@ from app.core.device import resolve_device
 from app.engine.jobs import JobWorker, worker_name
 from app.engine.jobstore import JobStore
 from app.engine.metrics import Metrics
+from app.engine.remote_models import model_settings
 from app.engine.repository import ModelRepository
 from app.engine.results import result_storage
 from app.settings import Settings
@@ -35,7 +36,7 @@ async def run_worker(settings: Settings, metrics_port: int | None = None) -> Non
     device = resolve_device(settings.device)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
     cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-codec")
-    repository = ModelRepository(settings, device, executor, cpu, metrics)
+    repository = ModelRepository(await asyncio.to_thread(model_settings, settings), device, executor, cpu, metrics)
     store = await asyncio.to_thread(JobStore, settings.data_dir, settings.database_url,
                                     result_storage(settings, settings.data_dir))
     worker = JobWorker(store, repository, settings, worker_name(settings), metrics)

@@ -40,7 +40,21 @@ def gan_copy(tiny_gan: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_gan, tmp_path / "copy"))
 
 
+def _without_digests(folder: Path) -> None:
+    """A config without weight digests (as before they were recorded): the file checks below are the last line."""
+    config = json.loads((folder / "config.json").read_text())
+    del config["sha256"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_refuses_weights_whose_sha256_differs(gan_copy: Path, tiny_vae: Path) -> None:
+    shutil.copy(tiny_vae / "decoder.safetensors", gan_copy / "generator.safetensors")  # a valid file, another net
+    with pytest.raises(CheckpointError, match="generator.safetensors: its sha256 is not the one config.json records"):
+        load_model(gan_copy)
+
+
 def test_refuses_pickled_weights(gan_copy: Path) -> None:
+    _without_digests(gan_copy)
     buffer = io.BytesIO()
     torch.save(Generator(load_model(gan_copy).net.cfg).state_dict(), buffer)  # a pickle, as torch.save writes
     (gan_copy / "generator.safetensors").write_bytes(buffer.getvalue())
@@ -56,6 +70,7 @@ def test_refuses_truncated_weights(gan_copy: Path) -> None:
 
 
 def test_refuses_mismatched_weights(gan_copy: Path, tiny_vae: Path) -> None:
+    _without_digests(gan_copy)
     shutil.copy(tiny_vae / "decoder.safetensors", gan_copy / "generator.safetensors")
     with pytest.raises(CheckpointError, match=r"missing keys \[.*project.*\], unexpected keys"):
         load_model(gan_copy)

@@ -1,6 +1,6 @@
-"""Job results in an S3-compatible store (moto's standalone server on 127.0.0.1): nothing visible under a final key
+"""Object storage (moto's standalone S3 server on 127.0.0.1). Job results: nothing visible under a final key
 before the result is complete, downloads proxied with Range or redirected to a presigned URL, the same bytes as on
-the local default, deletion."""
+the local default, deletion. Model folders: downloaded at start and checked against their configs' sha256."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _settings(s3: dict[str, str]) -> dict[str, str]:
 
 
 def test_nothing_is_visible_before_the_commit(s3_settings: dict[str, str]) -> None:
-    store = S3Results(s3_settings["SYNTHGEN_RESULTS_URL"], s3_settings["SYNTHGEN_S3_ENDPOINT_URL"])
+    store = S3Results(s3_settings["SYNTHGEN_RESULTS_URL"],
+                      boto3.client("s3", endpoint_url=s3_settings["SYNTHGEN_S3_ENDPOINT_URL"]))
     writer = store.writer("job1")
     writer.open("a.tar")
     writer.write(b"x" * (9 * 1024 * 1024))  # more than a part
@@ -69,3 +70,26 @@ async def test_downloads_may_redirect_to_a_presigned_url(models_dir: Path, s3_se
         archive = httpx.get(answer.headers["location"])
         assert archive.status_code == 200 and archive.content[:2] == b"PK"
         assert len(archive.content) == job["result_bytes"]
+
+
+async def test_models_are_read_from_the_store_and_verified(tiny_gan: Path, tmp_path: Path,
+                                                          s3_settings: dict[str, str]) -> None:
+    bucket = s3_settings["SYNTHGEN_RESULTS_URL"][5:].split("/", 1)[0]
+    s3 = boto3.client("s3", endpoint_url=s3_settings["SYNTHGEN_S3_ENDPOINT_URL"])
+    for name in ("digits-gan", "tampered-gan"):
+        for file in tiny_gan.rglob("*"):
+            if file.is_file():
+                s3.upload_file(str(file), bucket, f"models/{name}/{file.relative_to(tiny_gan)}")
+    weights = (tiny_gan / "generator.safetensors").read_bytes()
+    s3.put_object(Bucket=bucket, Key="models/tampered-gan/generator.safetensors", Body=weights[:-8] + b"\0" * 8)
+    s3.put_object(Bucket=bucket, Key="models/../escape/config.json", Body=b"{}")  # not <model>/<file>: skipped
+    empty = tmp_path / "no-local-models"
+    empty.mkdir()
+    async with serve(empty, data_dir=tmp_path / "data", models_url=f"s3://{bucket}/models",
+                     s3_endpoint_url=s3_settings["SYNTHGEN_S3_ENDPOINT_URL"]) as client:
+        models = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        assert models["digits-gan"]["status"] == "ready"
+        assert models["tampered-gan"]["status"] == "failed" and "sha256" in models["tampered-gan"]["error"]
+        assert (await client.post("/v1/models/digits-gan/generate", json={"n": 2})).status_code == 200
+    assert not (tmp_path / "escape").exists() and sorted(p.name for p in (tmp_path / "data" / "models").iterdir()) == [
+        "digits-gan", "tampered-gan"]
