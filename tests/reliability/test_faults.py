@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine import jobs
+from app.engine.results import LocalWriter
 from tests.conftest import ROOT, rss_mb, serve
 
 pytestmark = pytest.mark.anyio
@@ -82,14 +82,16 @@ async def test_disk_full_during_a_job_fails_it_without_a_result(models_dir: Path
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     writes = 0
 
-    def fill_up(handle, data: bytes) -> None:  # the disk fills up after a few chunks
+    write = LocalWriter.write
+
+    def fill_up(self: LocalWriter, data: bytes) -> None:  # the disk fills up after a few chunks
         nonlocal writes
         writes += 1
         if writes > 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(models_dir.parent / "data" / "x.part"))
-        handle.write(data)
+        write(self, data)
 
-    monkeypatch.setattr(jobs, "write_chunk", fill_up)
+    monkeypatch.setattr(LocalWriter, "write", fill_up)
     async with serve(models_dir, max_batch_size=16) as client:
         job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5000})).json()
         for _ in range(500):

@@ -1,4 +1,5 @@
-"""Asynchronous dataset jobs: lifecycle, Range downloads, cancel, restart persistence, disk quota."""
+"""Asynchronous dataset jobs on each job-store backend (SQLite, PostgreSQL): lifecycle, Range downloads, cancel,
+restart persistence, disk quota."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from tests.helpers import wait_for_job
 pytestmark = pytest.mark.anyio
 
 
-async def test_job_lifecycle_and_range_download(models_dir: Path) -> None:
-    async with serve(models_dir) as client:
+async def test_job_lifecycle_and_range_download(models_dir: Path, database_url: str | None) -> None:
+    async with serve(models_dir, database_url=database_url) as client:
         submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "per_class": 30, "seed": 4})
         assert submitted.status_code == 202
         job = submitted.json()
@@ -38,21 +39,21 @@ async def test_job_lifecycle_and_range_download(models_dir: Path) -> None:
         assert (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
 
 
-async def test_cancel_a_running_job(models_dir: Path) -> None:
-    async with serve(models_dir, max_batch_size=8) as client:
+async def test_cancel_a_running_job(models_dir: Path, database_url: str | None) -> None:
+    async with serve(models_dir, max_batch_size=8, database_url=database_url) as client:
         job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
         await wait_for_job(client, job["id"], ("running",))
         assert (await client.delete(f"/v1/jobs/{job['id']}")).status_code == 204
         assert not list((models_dir.parent / "data" / "results").iterdir())
 
 
-async def test_restart_keeps_results_and_resumes_interrupted_jobs(models_dir: Path) -> None:
-    async with serve(models_dir, max_batch_size=8) as client:
+async def test_restart_keeps_results_and_resumes_interrupted_jobs(models_dir: Path, database_url: str | None) -> None:
+    async with serve(models_dir, max_batch_size=8, database_url=database_url) as client:
         finished = (await client.post("/v1/jobs", json={"model": "digits-vae", "n": 20, "format": "npz"})).json()
         await wait_for_job(client, finished["id"])
         interrupted = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 200_000})).json()
         await wait_for_job(client, interrupted["id"], ("running",))
-    async with serve(models_dir) as client:  # a new server on the same data directory
+    async with serve(models_dir, database_url=database_url) as client:  # a new server, the same data and database
         kept = (await client.get(f"/v1/jobs/{finished['id']}")).json()
         assert kept["state"] == "succeeded"
         assert (await client.get(kept["result_url"])).status_code == 200
@@ -62,8 +63,8 @@ async def test_restart_keeps_results_and_resumes_interrupted_jobs(models_dir: Pa
         assert (await client.get(f"/v1/jobs/{interrupted['id']}/result")).status_code == 409
 
 
-async def test_quota_and_bad_jobs(models_dir: Path) -> None:
-    async with serve(models_dir, jobs_quota_bytes=50_000) as client:
+async def test_quota_and_bad_jobs(models_dir: Path, database_url: str | None) -> None:
+    async with serve(models_dir, jobs_quota_bytes=50_000, database_url=database_url) as client:
         refused = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5000})
         assert refused.status_code == 507 and "quota" in refused.json()["detail"]
         assert (await client.post("/v1/jobs", json={"model": "nope", "n": 5})).status_code == 404
