@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,19 @@ def diff_augment(x: torch.Tensor, policies: str) -> torch.Tensor:
     return x
 
 
+def random_affine(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Real images moved at random (rotation ±10°, scale and shift ±10 %, times `strength`), the background kept:
+    the generator then learns the variety classical augmentation would add, rather than the training images alone."""
+    n = len(x)
+    angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(10) * strength
+    scale = 1 + (torch.rand(n, device=x.device) * 2 - 1) * 0.1 * strength
+    shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * 0.2 * strength  # grid units: 2 = the whole image
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, padding_mode="zeros", align_corners=False) - 1  # outside: background (-1)
+
+
 class GanTrainer:
     """Logistic or hinge loss, optionally DiffAugment, optionally a class head on the discriminator (trained on
     real images) that also steers the generator, a mode-seeking term against collapse within a class, and an EMA
@@ -125,6 +139,8 @@ class GanTrainer:
         return diff_augment(x, self.hparams.diff_augment) if self.hparams.diff_augment else x
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
+        if self.hparams.real_augment:
+            x = random_affine(x, self.hparams.real_augment)
         n = len(x)
         half = self._labels(n // 2)
         fake_y = None if half is None else torch.cat([half, half, half[: n % 2]])  # pairs share a label

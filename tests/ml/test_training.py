@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from app.core.nets import ConditionalVAE, VaeConfig
 from app.errors import InvalidInputError
-from app.ml.training import TrainOptions, diff_augment, fit_prior, train
+from app.ml.training import TrainOptions, diff_augment, fit_prior, random_affine, train
 from tests.conftest import train_tiny
 
 
@@ -50,8 +50,17 @@ def test_prior_fits_classes_with_one_image_or_none() -> None:
     images = vae.generate(torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
     assert images.shape == (6, 1, 8, 8) and torch.isfinite(images).all()
 
+def test_real_augment_moves_digits_and_keeps_the_background() -> None:
+    x = -torch.ones(16, 1, 28, 28)
+    x[:, :, 8:20, 12:16] = 1
+    moved = random_affine(x, 1.0)
+    assert moved.shape == x.shape and moved[:, :, 0, 0].eq(-1).all()  # corners stay background, not mid-grey
+    assert not torch.allclose(moved, x) and torch.equal(random_affine(x, 0.0), x)
+
+
 @pytest.mark.parametrize(("hparams", "message"), [({"loss": "wgan"}, "logistic or hinge"),
-                                                   ({"diff_augment": "color"}, "diff_augment")])
+                                                   ({"diff_augment": "color"}, "diff_augment"),
+                                                   ({"real_augment": 1.5}, "real_augment")])
 def test_bad_gan_training_options_are_refused_up_front(tmp_path: Path, hparams: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         train(TrainOptions(arch="gan", data="digits", out=tmp_path / "bad", device="cpu", progress=False,

@@ -26,11 +26,14 @@ class GanConfig(SyntheticConfig):
     spectral_norm: bool = False  # spectral norm instead of batch norm in the discriminator (Miyato et al., 2018)
     loss: str = "logistic"  # or "hinge"
     diff_augment: str = ""  # DiffAugment policies applied to every image the discriminator sees: "translation,cutout"
+    real_augment: float = 0.0  # strength of random affine moves of the real images (1: ±10°, ±10 % scale and shift)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss not in ("logistic", "hinge"):
             raise ValueError(f"loss must be logistic or hinge, not {self.loss!r}")
+        if not 0.0 <= self.real_augment <= 1.0:
+            raise ValueError(f"real_augment must be between 0 and 1, not {self.real_augment}")
         unknown = set(filter(None, self.diff_augment.split(","))) - {"translation", "cutout"}
         if unknown:
             raise ValueError(f"unknown diff_augment policies {sorted(unknown)}; use translation and/or cutout")
