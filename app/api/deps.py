@@ -1,4 +1,5 @@
-"""Shared dependencies as `Annotated` aliases."""
+"""Shared dependencies as `Annotated` aliases. All are `async def`: FastAPI runs a plain `def` dependency in its
+thread pool, a thread hop per dependency per request, and none of these blocks."""
 
 from __future__ import annotations
 
@@ -26,28 +27,28 @@ from app.errors import (
 from app.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_repository(request: Request) -> ModelRepository:
+async def get_repository(request: Request) -> ModelRepository:
     return request.app.state.repository
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_worker(request: Request) -> JobWorker | None:
+async def get_worker(request: Request) -> JobWorker | None:
     """This process's job worker (None with SYNTHGEN_RUN_JOBS=false: a separate worker runs the jobs)."""
     return request.app.state.job_worker
 
 
-def get_webhooks(request: Request) -> WebhookSender:
+async def get_webhooks(request: Request) -> WebhookSender:
     return request.app.state.webhooks
 
 
@@ -126,7 +127,7 @@ def _authenticate(request: Request, settings: Settings) -> Caller:
     return Caller(owner, roles[matches.index(True)][0], f"key:{owner}")  # type: ignore[arg-type]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> Caller:
+async def require_api_key(request: Request, settings: SettingsDep) -> Caller:
     """With API keys configured, every /v1 route needs `Authorization: Bearer <key>` (401 without, 403 wrong; failed
     attempts are rate-limited per address); with a rate limit, each key (or client address) gets 429 beyond it."""
     caller = _authenticate(request, settings)
@@ -139,14 +140,14 @@ def require_api_key(request: Request, settings: SettingsDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(require_api_key)]
 
 
-def require_admin(caller: CallerDep) -> Caller:
+async def require_admin(caller: CallerDep) -> Caller:
     """Operations on the shared model repository need an admin key (everyone is admin in open mode)."""
     if not caller.is_admin:
         raise ForbiddenError("this operation needs an API key with the admin role (SYNTHGEN_ADMIN_API_KEYS)")
     return caller
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """JSON routes refuse other content types with 415 (FastAPI would otherwise guess)."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
