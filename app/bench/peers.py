@@ -1,10 +1,12 @@
 """The contenders synthgen is measured against, serving the same generator with the same output (npz bytes):
 
 - `litserve`: LitServe with its own request batching (same max batch size and batch timeout);
-- `plain`: the FastAPI app a user writes in an afternoon: one forward pass per request, no batching.
+- `plain`: the FastAPI app a user writes in an afternoon: one forward pass per request, no batching;
+- `canned`: FastAPI answering every request with npz bytes computed once per `n`: the HTTP stack's ceiling.
 
     python -m app.bench.peers litserve --model models/mnist-cgan --port 8001 --max-batch-size 256 --wait-ms 5
     python -m app.bench.peers plain --model models/mnist-cgan --port 8002
+    python -m app.bench.peers canned --model models/mnist-cgan --port 8003
 """
 
 from __future__ import annotations
@@ -52,6 +54,25 @@ def plain_app(folder: Path) -> FastAPI:
     return app
 
 
+def canned_app(folder: Path) -> FastAPI:
+    app = FastAPI()
+    model = load_model(folder, "cpu")
+    answers: dict[int, bytes] = {}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/generate")
+    async def generate(body: dict) -> Response:  # no model work per request: what HTTP alone costs
+        n = _parse(body)[0]
+        if n not in answers:
+            answers[n] = _generate(model, [(n, 0)])[0]
+        return Response(answers[n], media_type="application/octet-stream")
+
+    return app
+
+
 class GeneratorAPI(ls.LitAPI):
     """LitServe's contract for the same generator (module level: LitServe pickles it into its workers)."""
 
@@ -85,16 +106,17 @@ def litserve_server(folder: Path, max_batch_size: int, wait_ms: float) -> ls.Lit
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("peer", choices=["litserve", "plain"])
+    parser.add_argument("peer", choices=["litserve", "plain", "canned"])
     parser.add_argument("--model", required=True, help="model folder")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--wait-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
-    if args.peer == "plain":
+    if args.peer in ("plain", "canned"):
         import uvicorn
 
-        uvicorn.run(plain_app(Path(args.model)), host="127.0.0.1", port=args.port, log_level="warning")
+        app = (plain_app if args.peer == "plain" else canned_app)(Path(args.model))
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     else:
         server = litserve_server(Path(args.model), args.max_batch_size, args.wait_ms)
         server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)

@@ -1,10 +1,12 @@
-"""`synthgen bench`: synthgen against the raw model, LitServe and a plain FastAPI app, on one machine, in one run.
+"""`synthgen bench`: synthgen against the raw model, LitServe, a plain FastAPI app and the HTTP stack's ceiling (a
+FastAPI app answering canned bytes), on one machine, in one run.
 
-Every contender serves the same model with the same output (npz bytes) on 127.0.0.1 and is driven by the same
-async load generator (HTTP/1.1 keep-alive over asyncio streams; answers decoded and counted); contenders
-alternate point by point so machine noise hits all alike. Prints one markdown table and writes JSON (with the
-device). `--quick` (CI) only checks that every contender answered
-correctly with the same number of samples; it never asserts a time.
+Every contender serves the same model with the same output (npz bytes) on 127.0.0.1 and is driven by the same load
+generator: wrk (C, one thread, keep-alive; it costs the server's cores little) where installed, else an asyncio
+client that also decodes and counts every answer. Contenders alternate point by point so machine noise hits all
+alike; the raw model is measured in-process at the batch size each point allows (concurrency × n, capped at the
+max batch). Prints one markdown table with synthgen's ratios and writes JSON (with the device). `--quick` (CI)
+only checks that every contender answered correctly with the same number of samples; it never asserts a time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,18 +193,71 @@ async def drive(contender: Contender, concurrency: int, n: int, seconds: float) 
             "p99_ms": float(np.percentile(lat, 99)), "peak_rss_mb": round(peak, 1)}
 
 
-def raw_rates(folder: Path, batch_size: int, seconds: float) -> dict[str, float]:
-    """In-process ceilings (no HTTP): latents + batched forward + npz, and + one PNG per sample."""
+_WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"n": %d, "format": "npz"}'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%f %%f %%f %%f\\n", summary.requests,
+    e.status + e.connect + e.read + e.write + e.timeout, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def drive_wrk(contender: Contender, concurrency: int, n: int, seconds: float) -> dict[str, Any]:
+    """The same point with wrk as the load generator (answers counted by status, not decoded)."""
+    import tempfile
+    import threading
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT % n)
+    peak, running = [0.0], threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            peak[0] = max(peak[0], tree_rss_mb(contender.process.pid))
+            time.sleep(0.25)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        output = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "30s", "-s",
+                                 script.name, contender.url + contender.path], capture_output=True, text=True,
+                                timeout=seconds + 60).stdout
+    finally:
+        running.clear()
+        watcher.join()
+        os.unlink(script.name)
+    fields = next(line.split()[1:] for line in output.splitlines() if line.startswith("RESULT"))
+    requests, errors = int(fields[0]), int(fields[1])
+    elapsed, p50, p95, p99 = (float(value) for value in fields[2:])
+    samples = (requests - errors) * n
+    return {"contender": contender.name, "concurrency": concurrency, "n": n, "requests": requests,
+            "errors": errors, "samples": samples, "seconds": round(elapsed, 2), "samples_per_s": samples / elapsed,
+            "requests_per_s": requests / elapsed, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            "peak_rss_mb": round(peak[0], 1), "driver": "wrk"}
+
+
+def raw_rates(folder: Path, batch_sizes: list[int], seconds: float) -> dict[str, float]:
+    """In-process ceilings (no HTTP): latents + batched forward + npz at each batch size, and + one PNG per sample
+    at the largest."""
     model = load_model(folder, "cpu")
     out = {}
-    for name, encode in (("npz", lambda images, labels: npz_bytes(images, labels)),
-                         ("png", lambda images, labels: [encode_png(image) for image in images])):
+
+    def rate(batch_size: int, encode: Any) -> float:
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             z, labels = draw_latents(done, range(batch_size), model.latent_dim, model.num_classes)
             encode(render(model, z, labels, batch_size=batch_size), labels.numpy())
             done += batch_size
-        out[f"raw_{name}_samples_per_s"] = done / (time.perf_counter() - started)
+        return done / (time.perf_counter() - started)
+
+    for batch_size in sorted(set(batch_sizes)):
+        out[f"raw_npz_batch{batch_size}_samples_per_s"] = rate(batch_size, npz_bytes)
+    out["raw_npz_samples_per_s"] = out[f"raw_npz_batch{max(batch_sizes)}_samples_per_s"]
+    out["raw_png_samples_per_s"] = rate(max(batch_sizes), lambda images, _: [encode_png(i) for i in images])
     return out
 
 
@@ -231,16 +287,26 @@ def device_info() -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The markdown report: one row per (contender, point), then cold starts and exports."""
-    raw = results["raw"]
-    header = "| contender | concurrency | n | samples/s | requests/s | p50 ms | p95 ms | p99 ms | errors | RSS MB |"
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|",
-             f"| raw (in-process, batch {results['config']['max_batch_size']}) | – | – | "
-             f"{raw['raw_npz_samples_per_s']:.0f} | – | – | – | – | – | – |"]
+    """The markdown report: one row per (contender, point) with synthgen's ratios to LitServe, to the plain app and
+    to the raw model at the batch size the point allows; then cold starts and exports."""
+    raw, cap = results["raw"], results["config"]["max_batch_size"]
+    header = ("| contender | concurrency | n | samples/s | requests/s | p50 ms | p95 ms | p99 ms | errors | RSS MB | "
+              "× LitServe | × plain | × raw at batch |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| raw (in-process, batch {key.split('batch')[1].split('_')[0]}) | – | – | {value:.0f} "
+              "| – | – | – | – | – | – | | | |" for key, value in raw.items() if "_batch" in key]
+    by_point = {(r["contender"], r["concurrency"], r["n"]): r for r in results["points"]}
     for row in results["points"]:
+        ratios = ["", "", ""]
+        if row["contender"] == "synthgen":
+            point = (row["concurrency"], row["n"])
+            batch = min(point[0] * point[1], cap)
+            ratios = [f"{row['samples_per_s'] / max(by_point[(peer, *point)]['samples_per_s'], 1e-9):.2f}"
+                      if (peer, *point) in by_point else "" for peer in ("litserve", "fastapi")]
+            ratios.append(f"{row['samples_per_s'] / raw[f'raw_npz_batch{batch}_samples_per_s']:.2f} (batch {batch})")
         cells = [row["contender"], row["concurrency"], row["n"], f"{row['samples_per_s']:.0f}",
                  f"{row['requests_per_s']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}",
-                 f"{row['p99_ms']:.1f}", row["errors"], f"{row['peak_rss_mb']:.0f}"]
+                 f"{row['p99_ms']:.1f}", row["errors"], f"{row['peak_rss_mb']:.0f}", *ratios]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     starts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in results["cold_start_s"].items())
     lines += ["", f"Cold start to the first 200 from the readiness route: {starts}.", ""]
@@ -264,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--exports", type=int, nargs="*", default=[10_000, 100_000], help="zip export sizes")
     parser.add_argument("--out", default=None, help="write the results as JSON here (and the table beside it, .md)")
+    parser.add_argument("--driver", choices=["auto", "wrk", "python"], default="auto",
+                        help="load generator: wrk where installed (auto), or the asyncio client that decodes answers")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.concurrency, args.n, args.exports = 2.0, [1, 16], [1], [1000]
+        args.seconds, args.concurrency, args.n, args.exports, args.driver = 2.0, [1, 16], [1], [1000], "python"
     folder = Path(args.models_dir) / args.model
     bench = [sys.executable, "-m", "app.bench.peers"]
     common = ["--model", str(folder), "--max-batch-size", str(args.max_batch_size), "--wait-ms", str(args.wait_ms)]
@@ -279,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                    "SYNTHGEN_MAX_DATASET_SAMPLES": str(max(args.exports or [0]) + 1)}),
         Contender("litserve", [*bench, "litserve", *common], "/predict", "/health", {}),
         Contender("fastapi", [*bench, "plain", *common], "/generate", "/health", {}),
+        Contender("http-ceiling", [*bench, "canned", *common], "/generate", "/health", {}),
     ]
+    use_wrk = args.driver == "wrk" or (args.driver == "auto" and shutil.which("wrk") is not None)
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                                "device": device_info(), "quick": args.quick,
                                "config": {k: v for k, v in vars(args).items() if k != "out"}, "points": []}
@@ -290,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.n:
             for concurrency in args.concurrency:
                 for contender in contenders:  # alternate: every point runs each contender in turn
-                    row = asyncio.run(drive(contender, concurrency, n, args.seconds))
+                    row = drive_wrk(contender, concurrency, n, args.seconds) if use_wrk else \
+                        asyncio.run(drive(contender, concurrency, n, args.seconds))
                     results["points"].append(row)
                     print(f"{contender.name:9s} c={concurrency:<4d} n={n:<3d} {row['samples_per_s']:8.0f} samples/s "
                           f"p99 {row['p99_ms']:8.1f} ms errors {row['errors']}", flush=True)
@@ -298,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for contender in contenders:
             contender.stop()
-    results["raw"] = raw_rates(folder, args.max_batch_size, args.seconds)
+    batches = [min(c * n, args.max_batch_size) for c in args.concurrency for n in args.n] + [args.max_batch_size]
+    results["raw"] = raw_rates(folder, batches, args.seconds)
     print(table(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""`synthgen bench --quick`: every contender (synthgen, LitServe, plain FastAPI) answers correctly with the same
-number of samples. It asserts no time."""
+"""`synthgen bench --quick`: every contender (synthgen, LitServe, plain FastAPI, the HTTP ceiling) answers correctly
+with the same number of samples. It asserts no time."""
 
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert bench.returncode == 0, output[-4000:]
     results = json.loads(out.read_text())
     points = results["points"]
-    assert {p["contender"] for p in points} == {"synthgen", "litserve", "fastapi"}
+    assert {p["contender"] for p in points} == {"synthgen", "litserve", "fastapi", "http-ceiling"}
     for point in points:
         assert point["errors"] == 0 and point["samples"] == point["requests"] * point["n"] > 0, point
     assert results["exports"]["1,000"]["samples"] == 1000
-    assert set(results["cold_start_s"]) == {"synthgen", "litserve", "fastapi"}
-    assert out.with_suffix(".md").read_text().count("| synthgen |") == 2
+    assert set(results["cold_start_s"]) == {"synthgen", "litserve", "fastapi", "http-ceiling"}
+    assert {"raw_npz_batch1_samples_per_s", "raw_npz_batch16_samples_per_s"} <= results["raw"].keys()
+    report = out.with_suffix(".md").read_text()
+    assert report.count("| synthgen |") == 2 and "(batch 16) |" in report  # the ratio to the raw model's batch
     assert _session_members(bench.pid) == []  # every contender and its workers were stopped
