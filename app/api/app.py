@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             job = await asyncio.to_thread(store.get, job_id)
             url = job.request.get("callback_url")
             if url:
-                public = await asyncio.to_thread(jobs.public_job, store, job)
+                public = await asyncio.to_thread(jobs.job_with_files, store, job)
                 webhooks.send(url, job.owner, f"job.{job.state}", public.model_dump(mode="json"))
 
         worker = JobWorker(store, repository, settings, worker_name(settings), metrics, on_finished=announce) \

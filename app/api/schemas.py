@@ -90,7 +90,8 @@ class JobRequest(DatasetRequest):
     of a tar result and a URL to call when the job ends."""
 
     model: str = Field(description="model name", examples=["mnist-cgan"], pattern=MODEL_NAME.pattern)
-    shard_size: int = Field(10_000, ge=1, le=1_000_000, description="with format tar: samples per WebDataset shard")
+    shard_size: int = Field(10_000, ge=1, le=1_000_000, description="with format tar: samples per WebDataset shard "
+                            "(at most 10,000 shards a job)")
     callback_url: str | None = Field(None, max_length=2048, description="an http(s) URL the server POSTs the job to "
                                      "when it succeeds or fails, signed with your webhook secret (see GET "
                                      "/v1/webhooks/secret)", examples=["https://example.com/hooks/synthgen"])

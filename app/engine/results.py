@@ -125,8 +125,8 @@ class S3Results:
         return S3Writer(self, job_id, resume)
 
     def files(self, job_id: str) -> list[tuple[str, int]]:
-        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.key(job_id) + "/")
-        return [(item["Key"].rsplit("/", 1)[1], item["Size"]) for item in listing.get("Contents", [])]
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(job_id) + "/")
+        return [(item["Key"].rsplit("/", 1)[1], item["Size"]) for page in pages for item in page.get("Contents", [])]
 
     def open(self, job_id: str, name: str) -> tuple[IO[bytes], int]:
         try:

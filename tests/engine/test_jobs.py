@@ -81,6 +81,6 @@ def test_a_schema_it_does_not_know_is_refused(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_postgresql_is_never_migrated_behind_the_operators_back(postgres) -> None:
+def test_postgresql_is_never_migrated_behind_the_operators_back(postgres, tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match="synthgen db upgrade"):
-        JobStore(Path("/tmp"), postgres.database())  # a fresh database: the schema is missing
+        JobStore(tmp_path, postgres.database())  # a fresh database: the schema is missing

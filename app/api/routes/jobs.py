@@ -4,6 +4,7 @@ only its own jobs."""
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -28,10 +29,11 @@ from app.engine.jobs import estimate_bytes
 from app.engine.jobstore import Job, JobLimits, JobStore
 from app.engine.plans import plan_samples
 from app.engine.states import JobState
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConflictError, InvalidInputError, NotFoundError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
+MAX_SHARDS = 10_000  # files in one tar job's result
 # OpenAPI links: what a client (or a stateful fuzzer) may do with the id a submission returns
 _JOB = "#/paths/~1v1~1jobs~1{job_id}"
 LINKS = {name: {"operationRef": f"{_JOB}{path}/{method}", "parameters": {"job_id": "$response.body#/id"}}
@@ -61,7 +63,7 @@ def job_public(job: Job, files: list[tuple[str, int]] | None = None) -> JobPubli
                      result_url=f"/v1/jobs/{job.id}/result" if succeeded and job.format != "tar" else None)
 
 
-def public_job(store: JobStore, job: Job) -> JobPublic:
+def job_with_files(store: JobStore, job: Job) -> JobPublic:
     """Blocking (lists the result's files): call it off the event loop."""
     return job_public(job, store.files(job) if job.state == JobState.SUCCEEDED else None)
 
@@ -85,6 +87,9 @@ async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=E
     plan = plan_samples(model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                         label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())
     request.state.n = len(plan)
+    if body.format == "tar" and math.ceil(len(plan) / body.shard_size) > MAX_SHARDS:
+        raise InvalidInputError(f"{len(plan)} samples in shards of {body.shard_size} would make more than "
+                                f"{MAX_SHARDS} shards; raise shard_size")
     job = await asyncio.to_thread(store.create, model.name, {**body.model_dump(), "seed": plan.seed}, len(plan),
                                   body.format, caller.owner, estimate_bytes(plan, model, body.format),
                                   JobLimits.from_settings(settings))
@@ -99,14 +104,14 @@ async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=E
 async def list_dataset_jobs(store: StoreDep, caller: CallerDep,
                     limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100) -> JobsPublic:
     jobs = await asyncio.to_thread(store.list, caller.owner, limit)
-    return JobsPublic(jobs=[await asyncio.to_thread(public_job, store, job) for job in jobs])
+    return JobsPublic(jobs=[await asyncio.to_thread(job_with_files, store, job) for job in jobs])
 
 
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
             description="State (queued, running, succeeded, failed), progress, ETA and error.")
 async def get_dataset_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
     job = await asyncio.to_thread(store.get, job_id, caller.owner)
-    return await asyncio.to_thread(public_job, store, job)
+    return await asyncio.to_thread(job_with_files, store, job)
 
 
 @router.get("/{job_id}/result", summary="Download a job's archive", response_class=StreamingResponse,

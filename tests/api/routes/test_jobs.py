@@ -68,6 +68,9 @@ async def test_quota_and_bad_jobs(models_dir: Path, database_url: str | None) ->
         refused = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 5000})
         assert refused.status_code == 507 and "quota" in refused.json()["detail"]
         assert (await client.post("/v1/jobs", json={"model": "nope", "n": 5})).status_code == 404
+        shards = await client.post("/v1/jobs", json={"model": "digits-gan", "n": 20_001, "format": "tar",
+                                                     "shard_size": 2})
+        assert shards.status_code == 422 and "raise shard_size" in shards.json()["detail"]
         assert (await client.get("/v1/jobs/../../etc")).status_code == 404
         bad_id = await client.get("/v1/jobs/xyz")
         assert bad_id.status_code == 422 and "job_id: String should match pattern" in bad_id.json()["detail"]
