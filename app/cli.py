@@ -94,12 +94,11 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
-    from app.engine.schema import create_engine, upgrade
+    from app.engine.schema import create_engine, database_url, upgrade
 
     settings = _settings(args)
-    url = settings.database_url or f"sqlite:///{settings.data_dir / 'jobs.sqlite3'}"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(create_engine(url))
+    upgrade(create_engine(database_url(settings.database_url, settings.data_dir)))
     print("the jobs database schema is up to date")
 
 
@@ -169,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run dataset jobs from the shared jobs database, nothing else")
     worker.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     worker.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
-    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (it answers once the models are loaded)")
     worker.set_defaults(run=_worker)
 
     db = commands.add_parser("db", help="the jobs database (SYNTHGEN_DATABASE_URL, default SQLite in the data dir)")

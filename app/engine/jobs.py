@@ -193,7 +193,7 @@ class JobWorker:
         storage = self.store.storage
         checkpoint = (job.checkpoint if resumable(job) else None) or {"files": {}, "next": 0}
         writer: ResultWriter | None = None
-        started, open_file = time.monotonic(), False
+        started = time.monotonic()
         try:
             writer = await asyncio.to_thread(storage.writer, job.id, checkpoint)
             async with self.repository.serving(job.model) as served:
@@ -208,19 +208,18 @@ class JobWorker:
                         raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for it; "
                                                  "the partial result was removed")
                     if name != current:
-                        if open_file:
+                        if current is not None:
                             await asyncio.to_thread(writer.close_file)
                             await self._checkpoint(job, writer, shard_size)
                         await asyncio.to_thread(writer.open, name)
-                        current, open_file = name, True
+                        current = name
                     await asyncio.to_thread(writer.write, data)
                     done = min(done + self.settings.max_batch_size, len(plan))
                     if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                         await self._update(job.id, done=done)
                         reported = time.monotonic()
-                if open_file:
+                if current is not None:
                     await asyncio.to_thread(writer.close_file)
-                    open_file = False
             await asyncio.to_thread(writer.commit)  # only a complete result appears under its final name
             try:
                 recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),

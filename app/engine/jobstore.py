@@ -23,7 +23,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from app.engine.results import LocalResults, S3Results
-from app.engine.schema import JOBS, check, create_engine
+from app.engine.schema import JOBS, check, create_engine, database_url
 from app.engine.states import JobState
 from app.errors import InvalidInputError, NotFoundError, QuotaExceededError, RateLimitedError
 from app.settings import Settings
@@ -104,8 +104,7 @@ class JobStore:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = storage or LocalResults(data_dir / "results")
-        self.url = url or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
-        self.engine = create_engine(self.url)
+        self.engine = create_engine(database_url(url, data_dir))
         self.postgres = self.engine.dialect.name == "postgresql"
         check(self.engine, auto_upgrade=not self.postgres)
 

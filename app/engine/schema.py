@@ -28,6 +28,11 @@ JOBS = sa.Table(
 )
 
 
+def database_url(configured: str | None, data_dir: Path) -> str:
+    """The jobs database: the setting, else SQLite in the data directory (the single-host default)."""
+    return configured or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
+
+
 def create_engine(url: str) -> sa.Engine:
     """An engine; SQLite in WAL mode with a busy timeout (several processes on one host may share the file),
     PostgreSQL through psycopg 3 (`postgresql://` URLs)."""

@@ -30,7 +30,7 @@ def test_real_server_generates(server: tuple[str, int]) -> None:
 
 def test_streamed_export_keeps_server_memory_flat(server: tuple[str, int], tmp_path: Path) -> None:
     url, pid = server
-    # a smaller export first: the first metadata.parquet loads pyarrow's Parquet code (60-80 MB, once per process)
+    # a smaller export first: the first metadata.parquet loads pyarrow's Parquet code (55-65 MB, once per process)
     assert httpx.post(f"{url}/v1/models/digits-gan/datasets", json={"per_class": 500}, timeout=60).status_code == 200
     samples: list[tuple[int, float]] = []
     received = 0

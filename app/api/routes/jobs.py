@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import IO, Annotated
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
@@ -79,8 +79,8 @@ def job_with_files(store: JobStore, job: Job) -> JobPublic:
                         **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
              dependencies=[Depends(require_json)])
 async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
-                     repository: RepositoryDep, settings: SettingsDep, store: StoreDep, worker: WorkerDep,
-                     caller: CallerDep, webhooks: WebhooksDep, request: Request) -> JobPublic:
+                             repository: RepositoryDep, settings: SettingsDep, store: StoreDep, worker: WorkerDep,
+                             caller: CallerDep, webhooks: WebhooksDep, request: Request) -> JobPublic:
     model = repository.ready_model(body.model).model
     if body.callback_url is not None:
         await asyncio.to_thread(webhooks.policy.check, body.callback_url)
@@ -102,9 +102,12 @@ async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=E
 @router.get("", summary="List your jobs", response_model=JobsPublic,
             description="The jobs of the calling API key, newest first.")
 async def list_dataset_jobs(store: StoreDep, caller: CallerDep,
-                    limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100) -> JobsPublic:
-    jobs = await asyncio.to_thread(store.list, caller.owner, limit)
-    return JobsPublic(jobs=[await asyncio.to_thread(job_with_files, store, job) for job in jobs])
+                            limit: Annotated[int, Query(ge=1, le=1000, description="most jobs listed")] = 100
+                            ) -> JobsPublic:
+    def listed() -> list[JobPublic]:  # one thread hop for the query and every job's file listing
+        return [job_with_files(store, job) for job in store.list(caller.owner, limit)]
+
+    return JobsPublic(jobs=await asyncio.to_thread(listed))
 
 
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
@@ -159,8 +162,11 @@ async def _finished(store: JobStore, job_id: str, owner: str) -> Job:
 async def _file_response(store: JobStore, job: Job, name: str, request: Request) -> Response:
     """The file streamed through this server (with Range), or a redirect to the object store's presigned URL when
     SYNTHGEN_RESULTS_REDIRECT is on."""
-    handle, size = await asyncio.to_thread(store.open_file, job, name)
-    url = await asyncio.to_thread(store.storage.url, job.id, name)
+    def opened() -> tuple[IO[bytes], int, str | None]:
+        handle, size = store.open_file(job, name)
+        return handle, size, store.storage.url(job.id, name)
+
+    handle, size, url = await asyncio.to_thread(opened)
     if url is not None:
         handle.close()
         return RedirectResponse(url, status_code=307)
