@@ -31,8 +31,6 @@ async def _queue_metrics(store: JobStore, metrics: Metrics, every_s: float = 5.0
 async def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
     """Load the models, then claim and run jobs until SIGTERM or SIGINT; running jobs then go back to the queue."""
     metrics = Metrics()
-    if metrics_port is not None:
-        start_http_server(metrics_port, registry=metrics.registry)
     device = resolve_device(settings.device)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"synthgen-{device.type}")
     cpu = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="synthgen-codec")
@@ -44,6 +42,8 @@ async def run_worker(settings: Settings, metrics_port: int | None = None) -> Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await repository.load_all()
+    if metrics_port is not None:  # once the models are loaded: an answering port means a worker ready for jobs
+        start_http_server(metrics_port, registry=metrics.registry)
     tasks = [asyncio.create_task(worker.run()), asyncio.create_task(repository.supervise()),
              asyncio.create_task(_queue_metrics(store, metrics))]
     log.info("worker %s runs jobs on %s", worker.id, device)

@@ -21,7 +21,7 @@ import pytest
 
 from app.engine.jobstore import JobStore
 from app.engine.schema import create_engine, upgrade
-from tests.conftest import ROOT, launch_server, serve, stop_server
+from tests.conftest import ROOT, _free_port, launch_server, serve, stop_server
 from tests.helpers import wait_for_job
 
 N, SHARD = 100_000, 10_000
@@ -42,11 +42,21 @@ def cluster(tmp_path: Path, tiny_gan: Path, postgres):
     processes: list[subprocess.Popen] = []
 
     def start_worker() -> subprocess.Popen:
+        """A worker process, returned once its models are loaded (its metrics port answers)."""
+        port = _free_port()
         process = subprocess.Popen([sys.executable, "-m", "app", "worker", "--models-dir", str(models), "--device",
-                                    "cpu"], cwd=ROOT, env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+                                    "cpu", "--metrics-port", str(port)], cwd=ROOT,
+                                   env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(process)
-        return process
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
+                    return process
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError(f"the worker did not become ready (exit code {process.poll()})")
 
     store = JobStore(data, database)
     yield models, env, start_worker, store
