@@ -147,6 +147,7 @@ def test_the_database_restarted_mid_job_never_yields_a_partial_result(cluster, r
 
 def test_two_api_replicas_and_two_workers_run_every_job_exactly_once(cluster) -> None:
     models, env, start_worker, store = cluster
+    env["SYNTHGEN_MAX_RUNNING_JOBS_PER_KEY"] = "4"  # all jobs are one key's (open mode): let both workers run them
     apis = [launch_server(models, Path(env["SYNTHGEN_DATA_DIR"]), env) for _ in range(2)]
     try:
         start_worker(), start_worker()
