@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.api.deps import RateLimiter
 from app.api.errors import install_error_handlers
+from app.api.fastlane import FastLane
 from app.api.logs import configure_logging
 from app.api.middleware import RequestContextMiddleware
 from app.api.routes import augment, datasets, generate, health, jobs, models, vae
@@ -97,6 +99,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if worker is not None:
             housekeeping.append(asyncio.create_task(worker.run()))
         await repository.load_all()
+        # Everything alive now (torch, the app, the models) lives as long as the process: out of the collector's
+        # sight, a full collection no longer walks it (pauses of 40-100 ms under load before)
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -137,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (health, models, generate, vae, datasets, jobs, webhook_routes, augment):
         app.include_router(module.router)
+    app.add_middleware(FastLane)  # inside RequestContextMiddleware: it reads the body and counts the request
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],

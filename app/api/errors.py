@@ -69,6 +69,13 @@ def error_response(request: Request, status: int, detail: str, headers: dict[str
     return JSONResponse({"detail": detail, "request_id": request_id}, status_code=status, headers=headers)
 
 
+def synthgen_error_response(request: Request, exc: SynthgenError) -> JSONResponse:
+    status, headers = status_and_headers(exc)
+    if status >= 500:
+        log.error("request failed: %s", exc)
+    return error_response(request, status, str(exc), headers)
+
+
 async def send_error(send: Send, exc: SynthgenError, request_id: str) -> None:
     """Answer with an error from raw ASGI (the middleware, outside FastAPI's exception handlers)."""
     status, headers = status_and_headers(exc)
@@ -86,10 +93,7 @@ def _location(loc: tuple) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SynthgenError)
     async def synthgen_error(request: Request, exc: SynthgenError) -> JSONResponse:
-        status, headers = status_and_headers(exc)
-        if status >= 500:
-            log.error("request failed: %s", exc)
-        return error_response(request, status, str(exc), headers)
+        return synthgen_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

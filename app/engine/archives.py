@@ -10,14 +10,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import struct
 import tarfile
 import zipfile
+import zlib
 from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from app.core.images import encode_png, image_grid
 from app.engine.hub import MetadataParquet, ParquetExport, dataset_card
@@ -26,18 +29,47 @@ from app.errors import InvalidInputError
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identical between runs
 LABELS_HEADER = ["file_name", "label", "class_name", "seed", "index"]
+ZIP32_BYTES = 0xFFFF_0000  # members beyond this need zip64, which zipfile writes
 
 
 def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int], indices: np.ndarray | None = None) -> bytes:
     """`images` as uint8 [N,H,W] (one channel) or [N,H,W,C], `labels` as int64 [N] (and the sample `indices`
-    when they are not 0..N-1), in an uncompressed .npz."""
-    buffer = io.BytesIO()
+    when they are not 0..N-1), in an uncompressed .npz (what `np.savez` writes, read by `np.load`)."""
     arrays = {"images": images[..., 0] if images.shape[-1] == 1 else images,
               "labels": np.asarray(labels, dtype=np.int64)}
     if indices is not None:
         arrays["indices"] = np.asarray(indices, dtype=np.int64)
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    return _stored_zip({f"{name}.npy": _npy(array) for name, array in arrays.items()})
+
+
+def _npy(array: np.ndarray) -> bytes:
+    header = io.BytesIO()
+    npformat.write_array_header_1_0(header, npformat.header_data_from_array_1_0(array))
+    return header.getvalue() + np.ascontiguousarray(array).tobytes()
+
+
+def _stored_zip(members: dict[str, bytes]) -> bytes:
+    """A zip of uncompressed members, written directly: `zipfile` costs more than a small answer's arrays (this is
+    on every /generate answer)."""
+    if sum(len(data) for data in members.values()) >= ZIP32_BYTES:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, data in members.items():
+                archive.writestr(zipfile.ZipInfo(name, date_time=_ZIP_EPOCH), data)
+        return buffer.getvalue()
+    dos_time, dos_date = 0, (_ZIP_EPOCH[0] - 1980) << 9 | _ZIP_EPOCH[1] << 5 | _ZIP_EPOCH[2]
+    parts, directory, offset = [], [], 0
+    for name, data in members.items():
+        encoded, crc = name.encode(), zlib.crc32(data)
+        fields = (0, 0, dos_time, dos_date, crc, len(data), len(data), len(encoded))
+        local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, *fields, 0) + encoded
+        directory.append(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, *fields, 0, 0, 0, 0, 0, offset)
+                         + encoded)
+        parts += [local, data]
+        offset += len(local) + len(data)
+    central = b"".join(directory)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), offset, 0)
+    return b"".join([*parts, central, end])
 
 
 def csv_cell(value: object) -> object:

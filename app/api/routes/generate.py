@@ -7,12 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
-from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import ModelName, require_api_key, require_json
 from app.api.disconnect import unless_disconnected
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, GenerateRequest
 from app.engine import generation
+from app.engine.generation import INLINE_SAMPLES
 from app.engine.plans import plan_samples
+from app.engine.repository import ModelRepository
+from app.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["generate"], dependencies=[Depends(require_api_key)])
 
@@ -40,11 +43,20 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
     dependencies=[Depends(require_json)],
 )
 async def generate_samples(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
-                   repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> Response:
+                           name: ModelName) -> Response:
+    return await answer(request, body, name)
+
+
+async def answer(request: Request, body: GenerateRequest, name: str) -> Response:
+    """The answer to a valid generate request (authenticated, body validated): the route's and the fast lane's."""
+    repository: ModelRepository = request.app.state.repository
+    settings: Settings = request.app.state.settings
     request.state.n = body.n
     async with repository.serving(name) as served:
         plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
                             filters=body.filters(), max_samples=settings.max_samples_per_request,
                             scope="one request (SYNTHGEN_MAX_SAMPLES_PER_REQUEST; use a dataset export for more)")
-        samples = await unless_disconnected(request, generation.generate_samples(served, plan, settings))
+        work = generation.generate_samples(served, plan, settings)
+        # a small request is done in milliseconds: watching its connection would cost more than it could save
+        samples = await (work if body.n <= INLINE_SAMPLES else unless_disconnected(request, work))
     return await samples_response(samples, body.format)
