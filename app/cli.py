@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app import __version__
+from app.core.allocator import tune_allocator
 from app.errors import InvalidInputError, SynthgenError
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    tune_allocator()  # before the first tensor: every command runs forward passes
     if argv[:1] == ["bench"]:  # its own parser: python -m app.bench.run --help
         from app.bench.run import main as bench
 

@@ -4,9 +4,11 @@ FastAPI app answering canned bytes), on one machine, in one run.
 Every contender serves the same model with the same output (npz bytes) on 127.0.0.1 and is driven by the same load
 generator: wrk (C, one thread, keep-alive; it costs the server's cores little) where installed, else an asyncio
 client that also decodes and counts every answer. Contenders alternate point by point so machine noise hits all
-alike; the raw model is measured in-process at the batch size each point allows (concurrency × n, capped at the
-max batch). Prints one markdown table with synthgen's ratios and writes JSON (with the device). `--quick` (CI)
-only checks that every contender answered correctly with the same number of samples; it never asserts a time.
+alike; the raw model is measured in a fresh process, after each point, at the batch size the point allows
+(concurrency × n, capped at the max batch). Every process gets the same glibc allocator settings (synthgen sets them
+itself; see app/core/allocator.py). Rounds repeat every point; the table gives medians. Prints one markdown table
+with synthgen's ratios and writes JSON (with the device). `--quick` (CI) only checks that every contender answered
+correctly with the same number of samples; it never asserts a time.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import httpx
 import numpy as np
 import torch
 
+from app.core.allocator import ALLOCATOR_ENV
 from app.core.images import encode_png
 from app.core.model import load_model
 from app.core.sampling import draw_latents, render
@@ -78,7 +81,8 @@ class Contender:
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         started = time.perf_counter()
-        self.process = subprocess.Popen([*self.command, "--port", str(port)], env={**os.environ, **self.env},
+        self.process = subprocess.Popen([*self.command, "--port", str(port)], env={**os.environ, **ALLOCATOR_ENV,
+                                                                                  **self.env},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)  # its own process group: workers go with it
         deadline = started + 180
@@ -246,7 +250,7 @@ def raw_rate(folder: Path, batch_size: int, seconds: float, device: str) -> floa
     """The raw model (latents, forward, npz; no HTTP) in a fresh process, as the servers run: samples/s."""
     output = subprocess.run([sys.executable, "-m", "app.bench.peers", "raw", "--model", str(folder), "--device", device,
                              "--batch-size", str(batch_size), "--seconds", f"{seconds:g}"], capture_output=True,
-                            text=True, check=True, timeout=seconds + 120).stdout
+                            text=True, check=True, timeout=seconds + 120, env={**os.environ, **ALLOCATOR_ENV}).stdout
     return json.loads(output.splitlines()[-1])["samples_per_s"]
 
 

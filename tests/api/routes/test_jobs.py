@@ -3,12 +3,14 @@ restart persistence, disk quota."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from app.engine.repository import ModelRepository
 from tests.conftest import serve
 from tests.helpers import wait_for_job
 
@@ -61,6 +63,21 @@ async def test_restart_keeps_results_and_resumes_interrupted_jobs(models_dir: Pa
         resumed = await wait_for_job(client, interrupted["id"], ("running",))
         assert resumed["error"] is None
         assert (await client.get(f"/v1/jobs/{interrupted['id']}/result")).status_code == 409
+
+
+async def test_a_queued_job_waits_for_its_model_to_load(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve(models_dir, run_jobs=False) as client:  # an API without a worker queues the job
+        job = (await client.post("/v1/jobs", json={"model": "digits-gan", "n": 20, "format": "npz"})).json()
+    load_all = ModelRepository.load_all
+
+    async def slow_load_all(self: ModelRepository) -> None:
+        await asyncio.sleep(1.0)  # models that take a while to load: the worker must not claim before they did
+        await load_all(self)
+
+    monkeypatch.setattr(ModelRepository, "load_all", slow_load_all)
+    async with serve(models_dir) as client:
+        done = await wait_for_job(client, job["id"])
+        assert done["state"] == "succeeded", done["error"]
 
 
 async def test_quota_and_bad_jobs(models_dir: Path, database_url: str | None) -> None:
