@@ -1,7 +1,8 @@
 """A fast lane for the hottest route: a well-formed `POST /v1/models/{name}/generate` (JSON body that validates) is
-answered here, in pure ASGI, skipping FastAPI's routing, dependency solving and body parsing, which cost a
-one-sample request about as much as its forward pass. Anything else, refusals of malformed requests included, goes
-down the full stack, so answers read the same either way; the route's own handler does the work in both."""
+answered here, in pure ASGI, skipping FastAPI's routing, dependency solving and body parsing, which under load cost a
+one-sample request about as much as its share of a batched forward pass. Anything else, refusals of malformed
+requests included, goes down the full stack, so answers read the same either way; the route's own handler does the
+work in both."""
 
 from __future__ import annotations
 
