@@ -8,8 +8,8 @@
     python -m app.bench.peers plain --model models/mnist-cgan --port 8002
     python -m app.bench.peers canned --model models/mnist-cgan --port 8003
 
-and the raw model in-process, without HTTP (`raw`: latents, a forward pass at a fixed batch size, npz bytes; or
-one PNG per sample with `--png`), printing its rate as JSON:
+and the raw model in-process, without HTTP (`raw`: latents, a forward pass at a fixed batch size, npz bytes),
+printing its rate as JSON:
 
     python -m app.bench.peers raw --model models/mnist-cgan --batch-size 64 --seconds 10
 """
@@ -25,7 +25,6 @@ import litserve as ls
 import torch
 from fastapi import FastAPI, Response
 
-from app.core.images import encode_png
 from app.core.model import SyntheticModel, load_model
 from app.core.sampling import draw_latents, render
 from app.engine.archives import npz_bytes
@@ -112,16 +111,15 @@ def litserve_server(folder: Path, max_batch_size: int, wait_ms: float, device: s
     return ls.LitServer(api, accelerator=device, devices=1, workers_per_device=1)
 
 
-def raw_rate(folder: Path, batch_size: int, seconds: float, device: str, png: bool = False) -> float:
-    """Samples a second of latents + one forward pass per batch + npz bytes (or a PNG per sample), in-process."""
+def raw_rate(folder: Path, batch_size: int, seconds: float, device: str) -> float:
+    """Samples a second of latents + one forward pass per batch + npz bytes, in-process."""
     model = load_model(folder, device)
     z, labels = draw_latents(0, range(batch_size), model.latent_dim, model.num_classes)
     render(model, z, labels, batch_size=batch_size)  # warm-up: the first pass of a shape pays for its set-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         z, labels = draw_latents(done, range(batch_size), model.latent_dim, model.num_classes)
-        images = render(model, z, labels, batch_size=batch_size)
-        _ = [encode_png(image) for image in images] if png else npz_bytes(images, labels.numpy())
+        npz_bytes(render(model, z, labels, batch_size=batch_size), labels.numpy())
         done += batch_size
     return done / (time.perf_counter() - started)
 
@@ -136,11 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=64, help="raw: the batch size")
     parser.add_argument("--seconds", type=float, default=10.0, help="raw: how long to measure")
-    parser.add_argument("--png", action="store_true", help="raw: encode a PNG per sample instead of npz bytes")
     args = parser.parse_args(argv)
     if args.peer == "raw":
-        rate = raw_rate(Path(args.model), args.batch_size, args.seconds, args.device, args.png)
-        print(json.dumps({"batch_size": args.batch_size, "png": args.png, "samples_per_s": rate}))
+        rate = raw_rate(Path(args.model), args.batch_size, args.seconds, args.device)
+        print(json.dumps({"batch_size": args.batch_size, "samples_per_s": rate}))
     elif args.peer in ("plain", "canned"):
         import uvicorn
 
