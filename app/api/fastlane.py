@@ -32,7 +32,7 @@ class FastLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _GENERATE.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None or scope.get("query_string"):
+        if match is None:
             await self.app(scope, receive, send)
             return
         message = await receive()  # the whole body: the outer middleware read it

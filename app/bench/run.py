@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 import torch
 
-from app.core.allocator import ALLOCATOR_ENV
+from app.core.allocator import ALLOCATOR_ENV, tune_allocator
 from app.core.images import encode_png
 from app.core.model import load_model
 from app.core.sampling import draw_latents, render
@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--driver", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk where installed (auto), or the asyncio client that decodes answers")
     args = parser.parse_args(argv)
+    tune_allocator()  # this process measures the raw forward + PNG rate (as `python -m app.bench.run` too)
     if args.quick:
         args.seconds, args.rounds, args.concurrency, args.n, args.exports, args.driver = \
             2.0, 1, [1, 16], [1], [1000], "python"

@@ -53,8 +53,8 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: Mode
             responses={200: {"content": {"application/json": {}, "text/html": {}}}, 404: {"model": ErrorPublic},
                        409: {"model": ErrorPublic}})
 async def get_model_card(repository: RepositoryDep, name: ModelName,
-                   format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json"
-                   ) -> Response:
+                         format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json"
+                         ) -> Response:
     async with repository.serving(name) as served:
         if format == "json":
             return JSONResponse(served.model.card)

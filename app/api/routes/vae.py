@@ -39,9 +39,9 @@ def _split_labels(labels: str | None) -> list[str | int] | None:
                          "class for all or one per image, comma-separated; omitted → the best-fitting class.",
              responses={**SAMPLE_RESPONSES, **ERRORS})
 async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
-                      files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
-                      labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
-                      convert: ConvertForm = False, format: FormatForm = "png") -> Response:
+                             files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
+                             labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
+                             convert: ConvertForm = False, format: FormatForm = "png") -> Response:
     if len(files) > settings.max_upload_files:
         raise InvalidInputError(f"{len(files)} files is over the limit of {settings.max_upload_files} per request")
     async with repository.serving(name) as served:
@@ -56,7 +56,7 @@ async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, n
                          "of (seed_b, index 0); a conditional VAE also morphs label_a into label_b.",
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
 async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
-                      repository: RepositoryDep, name: ModelName) -> Response:
+                              repository: RepositoryDep, name: ModelName) -> Response:
     async with repository.serving(name) as served:
         samples = await vae.interpolate(served, body.seed_a, body.seed_b, body.label_a, body.label_b, body.steps)
     return await samples_response(samples, body.format)
@@ -67,11 +67,12 @@ async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_e
                          "iterating encode/decode while the known pixels stay clamped.",
              responses={**SAMPLE_RESPONSES, **ERRORS})
 async def inpaint_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
-                  image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
-                  mask: Annotated[UploadFile, File(description="white where pixels are missing")],
-                  label: Annotated[str | None, Form(description="class; omitted → the best-fitting class")] = None,
-                  iterations: Annotated[FormInt, Form(ge=1, le=500)] = 60,
-                  convert: ConvertForm = False, format: FormatForm = "png") -> Response:
+                         image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
+                         mask: Annotated[UploadFile, File(description="white where pixels are missing")],
+                         label: Annotated[str | None,
+                                          Form(description="class; omitted → the best-fitting class")] = None,
+                         iterations: Annotated[FormInt, Form(ge=1, le=500)] = 60,
+                         convert: ConvertForm = False, format: FormatForm = "png") -> Response:
     async with repository.serving(name) as served:
         vae.require_vae(served.model)
         pixels = await vae.decode_uploads(served, await _read([image], "image"), convert,
