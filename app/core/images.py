@@ -51,7 +51,7 @@ def decode_to_shape(data: bytes, name: str, shape: tuple[int, int, int], owner: 
                     max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """PNG/JPEG bytes → uint8 `[H, W, C]` of `shape` (what `owner`, a model, works on); resized only when
     `convert`, else a size mismatch is refused."""
-    image = _to_8_bit(decode_image(data, name, max_pixels))
+    image = to_8_bit(decode_image(data, name, max_pixels))
     height, width, channels = shape
     mode = "L" if channels == 1 else "RGB"
     if image.size != (width, height) or image.mode != mode:
@@ -63,7 +63,7 @@ def decode_to_shape(data: bytes, name: str, shape: tuple[int, int, int], owner: 
     return array[..., None] if channels == 1 else array
 
 
-def _to_8_bit(image: Image.Image) -> Image.Image:
+def to_8_bit(image: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grey scaled to 8 bits; Pillow's own conversion would clip it to 0/255."""
     if image.mode.startswith("I"):
         scaled = np.rint(np.asarray(image, dtype=np.float64) / 257.0)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from app.core.images import MAX_IMAGE_PIXELS, decode_image, to_model_range
+from app.core.imagefolder import FolderLimits, decode_image_folder
+from app.core.images import MAX_IMAGE_PIXELS, to_model_range
 from app.core.safezip import ZipLimits, check_image_file, read_zip
 from app.errors import DataError
 
@@ -193,26 +193,9 @@ def load_npz(path: Path) -> ImageDataset:
 
 def images_to_dataset(entries: dict[str, list[tuple[str, bytes]]], source: str,
                       max_pixels: int = MAX_IMAGE_PIXELS) -> ImageDataset:
-    """Class folder → [(name, PNG/JPEG bytes)] into one dataset (classes sorted; one size; grayscale or RGB)."""
-    if not entries:
-        raise DataError(f"{source}: no class sub-folders with images; expected <class_name>/<image>.png")
-    class_names = sorted(entries)
-    decoded: list[tuple[Image.Image, int, str]] = []
-    for label, class_name in enumerate(class_names):
-        files = entries[class_name]
-        if not files:
-            raise DataError(f"{source}: class folder {class_name!r} holds no images")
-        decoded.extend((decode_image(data, name, max_pixels), label, name) for name, data in sorted(files))
-    grayscale = all(image.mode in ("1", "L", "I;16", "I") for image, _, _ in decoded)
-    size = decoded[0][0].size
-    arrays = []
-    for image, _, name in decoded:
-        if image.size != size:
-            raise DataError(f"{name}: size {image.size} differs from {size}; all images must share one size")
-        converted = np.asarray(image.convert("L" if grayscale else "RGB"), dtype=np.uint8)
-        arrays.append(converted[..., None] if grayscale else converted)
-    labels = np.array([label for _, label, _ in decoded], dtype=np.int64)
-    return ImageDataset(np.stack(arrays), labels, class_names)
+    """Class folder → [(name, PNG/JPEG bytes)] into one dataset (classes sorted; one size; one colour mode)."""
+    folder = decode_image_folder(entries, source, FolderLimits(max_pixels=max_pixels))
+    return ImageDataset(folder.images, folder.labels, folder.class_names)
 
 
 def load_image_folder(root: Path) -> ImageDataset:
@@ -233,6 +216,4 @@ def load_image_folder(root: Path) -> ImageDataset:
 def load_image_zip(path: Path, limits: ZipLimits | None = None) -> ImageDataset:
     """ImageFolder layout inside a zip (optionally under one top folder), read with bounded decompression."""
     entries, _ = read_zip(path, limits)
-    if "" in entries:
-        raise DataError(f"{path}: images at the top level; put them in class folders <class>/<image>")
     return images_to_dataset(entries, str(path), (limits or ZipLimits()).max_pixels)

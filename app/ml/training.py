@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,24 +14,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from sklearn.mixture import GaussianMixture
 from torch import nn
 from tqdm import tqdm
 
-from app.core.checkpoint import read_json, utc_now, write_json
+from app.core.checkpoint import read_json, utc_now
 from app.core.device import resolve_device
-from app.core.images import PIXEL_NORMALISATION, encode_png, image_grid, to_uint8
+from app.core.images import PIXEL_NORMALISATION, image_grid, to_uint8
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
 from app.core.sampling import draw_latents, per_class_labels
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
 from app.ml.datasets import ImageDataset, load_dataset
-from app.ml.plots import loss_plot
+from app.ml.plots import labelled_grid, loss_plot
 
-STATE_FILE = "training_state.safetensors"
-STATE_META = "training_state.json"
+STATE_FILE = "training_state.safetensors"  # everything --resume needs, in one file replaced atomically
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 1.0
 
 
 @dataclass
@@ -51,6 +53,7 @@ class TrainOptions:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     class_names: list[str] | None = None  # names for the dataset's labels 0..K-1 (IDX files carry none)
+    tensorboard_dir: Path | None = None  # TensorBoard event files (losses, sample grids) go here
 
 
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -304,15 +307,20 @@ def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device
 
 def _save(trainer: Trainer, out: Path, metadata: dict[str, Any], epoch: int, history: dict[str, list[float]],
           shuffle: torch.Generator, elapsed: float) -> None:
+    """The model folder, then everything `--resume` needs (weights, optimizers, random states, history) in one file
+    written aside and renamed: a run killed at any moment resumes from the last complete epoch."""
     trainer.net.save_pretrained(out, **metadata)
-    state = {f"{role}.{k}": v.detach().cpu().contiguous()
-             for role, module in trainer.private().items() for k, v in module.state_dict().items()}
+    state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in trainer.net.state_dict().items()}
+    state.update({f"{role}.{k}": v.detach().cpu().contiguous()
+                  for role, module in trainer.private().items() for k, v in module.state_dict().items()})
     for prefix, optimizer in trainer.optimizers.items():
         state.update(_optimizer_tensors(prefix, optimizer))
     state["rng.torch"] = torch.get_rng_state()
     state["rng.shuffle"] = shuffle.get_state()
-    save_file(state, str(out / STATE_FILE))
-    write_json(out / STATE_META, {"epochs_done": epoch, "history": history, "elapsed_seconds": elapsed})
+    meta = {"epochs_done": str(epoch), "elapsed_seconds": repr(elapsed), "history": json.dumps(history)}
+    tmp = out / (STATE_FILE + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(out / STATE_FILE)
     last = {k: v[-1] for k, v in history.items()}
     update_card(out, training={**metadata["training"], "epochs_done": epoch, "seconds": round(elapsed, 1),
                                "final_losses": last})
@@ -322,23 +330,33 @@ def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int
     held, wanted = read_json(out / "config.json").get("class_name"), type(trainer.net).__name__
     if held != wanted:
         raise CheckpointError(f"{out} holds a {held}, not a {wanted}; resume with the --arch it was trained with")
-    trainer.net.load_parts(out)
     try:
-        state = load_file(str(out / STATE_FILE))
-    except (SafetensorError, OSError) as exc:
+        with safe_open(str(out / STATE_FILE), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
+            meta = handle.metadata() or {}
+        epochs_done, elapsed, history = int(meta["epochs_done"]), float(meta["elapsed_seconds"]), json.loads(
+            meta["history"])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{out / STATE_FILE}: cannot resume from it ({exc})") from exc
+    trainer.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")}, strict=True)
     for role, module in trainer.private().items():
         module.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(role + ".")})
     for prefix, optimizer in trainer.optimizers.items():
         _load_optimizer(prefix, optimizer, state)
     torch.set_rng_state(state["rng.torch"])
     shuffle.set_state(state["rng.shuffle"])
-    meta = read_json(out / STATE_META)
-    return int(meta["epochs_done"]), meta["history"], float(meta["elapsed_seconds"])
+    return epochs_done, history, elapsed
+
+
+def _write_progress(out: Path, **fields: Any) -> None:
+    """`progress.json`: where the run is (what a training job reports while it runs), replaced atomically."""
+    tmp = out / (PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps(fields, sort_keys=True))
+    tmp.replace(out / PROGRESS_FILE)
 
 
 def _write_logs(out: Path, history: dict[str, list[float]], epoch: int, trainer: Trainer,
-                grid_latents: tuple[torch.Tensor, torch.Tensor | None], columns: int) -> None:
+                grid_latents: tuple[torch.Tensor, torch.Tensor | None], row_names: list[str], board: Any) -> None:
     names = sorted(history)
     with open(out / "losses.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -346,9 +364,33 @@ def _write_logs(out: Path, history: dict[str, list[float]], epoch: int, trainer:
         for row in range(len(history[names[0]])):
             writer.writerow([row + 1, *(f"{history[name][row]:.6g}" for name in names)])
     (out / "loss.png").write_bytes(loss_plot({k: v for k, v in history.items() if "loss" in k}, f"{out.name} losses"))
-    grid = image_grid(to_uint8(trainer.sample(*grid_latents)), columns=columns, scale=2)
+    images = to_uint8(trainer.sample(*grid_latents))
     (out / "samples").mkdir(exist_ok=True)
-    (out / "samples" / f"epoch_{epoch:03d}.png").write_bytes(encode_png(grid))
+    (out / "samples" / f"epoch_{epoch:03d}.png").write_bytes(labelled_grid(images, row_names, scale=2))
+    if board is not None:
+        for name in names:
+            board.add_scalar(name.replace("_", "/", 1), history[name][-1], epoch)
+        grid = image_grid(images, columns=len(images) // len(row_names))
+        board.add_image("samples", grid, epoch, dataformats="HWC")
+        board.flush()
+
+
+def validation_warnings(n_val: int, classes: int) -> list[str]:
+    """What makes the validation split too small to judge a model by."""
+    per_class = n_val / max(classes, 1)
+    if per_class >= 20:
+        return []
+    return [f"the validation split holds {n_val} images ({per_class:.0f} per class): too few to judge the model "
+            "closely (figures on it move by several points between runs); more images, or a larger --val-fraction, "
+            "give firmer figures"]
+
+
+def _tensorboard(folder: Path | None) -> Any:
+    if folder is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+    return SummaryWriter(str(folder))
 
 
 def train(options: TrainOptions) -> dict[str, Any]:
@@ -376,12 +418,17 @@ def train(options: TrainOptions) -> dict[str, Any]:
     x_train, y_train = (t.to(device) for t in train_set.to_tensors())
     x_val, y_val = (t.to(device) for t in val_set.to_tensors())
     conditional = trainer.hparams.num_classes > 0
-    columns = trainer.hparams.num_classes or 10
-    labels = per_class_labels(columns, 10) if conditional else [None] * 100
+    rows = trainer.hparams.num_classes or 10
+    labels = per_class_labels(rows, 10) if conditional else [None] * 100
     z, y = draw_latents(options.seed, range(len(labels)), trainer.hparams.latent_dim, trainer.hparams.num_classes,
                         labels)
     grid_latents = (z, y if conditional else None)
+    row_names = dataset.class_names if conditional else [""] * rows
     hparams = trainer.hparams
+    warnings = validation_warnings(len(val_set), max(len(dataset.class_names), 1))
+    if options.progress:
+        for warning in warnings:
+            tqdm.write(f"warning: {warning}")
     metadata = {  # config.json beside the format's own fields (see Checkpointable.save_pretrained)
         "class_names": dataset.class_names, "latent_dim": hparams.latent_dim,
         "pixel_normalisation": PIXEL_NORMALISATION,
@@ -389,33 +436,60 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "training_data": {"spec": options.data, "fingerprint": dataset.fingerprint(), "n_train": len(train_set),
                           "n_val": len(val_set), "val_fraction": options.val_fraction, "split_seed": 0},
         "training": {"arch": options.arch, "epochs": options.epochs, "seed": options.seed,
-                     "batch_size": options.batch_size, "lr": options.lr, "device": str(device)},
+                     "batch_size": options.batch_size, "lr": options.lr, "device": str(device),
+                     "warnings": warnings},
         "created_at": utc_now()}
     steps = max(1, len(train_set) // options.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    while epoch < options.epochs:
-        started = time.perf_counter()
-        order = torch.randperm(len(train_set), generator=shuffle).to(device)
-        totals: dict[str, float] = {}
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{options.epochs}", disable=not options.progress, leave=False)
-        for step in bar:
-            batch = order[step * options.batch_size : (step + 1) * options.batch_size]
-            losses = trainer.step(x_train[batch], y_train[batch] if conditional else None)
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value
-            bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in totals.items()})
-        for key, value in totals.items():
-            history.setdefault(f"train_{key}", []).append(value / steps)
-        trainer.finish_epoch(epoch, x_train, y_train if conditional else None)
-        for key, value in trainer.validate(x_val, y_val if conditional else None).items():
-            history.setdefault(f"val_{key}", []).append(value)
-        epoch += 1
-        elapsed += time.perf_counter() - started
-        summary = ", ".join(f"{k}={v[-1]:.4g}" for k, v in sorted(history.items()))
-        if options.progress:
-            tqdm.write(f"epoch {epoch}/{options.epochs} ({elapsed:.0f}s): {summary}")
-        _write_logs(out, history, epoch, trainer, grid_latents, columns)
-        if epoch % options.checkpoint_every == 0 or epoch == options.epochs:
-            _save(trainer, out, metadata, epoch, history, shuffle, elapsed)
-    return read_json(out / "card.json")["training"]
+    board = _tensorboard(options.tensorboard_dir)
+    bar = tqdm(total=options.epochs * steps, initial=epoch * steps, disable=not options.progress, unit="step",
+               desc="training")
+    session_started, session_steps = time.perf_counter(), 0
 
+    def report(step: int, losses: dict[str, float]) -> None:
+        done = epoch * steps + step
+        rate = session_steps / max(time.perf_counter() - session_started, 1e-9)
+        _write_progress(out, epoch=epoch, epochs=options.epochs, step=step, steps_per_epoch=steps,
+                        elapsed_seconds=round(elapsed + time.perf_counter() - started, 1), losses=losses,
+                        eta_seconds=round((options.epochs * steps - done) / rate, 1) if session_steps else None,
+                        warnings=warnings)
+
+    try:
+        while epoch < options.epochs:
+            started = time.perf_counter()
+            reported = started
+            order = torch.randperm(len(train_set), generator=shuffle).to(device)
+            totals: dict[str, float] = {}
+            for step in range(steps):
+                batch = order[step * options.batch_size : (step + 1) * options.batch_size]
+                losses = trainer.step(x_train[batch], y_train[batch] if conditional else None)
+                for key, value in losses.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                session_steps += 1
+                bar.update()
+                averages = {k: v / (step + 1) for k, v in totals.items()}
+                bar.set_postfix({"epoch": f"{epoch + 1}/{options.epochs}", **{k: f"{v:.3f}" for k, v in
+                                                                              averages.items()}})
+                if time.perf_counter() - reported > PROGRESS_EVERY_S:
+                    report(step + 1, averages)
+                    reported = time.perf_counter()
+            for key, value in totals.items():
+                history.setdefault(f"train_{key}", []).append(value / steps)
+            trainer.finish_epoch(epoch, x_train, y_train if conditional else None)
+            for key, value in trainer.validate(x_val, y_val if conditional else None).items():
+                history.setdefault(f"val_{key}", []).append(value)
+            epoch += 1
+            elapsed += time.perf_counter() - started
+            summary = ", ".join(f"{k}={v[-1]:.4g}" for k, v in sorted(history.items()))
+            if options.progress:
+                tqdm.write(f"epoch {epoch}/{options.epochs} ({elapsed:.0f}s): {summary}")
+            _write_logs(out, history, epoch, trainer, grid_latents, row_names, board)
+            if epoch % options.checkpoint_every == 0 or epoch == options.epochs:
+                _save(trainer, out, metadata, epoch, history, shuffle, elapsed)
+            started = time.perf_counter()
+            report(0, {k: v[-1] for k, v in history.items()})
+    finally:
+        bar.close()
+        if board is not None:
+            board.close()
+    return read_json(out / "card.json")["training"]

@@ -87,19 +87,24 @@ def test_image_folder_directory_and_zip(tmp_path: Path) -> None:
     assert zipped.fingerprint() == dataset.fingerprint()
 
 
-def test_image_folder_rgb(tmp_path: Path) -> None:
+def test_image_folder_colour_mode(tmp_path: Path) -> None:
+    """Colour images give a colour dataset; RGB files whose channels are equal are greyscale in fact."""
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.png").write_bytes(png_bytes(np.zeros((4, 5, 3), np.uint8)))
+    colour = np.zeros((4, 5, 3), np.uint8)
+    colour[..., 0] = 200
+    (tmp_path / "a" / "x.png").write_bytes(png_bytes(colour))
     assert load_dataset(str(tmp_path)).images.shape == (1, 4, 5, 3)
+    (tmp_path / "a" / "x.png").write_bytes(png_bytes(np.full((4, 5, 3), 90, np.uint8)))
+    assert load_dataset(str(tmp_path)).images.shape == (1, 4, 5, 1)
 
 
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
         (lambda root: (root / "a" / "notes.txt").write_text("hi"), "not an image"),
-        (lambda root: (root / "empty").mkdir(), "holds no images"),
+        (lambda root: (root / "empty").mkdir(), "class .empty. has 0 image"),
         (lambda root: (root / "a" / "bad.png").write_bytes(b"\x89PNG garbage"), "not a readable"),
-        (lambda root: (root / "a" / "big.png").write_bytes(png_bytes(np.zeros((9, 9), np.uint8))), "differs"),
+        (lambda root: (root / "a" / "big.png").write_bytes(png_bytes(np.zeros((9, 9), np.uint8))), "big.png: 9×9 pixels, but 2 of 3 images are 6×6"),
     ],
 )
 def test_image_folder_bad(tmp_path: Path, setup, message: str) -> None:
@@ -123,7 +128,7 @@ def test_zip_empty_class_and_not_a_zip(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as archive:
         archive.writestr("a/0.png", png_bytes(np.zeros((4, 4), np.uint8)))
         archive.writestr("b/", b"")
-    with pytest.raises(DataError, match="'b' holds no images"):
+    with pytest.raises(DataError, match="class 'b' has 0 image"):
         load_dataset(str(tmp_path / "d.zip"))
     (tmp_path / "x.zip").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable zip"):
