@@ -17,16 +17,46 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 
+def _exit_with_parent() -> None:
+    """Stop when the process that started this one is gone (a killed job worker must not leave its training
+    running; the worker that takes the job over resumes it)."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _train(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
     from app.ml.training import TrainOptions, train
 
+    if args.exit_with_parent:
+        _exit_with_parent()
+    if args.nice:
+        os.nice(args.nice)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.gpu_memory_fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
     hyperparameters = json.loads(args.hparams) if args.hparams else {}
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
                                  lr=args.lr if args.lr else (2e-4 if args.arch == "gan" else 1e-3),
                                  val_fraction=args.val_fraction, hyperparameters=hyperparameters,
                                  class_names=args.class_names.split(",") if args.class_names else None,
-                                 progress=not args.quiet))
+                                 progress=not args.quiet,
+                                 tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None))
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
@@ -124,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class-names", default=None, help="comma-separated names of labels 0..K-1, e.g. "
                        "t-shirt,trouser,… (IDX files carry none)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--tensorboard", default=None, help="write TensorBoard event files (losses, sample grids) "
+                       "into this folder")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    train.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+    train.add_argument("--gpu-memory-fraction", type=float, default=None, help="most of the GPU's memory to use")
+    train.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     train.set_defaults(run=_train)
 
     generate = commands.add_parser("generate",

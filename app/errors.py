@@ -91,3 +91,7 @@ class ModelUnavailableError(ConflictError):
 
 class QuotaExceededError(SynthgenError):
     """The jobs' disk quota would be exceeded (HTTP 507)."""
+
+
+class QualityGateError(SynthgenError):
+    """A trained model failed the quality gates its training was given, so it was not promoted."""

@@ -102,6 +102,18 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(5, ge=1, le=20, description="tries of one webhook delivery")
     webhook_backoff_s: float = Field(2.0, gt=0, le=600, description="wait before the first retry; doubles each time")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="one delivery attempt's timeout")
+    max_trainings_per_key: int = Field(1, ge=1, description="trainings one API key may have queued or running")
+    max_concurrent_trainings: int = Field(1, ge=1, le=16, description="trainings one worker runs at once")
+    max_training_images: int = Field(60_000, ge=10, description="most images in one training upload")
+    max_training_pixels: int = Field(128 * 128, ge=64, description="largest image of a training upload, in pixels")
+    min_images_per_class: int = Field(10, ge=1, description="fewer images in a class refuse the training upload")
+    max_training_epochs: int = Field(1000, ge=1, description="most epochs a training may ask for")
+    training_threads: int = Field(1, ge=1, le=256, description="CPU threads of a training process (the rest stay "
+                                  "with interactive generation)")
+    training_gpu_memory_fraction: float = Field(0.5, gt=0, le=1, description="share of the GPU's memory a training "
+                                                "process may take")
+    training_nice: int = Field(10, ge=0, le=19, description="scheduling priority of training processes below the "
+                               "server's (0: the same)")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -15,7 +15,7 @@ from fastapi import Depends, Path, Request
 from app.engine.jobs import JobWorker
 from app.engine.jobstore import JOB_ID, JobStore
 from app.engine.metrics import Metrics
-from app.engine.repository import MODEL_NAME, ModelRepository
+from app.engine.repository import MODEL_REF, ModelRepository
 from app.engine.webhooks import WebhookSender
 from app.errors import (
     ForbiddenError,
@@ -52,7 +52,7 @@ async def get_webhooks(request: Request) -> WebhookSender:
     return request.app.state.webhooks
 
 
-ModelName = Annotated[str, Path(description="a model's name (GET /v1/models lists them)", pattern=MODEL_NAME.pattern,
+ModelName = Annotated[str, Path(description="a model's name (GET /v1/models lists them)", pattern=MODEL_REF.pattern,
                                 openapi_examples={"GAN": {"value": "mnist-cgan"}, "VAE": {"value": "mnist-cvae"}})]
 JobId = Annotated[str, Path(description="the id POST /v1/jobs returned", pattern=JOB_ID.pattern)]
 

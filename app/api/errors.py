@@ -22,6 +22,7 @@ from app.errors import (
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    QualityGateError,
     QuotaExceededError,
     RangeNotSatisfiableError,
     RateLimitedError,
@@ -45,6 +46,7 @@ STATUS_BY_ERROR: list[tuple[type[SynthgenError], int]] = [
     (ForbiddenError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
+    (QualityGateError, 409),
     (RateLimitedError, 429),
     (ClientDisconnectedError, 499),  # nginx's "client closed request": only logs and metrics see it
     (OverloadedError, 503),

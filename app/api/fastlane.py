@@ -16,10 +16,10 @@ from app.api.deps import require_api_key, require_json
 from app.api.errors import synthgen_error_response
 from app.api.routes import generate
 from app.api.schemas import GenerateRequest
-from app.engine.repository import MODEL_NAME
+from app.engine.repository import MODEL_REF
 from app.errors import SynthgenError
 
-_GENERATE = re.compile(rf"^/v1/models/({MODEL_NAME.pattern.strip('^$')})/generate$")
+_GENERATE = re.compile(rf"^/v1/models/({MODEL_REF.pattern.strip('^$')})/generate$")
 
 
 class FastLane:

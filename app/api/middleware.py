@@ -21,7 +21,7 @@ from app.settings import Settings
 
 log = logging.getLogger("synthgen.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_UPLOAD_ROUTES = re.compile(r"^/v1/.*/(reconstruct|inpaint)$|^/v1/augment$")
+_UPLOAD_ROUTES = re.compile(r"^/v1/.*/(reconstruct|inpaint)$|^/v1/augment$|^/v1/trainings$")
 
 
 class UploadGate:

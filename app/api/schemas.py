@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -10,13 +11,25 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.core.sampling import MAX_SEED
 from app.engine.filters import FilterSpec
-from app.engine.repository import MODEL_NAME
+from app.engine.repository import MODEL_REF
 from app.engine.states import JobState, ModelStatus
 
 
 def _decimal(value: object) -> object:
     if isinstance(value, str) and not re.fullmatch(r"0|[1-9][0-9]{0,18}", value):
         raise ValueError("must be a plain decimal integer such as 7 (no sign, spaces, leading zeros or fractions)")
+    return value
+
+
+def _number(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return number
     return value
 
 
@@ -31,6 +44,7 @@ def _boolean(value: object) -> object:
 # Multipart form fields arrive as text: parsed as strictly as JSON numbers and booleans.
 FormInt = Annotated[int, BeforeValidator(_decimal)]
 FormBool = Annotated[bool, BeforeValidator(_boolean)]
+FormFloat = Annotated[float, BeforeValidator(_number)]
 OutputFormat = Literal["json", "npz", "png"]
 ArchiveFormat = Literal["zip", "tar", "parquet", "npz"]
 
@@ -89,7 +103,7 @@ class JobRequest(DatasetRequest):
     """A dataset export run in the background: the same fields as a streamed export, plus the model, the shard size
     of a tar result and a URL to call when the job ends."""
 
-    model: str = Field(description="model name", examples=["mnist-cgan"], pattern=MODEL_NAME.pattern)
+    model: str = Field(description="model name", examples=["mnist-cgan"], pattern=MODEL_REF.pattern)
     shard_size: int = Field(10_000, ge=1, le=1_000_000, description="with format tar: samples per WebDataset shard "
                             "(at most 10,000 shards a job)")
     callback_url: str | None = Field(None, max_length=2048, description="an http(s) URL the server POSTs the job to "
@@ -128,6 +142,50 @@ class JobsPublic(BaseModel):
     jobs: list[JobPublic]
 
 
+class TrainingPublic(BaseModel):
+    """A training job: its settings, where it is, and (once done) the model it made."""
+
+    id: str
+    name: str = Field(description="the model it trains; each training adds a version")
+    state: JobState
+    stage: str = Field(description="queued, training, evaluating, checked (the quality gates), done")
+    arch: str | None = Field(None, description="the architecture in work (`auto` trains gan, then vae)")
+    epoch: int = Field(0, description="epochs done of the architecture in work")
+    epochs: int = Field(0, description="epochs it trains")
+    step: int = Field(0, description="steps done in the epoch in work")
+    steps_per_epoch: int | None = None
+    epochs_done: int = Field(description="epochs done over all architectures")
+    epochs_total: int
+    losses: dict[str, float] = Field(default_factory=dict, description="the latest losses")
+    eta_s: float | None = Field(None, description="seconds left of the training in work (evaluation adds a little)")
+    elapsed_s: float | None = None
+    warnings: list[str] = Field(default_factory=list, description="what to read before trusting the result")
+    dataset_id: str = Field(description="send it as `dataset_id` to train again on the same images without uploading")
+    dataset: dict[str, Any] = Field(default_factory=dict, description="images, classes, shape and images per class")
+    recipes: dict[str, Any] = Field(default_factory=dict, description="per architecture: the settings it trains with "
+                                    "and why")
+    gates: dict[str, float | None] = Field(default_factory=dict)
+    candidates: dict[str, Any] = Field(default_factory=dict, description="per architecture: the card's figures on "
+                                       "the validation split (TSTR and real-data accuracy, precision, recall, "
+                                       "coverage)")
+    chosen: str | None = Field(None, description="the architecture kept (best validation TSTR)")
+    gate_failures: list[str] = Field(default_factory=list)
+    model: str | None = Field(None, description="name@version once promoted: use it (or just the name, for the "
+                              "newest version) in any model route")
+    error: str | None = None
+    samples_url: str = Field(description="the latest sample grid (PNG, a row per class)")
+    card_url: str = Field(description="the candidate's or the promoted model's card")
+    tensorboard_logdir: str = Field(description="its TensorBoard event files, relative to the server's data "
+                                    "directory (`tensorboard --logdir <data dir>` shows every training)")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class TrainingsPublic(BaseModel):
+    trainings: list[TrainingPublic]
+
+
 class WebhookSecretPublic(BaseModel):
     secret: str = Field(description="HMAC-SHA256 key of your jobs' webhook signatures")
     signature_header: str = "X-Synthgen-Signature"
@@ -162,6 +220,10 @@ class SamplesPublic(BaseModel):
 
 class ModelPublic(BaseModel):
     name: str
+    version: int | None = Field(None, description="this version of a versioned model (trained through the API); "
+                                "`name@version` pins it in any request")
+    versions: list[int] = Field(default_factory=list, description="every version of a versioned model; `name` "
+                                "alone means the newest")
     kind: Literal["gan", "vae"] | None
     status: ModelStatus
     error: str | None = None

@@ -31,7 +31,8 @@ from app.engine.plans import SamplePlan, plan_samples
 from app.engine.repository import ModelRepository
 from app.engine.results import ResultWriter
 from app.engine.states import JobState
-from app.errors import QuotaExceededError, SynthgenError
+from app.engine.trainings import TrainingRun, gate_failures, promote
+from app.errors import QualityGateError, QuotaExceededError, SynthgenError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.jobs")
@@ -106,6 +107,7 @@ class JobWorker:
         self.metrics, self.on_finished = metrics, on_finished
         self.lease_s = settings.job_lease_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._kinds: dict[str, str] = {}  # job id → dataset or training
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -119,19 +121,27 @@ class JobWorker:
             log.warning("%d job(s) of this replica's stopped processes were handed back to the queue", released)
         renewing = asyncio.create_task(self._renew())
         try:
+            rooms = {"dataset": self.settings.max_concurrent_jobs, "training": self.settings.max_concurrent_trainings}
             while True:
                 self._wake.clear()
-                if len(self._tasks) < self.settings.max_concurrent_jobs:
+                claimed = False
+                for kind, room in rooms.items():
+                    if sum(held == kind for held in self._kinds.values()) >= room:
+                        continue
                     try:
                         job = await asyncio.to_thread(self.store.claim, self.id, self.lease_s,
-                                                      self.settings.max_running_jobs_per_key)
+                                                      self.settings.max_running_jobs_per_key, kind)
                     except sa.exc.SQLAlchemyError as exc:  # the database is away: try again later
                         log.warning("worker %s cannot claim jobs: %s", self.id, exc.__class__.__name__)
-                        job = None
                         await asyncio.sleep(self.lease_s / 3)
+                        break
                     if job is not None:
-                        self._tasks[job.id] = asyncio.create_task(self._run(job))
-                        continue
+                        self._kinds[job.id] = kind
+                        self._tasks[job.id] = asyncio.create_task(
+                            self._run_training(job) if kind == "training" else self._run(job))
+                        claimed = True
+                if claimed:
+                    continue
                 try:
                     async with asyncio.timeout(self.POLL_S):
                         await self._wake.wait()
@@ -154,6 +164,7 @@ class JobWorker:
 
     async def cancel(self, job_id: str) -> None:
         task = self._tasks.pop(job_id, None)
+        self._kinds.pop(job_id, None)
         while task is not None and not task.done():  # again if a library swallowed the cancellation
             task.cancel()
             await asyncio.wait({task}, timeout=1.0)
@@ -249,6 +260,44 @@ class JobWorker:
             await self._notify(job.id)
         finally:
             self._tasks.pop(job.id, None)
+            self._kinds.pop(job.id, None)
+
+    async def _run_training(self, job: Job) -> None:
+        """Train (resuming a checkpoint a dead worker left), evaluate, check the gates, promote and load."""
+        run = TrainingRun(job, self.settings, str(self.repository.device),
+                          lambda **fields: self._update(job.id, **fields))
+        try:
+            version = (job.checkpoint or {}).get("version")
+            if version is None:  # not yet promoted by an earlier attempt
+                candidates = await run.run()
+                best = max(candidates, key=lambda arch: candidates[arch]["tstr_accuracy"] or 0.0)
+                failures = gate_failures(candidates[best], job.request["gates"])
+                run.progress.update(chosen=best, gate_failures=failures, stage="checked")
+                if failures:
+                    raise QualityGateError("the model was not promoted: " + "; ".join(failures) + "; its card is at "
+                                           f"/v1/trainings/{job.id}/card")
+                version = await asyncio.to_thread(promote, self.settings, job, run.work / best)
+                await self._update(job.id, persist=True, checkpoint={"version": version}, progress=run.progress)
+            ref = f"{job.model}@{version}"
+            self.repository.discover()
+            entry = await self.repository.load(ref)
+            run.progress.update(stage="done", model=ref, version=version, load_error=entry.error, eta_seconds=None)
+            size = sum(f.stat().st_size for f in entry.folder.rglob("*") if f.is_file())
+            await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=job.total, finished_at=time.time(),
+                               result_bytes=size, progress=run.progress)
+            await self._notify(job.id)
+        except asyncio.CancelledError:
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("training %s left for another worker: the database is unreachable (%s)", job.id, exc)
+        except Exception as exc:
+            log.error("training %s failed: %s", job.id, exc)
+            await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
+                               finished_at=time.time(), progress=run.progress)
+            await self._notify(job.id)
+        finally:
+            self._tasks.pop(job.id, None)
+            self._kinds.pop(job.id, None)
 
     async def _checkpoint(self, job: Job, writer: ResultWriter, shard_size: int | None) -> None:
         """After each complete shard of a tar job: what a worker taking the job over resumes from."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from app.settings import Settings
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+TRAININGS_DIR = "trainings"  # training jobs' working folders, one per job, in the data directory
 _ADMISSION_LOCK = 0x73796E74  # PostgreSQL advisory lock id for admission ("synt")
 
 
@@ -55,6 +57,8 @@ class Job:
     lease_until: float | None = None
     attempts: int = 0  # claims so far
     checkpoint: dict[str, Any] | None = None  # what a worker taking it over resumes from
+    kind: str = "dataset"  # or "training"
+    progress: dict[str, Any] | None = None  # a training's epoch, step, losses and ETA
 
     @property
     def eta_s(self) -> float | None:
@@ -72,11 +76,12 @@ class JobLimits:
     max_jobs_per_owner: int = 8
     quota_bytes: int = 2 * 1024**3
     quota_bytes_per_owner: int = 512 * 1024**2
+    max_trainings_per_owner: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobLimits:
         return cls(settings.max_queued_jobs, settings.max_queued_jobs_per_key, settings.jobs_quota_bytes,
-                   settings.jobs_quota_bytes_per_key)
+                   settings.jobs_quota_bytes_per_key, settings.max_trainings_per_key)
 
 
 def validate_job_id(job_id: str) -> str:
@@ -116,16 +121,17 @@ class JobStore:
         values = dict(row._mapping)
         values["request"] = json.loads(values["request"])
         values["checkpoint"] = json.loads(values["checkpoint"]) if values["checkpoint"] else None
+        values["progress"] = json.loads(values["progress"]) if values["progress"] else None
         values["state"] = JobState(values["state"])
         return Job(**values)
 
     def create(self, model: str, request: dict[str, Any], total: int, output: str, owner: str = "",
-               reserved_bytes: int = 0, limits: JobLimits | None = None) -> Job:
+               reserved_bytes: int = 0, limits: JobLimits | None = None, kind: str = "dataset") -> Job:
         """Insert a queued job, if it fits the limits (checked and inserted in one serialized transaction, so
         concurrent submissions, from this process or another, cannot all pass)."""
         now = time.time()
         job = Job(uuid.uuid4().hex, model, request, JobState.QUEUED, 0, total, None, now, None, None, None, output,
-                  None, owner, reserved_bytes)
+                  None, owner, reserved_bytes, kind=kind)
         with self.engine.begin() as db:
             if self.postgres:
                 db.execute(sa.select(sa.func.pg_advisory_xact_lock(_ADMISSION_LOCK)))
@@ -133,7 +139,8 @@ class JobStore:
                 self._admit(db, job, limits)
             db.execute(JOBS.insert().values(
                 id=job.id, model=model, request=json.dumps(request), state=str(job.state), done=0, total=total,
-                created_at=now, format=output, owner=owner, reserved_bytes=reserved_bytes, replica="", attempts=0))
+                created_at=now, format=output, owner=owner, reserved_bytes=reserved_bytes, replica="", attempts=0,
+                kind=kind))
         return job
 
     @staticmethod
@@ -150,6 +157,11 @@ class JobStore:
         if job.owner and count(JOBS.c.owner == job.owner) >= limits.max_jobs_per_owner:
             raise RateLimitedError(f"this API key has {limits.max_jobs_per_owner} jobs queued or running (SYNTHGEN_"
                                    "MAX_QUEUED_JOBS_PER_KEY); wait for one to finish", retry_after_s=10)
+        if job.kind == "training" and count(JOBS.c.owner == job.owner, JOBS.c.kind == "training") >= \
+                limits.max_trainings_per_owner:
+            raise RateLimitedError(f"this API key has {limits.max_trainings_per_owner} training(s) queued or running "
+                                   "(SYNTHGEN_MAX_TRAININGS_PER_KEY); wait for one to finish or cancel it",
+                                   retry_after_s=60)
         checks = [("the jobs' disk quota", limits.quota_bytes, held(), "SYNTHGEN_JOBS_QUOTA_BYTES")]
         if job.owner:
             checks.append(("this API key's disk quota", limits.quota_bytes_per_owner,
@@ -160,27 +172,30 @@ class JobStore:
                                          f"results and unfinished jobs, up to {job.reserved_bytes} needed; download "
                                          "and delete finished jobs, or ask for fewer samples")
 
-    def get(self, job_id: str, owner: str | None = None) -> Job:
-        """The job; with `owner`, only if that key owns it (another key's job is as absent as a missing one)."""
+    def get(self, job_id: str, owner: str | None = None, kind: str | None = None) -> Job:
+        """The job; with `owner`, only if that key owns it (another key's job is as absent as a missing one); with
+        `kind`, only a job of that kind."""
         validate_job_id(job_id)
         with self.engine.connect() as db:
             row = db.execute(sa.select(JOBS).where(JOBS.c.id == job_id)).first()
-        if row is None or (owner is not None and row.owner != owner):
-            raise NotFoundError(f"no job {job_id}; it may have expired or been deleted")
+        if row is None or (owner is not None and row.owner != owner) or (kind is not None and row.kind != kind):
+            what = "training" if kind == "training" else "job"
+            raise NotFoundError(f"no {what} {job_id}; it may have expired or been deleted")
         return self._job(row)
 
-    def list(self, owner: str, limit: int = 100) -> list[Job]:
-        """The owner's jobs, newest first."""
+    def list(self, owner: str, limit: int = 100, kind: str = "dataset") -> list[Job]:
+        """The owner's jobs of one kind, newest first."""
         with self.engine.connect() as db:
-            rows = db.execute(sa.select(JOBS).where(JOBS.c.owner == owner)
+            rows = db.execute(sa.select(JOBS).where(JOBS.c.owner == owner, JOBS.c.kind == kind)
                               .order_by(JOBS.c.created_at.desc()).limit(limit)).all()
         return [self._job(row) for row in rows]
 
     def update(self, job_id: str, worker: str | None = None, **fields: Any) -> bool:
         """Set fields (a checkpoint as a dict); with `worker`, only while that worker holds the job's lease.
         Returns whether a row was changed."""
-        if "checkpoint" in fields:
-            fields["checkpoint"] = json.dumps(fields["checkpoint"]) if fields["checkpoint"] is not None else None
+        for name in ("checkpoint", "progress"):
+            if name in fields:
+                fields[name] = json.dumps(fields[name]) if fields[name] is not None else None
         if "state" in fields:
             fields["state"] = str(fields["state"])
         query = JOBS.update().where(JOBS.c.id == job_id).values(**fields)
@@ -189,14 +204,15 @@ class JobStore:
         with self.engine.begin() as db:
             return db.execute(query).rowcount == 1
 
-    def claim(self, worker: str, lease_s: float, per_owner: int) -> Job | None:
-        """Take the oldest queued job, or a running one whose lease ran out (its worker died), whose owner has fewer
-        than `per_owner` jobs running; it becomes this worker's for `lease_s` seconds."""
+    def claim(self, worker: str, lease_s: float, per_owner: int, kind: str = "dataset") -> Job | None:
+        """Take the oldest queued job of `kind`, or a running one whose lease ran out (its worker died), whose owner
+        has fewer than `per_owner` jobs of that kind running; it becomes this worker's for `lease_s` seconds."""
         now = time.time()
-        live = sa.and_(JOBS.c.state == str(JobState.RUNNING), JOBS.c.lease_until >= now)
+        live = sa.and_(JOBS.c.state == str(JobState.RUNNING), JOBS.c.lease_until >= now, JOBS.c.kind == kind)
         busy = sa.select(JOBS.c.owner).where(live).group_by(JOBS.c.owner).having(sa.func.count() >= per_owner)
-        claimable = sa.or_(JOBS.c.state == str(JobState.QUEUED),
-                           sa.and_(JOBS.c.state == str(JobState.RUNNING), JOBS.c.lease_until < now))
+        claimable = sa.and_(JOBS.c.kind == kind, sa.or_(
+            JOBS.c.state == str(JobState.QUEUED),
+            sa.and_(JOBS.c.state == str(JobState.RUNNING), JOBS.c.lease_until < now)))
         query = (sa.select(JOBS.c.id).where(claimable, JOBS.c.owner.not_in(busy))
                  .order_by(JOBS.c.created_at).limit(1))
         if self.postgres:
@@ -239,6 +255,7 @@ class JobStore:
         file's data until it is closed; an object store finishes a GET in progress)."""
         self.get(job_id)
         self.storage.delete(job_id)
+        shutil.rmtree(self.data_dir / TRAININGS_DIR / job_id, ignore_errors=True)
         with self.engine.begin() as db:
             db.execute(JOBS.delete().where(JOBS.c.id == job_id))
 

@@ -1,5 +1,7 @@
-"""The model repository: discovers `models/<name>/`, loads each onto the device with its own micro-batcher, and
-loads, unloads and reloads models at run time. A model that fails to load is reported and stops no other.
+"""The model repository: discovers `models/<name>/` and versioned models `<name>/<version>/` (trained through the
+API, in the data directory), loads each onto the device with its own micro-batcher, and loads, unloads and reloads
+models at run time. A model that fails to load is reported and stops no other. `name` means a versioned model's
+newest version, `name@version` pins one.
 
 Work holds a lease on the version it started with (`acquire`/`release`, or `serving`): a reload swaps in the new
 version for new work while the old one keeps its worker until its last lease is released, so running exports and
@@ -30,15 +32,22 @@ from app.settings import Settings
 
 log = logging.getLogger("synthgen.repository")
 T = TypeVar("T")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a folder name
+MODEL_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[1-9][0-9]{0,5})?$")  # a name, maybe pinned: name@3
 
 
 def validate_model_name(name: str) -> str:
-    """Model names are folder names: letters, digits, '.', '_' and '-', no path tricks."""
-    if not MODEL_NAME.fullmatch(name) or ".." in name:
+    """Model names are folder names: letters, digits, '.', '_' and '-', no path tricks; `@<version>` pins a
+    version."""
+    if not MODEL_REF.fullmatch(name) or ".." in name:
         raise InvalidInputError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                                "starting with a letter or digit")
+                                "starting with a letter or digit, and optionally @<version>")
     return name
+
+
+def trained_models_dir(settings: Settings) -> Path:
+    """Where models trained through the API are written, one folder per version: `<name>/<version>/`."""
+    return settings.data_dir / "models"
 
 
 @dataclass(eq=False)
@@ -63,11 +72,19 @@ class ServedModel:
 class ModelEntry:
     """A model's place in the repository: its status and, when ready, the model and its batcher."""
 
-    name: str
+    name: str  # name, or name@version for a versioned model
     folder: Path
     status: ModelStatus = ModelStatus.UNLOADED
     error: str | None = None
     served: ServedModel | None = None
+
+    @property
+    def base_name(self) -> str:
+        return self.name.split("@")[0]
+
+    @property
+    def version(self) -> int | None:
+        return int(self.name.split("@")[1]) if "@" in self.name else None
 
     @property
     def model(self) -> SyntheticModel | None:
@@ -83,33 +100,50 @@ class ModelEntry:
 
 
 class ModelRepository:
-    """All models of `settings.models_dir`, by name."""
+    """All models of `settings.models_dir` and of the trained models' folder, by name (name@version for versions)."""
 
     def __init__(self, settings: Settings, device: torch.device, executor: Executor, cpu: Executor,
                  metrics: Metrics) -> None:
         self.settings, self.device, self.executor, self.cpu, self.metrics = settings, device, executor, cpu, metrics
+        self.roots = [settings.models_dir, trained_models_dir(settings)]
         self.entries: dict[str, ModelEntry] = {}
+        self.latest: dict[str, str] = {}  # a versioned model's name → name@newest version
         self._locks: dict[str, asyncio.Lock] = {}
 
     def discover(self) -> list[str]:
-        """Names of the model folders (those with a config.json), sorted."""
-        root = self.settings.models_dir
-        if not root.is_dir():
-            return []
-        names = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file() and MODEL_NAME.fullmatch(p.name))
-        for name in names:
-            self.entries.setdefault(name, ModelEntry(name, root / name))
-        return names
+        """Names of the model folders (those with a config.json) and of versions (`<name>/<N>/config.json`, as
+        name@N), sorted."""
+        found = []
+        for root in self.roots:
+            folders = sorted(root.iterdir()) if root.is_dir() else []
+            for folder in (f for f in folders if MODEL_NAME.fullmatch(f.name) and f.is_dir()):
+                if (folder / "config.json").is_file():
+                    found.append((folder.name, folder))
+                    continue
+                versions = sorted(int(v.name) for v in folder.iterdir()
+                                  if v.name.isdigit() and not v.name.startswith("0") and (v / "config.json").is_file())
+                found += [(f"{folder.name}@{version}", folder / str(version)) for version in versions]
+                if versions:
+                    self.latest[folder.name] = f"{folder.name}@{versions[-1]}"
+        for name, folder in found:
+            self.entries.setdefault(name, ModelEntry(name, folder))
+        return sorted(name for name, _ in found)
 
     def get(self, name: str) -> ModelEntry:
         validate_model_name(name)
-        entry = self.entries.get(name)
+        entry = self.entries.get(self.latest.get(name, name))
         if entry is None:
             self.discover()
-            entry = self.entries.get(name)
+            entry = self.entries.get(self.latest.get(name, name))
         if entry is None:
             raise NotFoundError(f"no model named {name!r}; GET /v1/models lists them")
         return entry
+
+    def versions(self, name: str) -> list[int]:
+        """The versions of a versioned model, oldest first ([] for a model without versions)."""
+        base = name.split("@")[0]
+        return sorted(entry.version for key, entry in self.entries.items()
+                      if entry.version is not None and key.split("@")[0] == base)
 
     def ready_model(self, name: str) -> ServedModel:
         """The model's current version if it serves, else 409 saying how to load it."""
@@ -146,6 +180,7 @@ class ModelRepository:
         """(Re)load a model: the new version replaces the old only once it loaded; a failure is kept in `error`
         (and a model that was serving keeps serving its old version)."""
         entry = self.get(name)
+        name = entry.name  # a versioned model's newest version when not pinned
         async with self._locks.setdefault(name, asyncio.Lock()):
             if entry.status != ModelStatus.READY:  # a reload serves the old version until the new one is in
                 self._set_status(entry, ModelStatus.LOADING)
@@ -188,7 +223,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> ModelEntry:
         entry = self.get(name)
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        async with self._locks.setdefault(entry.name, asyncio.Lock()):
             await self._stop(entry)
             entry.error = None
             self._set_status(entry, ModelStatus.UNLOADED)

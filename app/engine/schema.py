@@ -25,6 +25,7 @@ JOBS = sa.Table(
     sa.Column("format", sa.String(16)), sa.Column("heartbeat_at", sa.Float), sa.Column("owner", sa.String(128)),
     sa.Column("reserved_bytes", sa.BigInteger), sa.Column("replica", sa.String(128)),
     sa.Column("lease_until", sa.Float), sa.Column("attempts", sa.Integer), sa.Column("checkpoint", sa.Text),
+    sa.Column("kind", sa.String(16)), sa.Column("progress", sa.Text),
 )
 
 

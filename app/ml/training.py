@@ -24,6 +24,7 @@ from app.core.checkpoint import read_json, utc_now
 from app.core.device import resolve_device
 from app.core.images import PIXEL_NORMALISATION, image_grid, to_uint8
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
+from app.core.recipes import validation_warnings
 from app.core.sampling import draw_latents, per_class_labels
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
@@ -373,16 +374,6 @@ def _write_logs(out: Path, history: dict[str, list[float]], epoch: int, trainer:
         grid = image_grid(images, columns=len(images) // len(row_names))
         board.add_image("samples", grid, epoch, dataformats="HWC")
         board.flush()
-
-
-def validation_warnings(n_val: int, classes: int) -> list[str]:
-    """What makes the validation split too small to judge a model by."""
-    per_class = n_val / max(classes, 1)
-    if per_class >= 20:
-        return []
-    return [f"the validation split holds {n_val} images ({per_class:.0f} per class): too few to judge the model "
-            "closely (figures on it move by several points between runs); more images, or a larger --val-fraction, "
-            "give firmer figures"]
 
 
 def _tensorboard(folder: Path | None) -> Any:

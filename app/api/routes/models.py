@@ -11,15 +11,17 @@ from app.api.card_page import card_page
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
 from app.engine.cards import card_images
-from app.engine.repository import ModelEntry
+from app.engine.repository import ModelEntry, ModelRepository
 from app.errors import ConflictError
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
 
 
-def model_public(entry: ModelEntry, dtype: str, detail: bool = False) -> ModelPublic | ModelDetailPublic:
-    fields: dict = {"name": entry.name, "status": entry.status, "error": entry.error, "kind": None}
+def model_public(repository: ModelRepository, entry: ModelEntry, dtype: str, detail: bool = False
+                 ) -> ModelPublic | ModelDetailPublic:
+    fields: dict = {"name": entry.base_name, "version": entry.version, "versions": repository.versions(entry.name),
+                    "status": entry.status, "error": entry.error, "kind": None}
     model = entry.model
     if model is not None:
         height, width, channels = model.image_shape
@@ -33,17 +35,20 @@ def model_public(entry: ModelEntry, dtype: str, detail: bool = False) -> ModelPu
 
 
 @router.get("", summary="List models", response_model=ModelsPublic,
-            description="Every model folder of the repository with its status, shape, classes and quality summary.")
+            description="Every model of the repository with its status, shape, classes and quality summary; a "
+                        "versioned model (trained through the API) once, as its newest version, with `versions`.")
 async def list_models(repository: RepositoryDep, settings: SettingsDep) -> ModelsPublic:
     repository.discover()
-    return ModelsPublic(models=[model_public(e, settings.dtype) for _, e in sorted(repository.entries.items())])
+    shown = sorted({repository.get(entry.base_name).name for entry in repository.entries.values()})
+    return ModelsPublic(models=[model_public(repository, repository.entries[key], settings.dtype) for key in shown])
 
 
 @router.get("/{name}", summary="Describe a model", response_model=ModelDetailPublic,
-            description="The model's summary plus its whole config.json and card.json.",
+            description="The model's summary (with its versions) plus its whole config.json and card.json; "
+                        "`name@version` describes one version.",
             responses={404: {"model": ErrorPublic}})
 async def get_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelDetailPublic:
-    return model_public(repository.get(name), settings.dtype, detail=True)
+    return model_public(repository, repository.get(name), settings.dtype, detail=True)
 
 
 @router.get("/{name}/card", summary="A model's quality card", response_model=None,
@@ -73,7 +78,7 @@ async def load_model(repository: RepositoryDep, settings: SettingsDep, name: Mod
     entry = await repository.load(name)
     if entry.error:
         raise ConflictError(f"model {name!r} failed to load: {entry.error}")
-    return model_public(entry, settings.dtype)
+    return model_public(repository, entry, settings.dtype)
 
 
 @router.delete("/{name}", summary="Unload a model", response_model=ModelPublic,
@@ -82,4 +87,4 @@ async def load_model(repository: RepositoryDep, settings: SettingsDep, name: Mod
                            "on disk; POST .../load brings it back. Needs an admin key.",
                responses={404: {"model": ErrorPublic}}, dependencies=[Depends(require_admin)])
 async def unload_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelPublic:
-    return model_public(await repository.unload(name), settings.dtype)
+    return model_public(repository, await repository.unload(name), settings.dtype)

@@ -1,0 +1,213 @@
+"""Training jobs over HTTP: upload your images, get a versioned model with its quality card; each API key sees only
+its own trainings."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.api.deps import CallerDep, JobId, RepositoryDep, SettingsDep, StoreDep, WorkerDep, require_api_key
+from app.api.schemas import ErrorPublic, FormBool, FormFloat, FormInt, TrainingPublic, TrainingsPublic
+from app.core.imagefolder import DecodedFolder, FolderLimits, decode_image_folder
+from app.core.safezip import read_zip
+from app.core.sampling import MAX_SEED
+from app.engine.augment import check_class_name, zip_limits
+from app.engine.jobstore import Job, JobLimits
+from app.engine.repository import MODEL_NAME
+from app.engine.trainings import (
+    EVALUATED,
+    TRAINING_RESERVED_BYTES,
+    check_model_name,
+    dataset_path,
+    load_dataset_file,
+    plan_training,
+    save_dataset,
+    trainings_dir,
+)
+from app.errors import InvalidInputError, NotFoundError
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1/trainings", tags=["trainings"], dependencies=[Depends(require_api_key)],
+                   responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
+_TRAINING = "#/paths/~1v1~1trainings~1{training_id}"
+LINKS = {name: {"operationRef": f"{_TRAINING}{path}/{method}", "parameters": {"training_id": "$response.body#/id"}}
+         for name, path, method in (("GetTraining", "", "get"), ("DeleteTraining", "", "delete"))}
+
+
+def _time(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def training_public(job: Job) -> TrainingPublic:
+    progress, request = job.progress or {}, job.request
+    first = next(iter(request["recipes"]))
+    return TrainingPublic(
+        id=job.id, name=job.model, state=job.state, stage=progress.get("stage", "queued"),
+        arch=progress.get("arch"), epoch=progress.get("epoch") or 0,
+        epochs=progress.get("epochs") or request["recipes"][first]["epochs"], step=progress.get("step") or 0,
+        steps_per_epoch=progress.get("steps_per_epoch"), epochs_done=job.done, epochs_total=job.total,
+        losses=progress.get("losses") or {}, eta_s=progress.get("eta_seconds"),
+        elapsed_s=progress.get("elapsed_seconds"),
+        warnings=request["warnings"], dataset_id=request["dataset_id"], dataset=request["dataset"],
+        recipes=request["recipes"], gates=request["gates"], candidates=progress.get("candidates") or {},
+        chosen=progress.get("chosen"), gate_failures=progress.get("gate_failures") or [], model=progress.get("model"),
+        error=job.error, samples_url=f"/v1/trainings/{job.id}/samples.png", card_url=f"/v1/trainings/{job.id}/card",
+        tensorboard_logdir=f"trainings/{job.id}/tensorboard", created_at=_time(job.created_at),
+        started_at=_time(job.started_at), finished_at=_time(job.finished_at))
+
+
+def _decode_upload(data: bytes, settings: Settings, convert: bool) -> DecodedFolder:
+    entries, _ = read_zip(io.BytesIO(data), zip_limits(settings), name="upload")
+    for class_name in entries:
+        if class_name:
+            check_class_name(class_name)
+    limits = FolderLimits(max_pixels=settings.max_training_pixels, max_images=settings.max_training_images,
+                          min_per_class=settings.min_images_per_class)
+    return decode_image_folder(entries, "upload", limits, convert)
+
+
+@router.post(
+    "", status_code=202, summary="Train a model on your images", response_model=TrainingPublic,
+    description=(
+        "Upload a zip in ImageFolder layout (`<class>/<image>.png`, optionally inside one folder), or name a dataset "
+        "uploaded before (`dataset_id`), and a model `name`. Trains a `gan`, a `vae`, or both (`auto`, keeping the "
+        "one with the better TSTR on the validation split) with settings chosen from the data's size (DiffAugment "
+        "for small datasets; every setting can be overridden within limits), evaluates it into a quality card, and, "
+        "if it passes the gates you give (`min_tstr`, `min_tstr_ratio` = TSTR / real-data accuracy), registers it as "
+        "the next version of `name` and loads it. Runs in the background under the job system (resumed from its "
+        "last epoch if its worker dies); answers 202 with the training and its `Location`. Refused with 422 naming "
+        "the file and the fix: mixed sizes or colour modes (or send `convert=true`), unreadable files, classes "
+        "with too few images, too many images or pixels."),
+    responses={202: {"description": "the training, queued", "links": LINKS},
+               **{code: {"model": ErrorPublic} for code in (404, 409, 413, 429, 507)}},
+)
+async def create_training(
+    response: Response, settings: SettingsDep, store: StoreDep, worker: WorkerDep, caller: CallerDep,
+    repository: RepositoryDep,
+    name: Annotated[str, Form(description="the model's name; a training adds a version to a model you trained",
+                              pattern=MODEL_NAME.pattern, examples=["my-shoes"])],
+    dataset: Annotated[UploadFile | None, File(description="an ImageFolder zip")] = None,
+    dataset_id: Annotated[str | None, Form(description="instead of a zip: the dataset_id of an earlier training")
+                          ] = None,
+    arch: Annotated[Literal["gan", "vae", "auto"], Form(description="auto: both, keep the better")] = "auto",
+    epochs: Annotated[FormInt | None, Form(ge=1, description="default: chosen from the data's size")] = None,
+    batch_size: Annotated[FormInt | None, Form(ge=2, le=1024)] = None,
+    val_fraction: Annotated[FormFloat | None, Form(ge=0.05, le=0.5, description="default: 0.2 under 5,000 images, "
+                                                   "else 0.1")] = None,
+    hyperparameters: Annotated[str, Form(description='JSON, e.g. {"g_channels": 64, "diff_augment": ""}')] = "{}",
+    seed: Annotated[FormInt, Form(ge=0, le=MAX_SEED)] = 0,
+    convert: Annotated[FormBool, Form(description="resize and convert images to the most common size and colour "
+                                      "mode instead of refusing them")] = False,
+    min_tstr: Annotated[FormFloat | None, Form(ge=0, le=1, description="gate: TSTR accuracy on the validation "
+                                               "split")] = None,
+    min_tstr_ratio: Annotated[FormFloat | None, Form(ge=0, le=2, description="gate: TSTR / real-data accuracy "
+                                                     "on the validation split")] = None,
+    eval_per_class: Annotated[FormInt, Form(ge=10, le=1000, description="synthetic samples per class the card "
+                                            "is computed on")] = 1000,
+) -> TrainingPublic:
+    if (dataset is None) == (dataset_id is None):
+        raise InvalidInputError("send either a `dataset` zip or the `dataset_id` of an earlier upload")
+    if epochs is not None and epochs > settings.max_training_epochs:
+        raise InvalidInputError(f"epochs {epochs} is over the limit of {settings.max_training_epochs} "
+                                "(SYNTHGEN_MAX_TRAINING_EPOCHS)")
+    try:
+        overrides: dict[str, Any] = json.loads(hyperparameters)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"hyperparameters: not valid JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise InvalidInputError('hyperparameters: a JSON object, e.g. {"g_channels": 64}')
+    await asyncio.to_thread(check_model_name, settings, repository.settings.models_dir, name, caller.owner)
+    loop = asyncio.get_running_loop()
+    if dataset is not None:  # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
+        folder = await loop.run_in_executor(repository.cpu, _decode_upload, await dataset.read(), settings, convert)
+        dataset_id = await asyncio.to_thread(save_dataset, settings, caller.owner, folder)
+    else:
+        folder = await asyncio.to_thread(load_dataset_file, dataset_path(settings, caller.owner, dataset_id))
+    recipes, warnings = plan_training(folder, arch, {"epochs": epochs, "batch_size": batch_size,
+                                                     "val_fraction": val_fraction, "hyperparameters": overrides})
+    height, width, channels = folder.images.shape[1:]
+    request = {
+        "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class,
+        "dataset_file": str(dataset_path(settings, caller.owner, dataset_id).relative_to(settings.data_dir)),
+        "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
+                    "height": height, "width": width, "channels": channels},
+        "recipes": recipes, "warnings": warnings, "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio}}
+    job = await asyncio.to_thread(store.create, name, request, sum(r["epochs"] for r in recipes.values()), "model",
+                                  caller.owner, TRAINING_RESERVED_BYTES, JobLimits.from_settings(settings), "training")
+    if worker is not None:
+        worker.wake()
+    response.headers["Location"] = f"/v1/trainings/{job.id}"
+    return training_public(job)
+
+
+@router.get("", summary="List your trainings", response_model=TrainingsPublic,
+            description="The trainings of the calling API key, newest first.")
+async def list_trainings(store: StoreDep, caller: CallerDep,
+                         limit: Annotated[int, Query(ge=1, le=1000, description="most trainings listed")] = 100
+                         ) -> TrainingsPublic:
+    jobs = await asyncio.to_thread(store.list, caller.owner, limit, "training")
+    return TrainingsPublic(trainings=[training_public(job) for job in jobs])
+
+
+@router.get("/{training_id}", summary="Training state", response_model=TrainingPublic,
+            responses={404: {"model": ErrorPublic}},
+            description="State, stage, epoch and step, latest losses, ETA, warnings, the candidates' figures and, "
+                        "once promoted, the model (`name@version`).")
+async def get_training(training_id: JobId, store: StoreDep, caller: CallerDep) -> TrainingPublic:
+    return training_public(await asyncio.to_thread(store.get, training_id, caller.owner, "training"))
+
+
+def _stage_folder(settings: Settings, job: Job, evaluated: bool = False) -> Path:
+    """The architecture's folder whose files to show: the chosen one, else the one in work (with `evaluated`, the
+    last one evaluated)."""
+    progress, work = job.progress or {}, trainings_dir(settings) / job.id
+    if progress.get("chosen"):
+        return work / progress["chosen"]
+    if evaluated:
+        done = [arch for arch in job.request["recipes"] if (work / arch / EVALUATED).exists()]
+        return work / (done[-1] if done else next(iter(job.request["recipes"])))
+    return work / (progress.get("arch") or next(iter(job.request["recipes"])))
+
+
+@router.get("/{training_id}/samples.png", summary="The latest sample grid", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "a row of samples per class, named"},
+                       404: {"model": ErrorPublic}})
+async def get_training_samples(training_id: JobId, store: StoreDep, caller: CallerDep, settings: SettingsDep
+                               ) -> FileResponse:
+    job = await asyncio.to_thread(store.get, training_id, caller.owner, "training")
+    grids = sorted((_stage_folder(settings, job) / "samples").glob("epoch_*.png"))
+    if not grids:
+        raise NotFoundError(f"training {training_id} has no sample grid yet; one is drawn after every epoch")
+    return FileResponse(grids[-1], media_type="image/png")
+
+
+@router.get("/{training_id}/card", summary="The trained model's quality card", response_class=JSONResponse,
+            responses={404: {"model": ErrorPublic}},
+            description="The card of the model this training chose (also when it failed its gates and was not "
+                        "promoted), or of the candidate evaluated last.")
+async def get_training_card(training_id: JobId, store: StoreDep, caller: CallerDep, settings: SettingsDep
+                            ) -> JSONResponse:
+    job = await asyncio.to_thread(store.get, training_id, caller.owner, "training")
+    folder = _stage_folder(settings, job, evaluated=True)
+    if not (folder / EVALUATED).exists():
+        raise NotFoundError(f"training {training_id} has no card yet; it is written once the model is evaluated")
+    return JSONResponse(json.loads(await asyncio.to_thread((folder / "card.json").read_text)))
+
+
+@router.delete("/{training_id}", status_code=204, summary="Cancel and delete a training",
+               responses={404: {"model": ErrorPublic}},
+               description="Stops a queued or running training and deletes it and its working files; a model it "
+                           "already promoted stays.")
+async def delete_training(training_id: JobId, store: StoreDep, worker: WorkerDep, caller: CallerDep) -> Response:
+    await asyncio.to_thread(store.get, training_id, caller.owner, "training")
+    if worker is not None:  # a training running in another process stops at its next lease renewal
+        await worker.cancel(training_id)
+    await asyncio.to_thread(store.delete, training_id)
+    return Response(status_code=204)

@@ -1,0 +1,301 @@
+"""Training jobs: a user's images in, a versioned model with its quality card out.
+
+The server never imports training code: a worker runs `synthgen train` and then `synthgen evaluate` as child
+processes (fewer CPU threads, a lower priority and a share of the GPU's memory, so interactive generation keeps
+its share), reads the child's `progress.json` into the job, and promotes the result to `<name>/<version>/` in the
+trained models' folder once it passed the quality gates it was given. A worker that dies takes its child with it;
+the worker that takes the job over resumes the training from its last complete epoch (same final weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.core.checkpoint import read_json, write_json
+from app.core.imagefolder import DecodedFolder
+from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
+from app.core.recipes import choose_recipe, validation_warnings
+from app.engine.jobstore import TRAININGS_DIR, Job
+from app.engine.repository import trained_models_dir
+from app.errors import ConflictError, DataError, InvalidInputError, NotFoundError
+from app.settings import Settings
+
+log = logging.getLogger("synthgen.trainings")
+TRAINING_RESERVED_BYTES = 64 * 1024**2  # a model folder (at most 20 MB) and its checkpoint, against the quotas
+STATE_FILE = "training_state.safetensors"  # written by `synthgen train`
+EVALUATED = "evaluated"  # a stage's marker once its card is written
+DATASET_ID_LENGTH = 32
+POLL_S = 1.0
+
+
+def trainings_dir(settings: Settings) -> Path:
+    """Working folders of training jobs (checkpoints, logs, TensorBoard event files), one per job."""
+    return settings.data_dir / TRAININGS_DIR
+
+
+def _datasets_dir(settings: Settings, owner: str) -> Path:
+    return settings.data_dir / "datasets" / (owner or "open")
+
+
+def save_dataset(settings: Settings, owner: str, folder: DecodedFolder) -> str:
+    """Keep a decoded upload for this API key as `.npz` (no pickle); its id is a hash of its content, so the same
+    images uploaded twice are kept once."""
+    digest = hashlib.sha256()
+    digest.update(repr((folder.images.shape, folder.class_names)).encode())
+    digest.update(folder.images.tobytes())
+    digest.update(folder.labels.astype("<i8").tobytes())
+    dataset_id = digest.hexdigest()[:DATASET_ID_LENGTH]
+    path = _datasets_dir(settings, owner) / f"{dataset_id}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, images=folder.images, labels=folder.labels, class_names=np.array(folder.class_names))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(path)
+    return dataset_id
+
+
+def dataset_path(settings: Settings, owner: str, dataset_id: str) -> Path:
+    """The file of a dataset this API key uploaded; another key's is as absent as a missing one."""
+    if len(dataset_id) != DATASET_ID_LENGTH or any(c not in "0123456789abcdef" for c in dataset_id):
+        raise InvalidInputError(f"invalid dataset id {dataset_id!r}: the `dataset_id` of an earlier training")
+    path = _datasets_dir(settings, owner) / f"{dataset_id}.npz"
+    if not path.is_file():
+        raise NotFoundError(f"no dataset {dataset_id} uploaded with this API key; upload the zip again")
+    return path
+
+
+def load_dataset_file(path: Path) -> DecodedFolder:
+    with np.load(path, allow_pickle=False) as archive:
+        return DecodedFolder(archive["images"], archive["labels"], [str(n) for n in archive["class_names"]])
+
+
+MAX_MODEL_PARAMETERS = 5_000_000  # float32 weights of at most 20 MB, the size of a model folder
+ARCHS = ("gan", "vae")
+SHAPE_FIELDS = {"height", "width", "channels", "num_classes"}
+
+
+def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Per architecture (both for `auto`) the settings a training runs with: the recipe for the data's size, then
+    the user's `overrides` (epochs, batch_size, val_fraction, hyperparameters), checked against the networks'
+    configs and the size limit; and the warnings the user should read."""
+    n, (height, width, channels) = len(folder.images), folder.images.shape[1:]
+    recipes = {}
+    for name in ARCHS if arch == "auto" else (arch,):
+        recipe = choose_recipe(name, n)
+        settings = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "val_fraction": recipe.val_fraction,
+                    "lr": recipe.lr, "hyperparameters": dict(recipe.hyperparameters), "notes": recipe.notes}
+        for key in ("epochs", "batch_size", "val_fraction"):
+            if overrides.get(key) is not None:
+                settings[key] = overrides[key]
+        settings["hyperparameters"].update(overrides.get("hyperparameters") or {})
+        _check_hyperparameters(name, settings["hyperparameters"], height, width, channels, len(folder.class_names))
+        n_val = round(n * settings["val_fraction"])
+        if not 0 < n_val < n:
+            raise InvalidInputError(f"a validation fraction of {settings['val_fraction']} leaves no training or no "
+                                    f"validation images of {n}")
+        steps = max(1, (n - n_val) // settings["batch_size"])
+        settings["notes"] = [f"{n - n_val} training and {n_val} validation images; {settings['epochs']} epochs of "
+                             f"{steps} steps (batch {settings['batch_size']})", *recipe.notes]
+        recipes[name] = settings
+    any_recipe = next(iter(recipes.values()))
+    warnings = validation_warnings(round(n * any_recipe["val_fraction"]), len(folder.class_names))
+    return recipes, warnings + folder.conversions
+
+
+def _check_hyperparameters(arch: str, values: dict[str, Any], height: int, width: int, channels: int,
+                           classes: int) -> None:
+    config_class = GanConfig if arch == "gan" else VaeConfig
+    allowed = {f.name for f in dataclasses.fields(config_class)} - SHAPE_FIELDS
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown {arch} hyper-parameter(s) {unknown}; allowed: {sorted(allowed)}")
+    try:
+        config = config_class(height=height, width=width, channels=channels, num_classes=classes, **values)
+        with torch.device("meta"):  # counts the parameters without allocating them
+            net = (ConditionalGAN if arch == "gan" else ConditionalVAE)(config)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"bad {arch} hyper-parameters: {exc}") from exc
+    parameters = sum(p.numel() for p in net.parameters())
+    if parameters > MAX_MODEL_PARAMETERS:
+        raise InvalidInputError(f"these {arch} hyper-parameters make {parameters:,} parameters, over the "
+                                f"{MAX_MODEL_PARAMETERS:,} a model may have; use fewer channels or a smaller latent")
+
+
+def check_model_name(settings: Settings, models_dir: Path, name: str, owner: str) -> None:
+    """A training may add a version to a model its API key trained, or start a new one; never replace a model of
+    the repository or another key's."""
+    if (models_dir / name / "config.json").is_file():
+        raise ConflictError(f"{name!r} is a model of the repository, not one trained through the API; choose "
+                            "another name")
+    versions = trained_models_dir(settings) / name
+    latest = max((int(p.name) for p in versions.iterdir() if p.name.isdigit()), default=0) if versions.is_dir() else 0
+    if latest and read_json(versions / str(latest) / "config.json").get("trained_by", "") != owner:
+        raise ConflictError(f"the model {name!r} belongs to another API key; choose another name")
+
+
+@dataclass
+class Stage:
+    """One architecture's run in a training job: train, then evaluate."""
+
+    arch: str
+    folder: Path
+    epochs: int
+
+
+class TrainingRun:
+    """Runs one training job's stages as child processes, reporting progress through `report`."""
+
+    def __init__(self, job: Job, settings: Settings, device: str,
+                 report: Callable[..., Awaitable[Any]]) -> None:
+        self.job, self.settings, self.device, self.report = job, settings, device, report
+        self.request = job.request
+        self.work = trainings_dir(settings) / job.id
+        self.progress: dict[str, Any] = dict(job.progress or {})
+
+    def stages(self) -> list[Stage]:
+        return [Stage(arch, self.work / arch, recipe["epochs"]) for arch, recipe in self.request["recipes"].items()]
+
+    async def run(self) -> dict[str, Any]:
+        """Train and evaluate every stage (resuming what a previous worker left); returns the chosen stage's card
+        figures."""
+        data = str((self.settings.data_dir / self.request["dataset_file"]).resolve())
+        candidates: dict[str, dict[str, Any]] = {}
+        done_epochs = 0
+        for stage in self.stages():
+            if not (stage.folder / EVALUATED).exists():
+                await self._train(stage, data, done_epochs)
+                self.progress.update(stage="evaluating", arch=stage.arch, eta_seconds=None)
+                await self.report(progress=self.progress)
+                await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, "--per-class",
+                                                      str(self.request["eval_per_class"]), "--quiet"])
+                (stage.folder / STATE_FILE).unlink(missing_ok=True)  # the checkpoint is not needed any more
+                (stage.folder / EVALUATED).touch()
+            done_epochs += stage.epochs
+            metrics = read_json(stage.folder / "card.json").get("metrics", {})
+            candidates[stage.arch] = {key: metrics.get(key) for key in ("tstr_accuracy", "real_accuracy",
+                                                                         "precision", "recall", "coverage")}
+        self.progress["candidates"] = candidates
+        return candidates
+
+    async def _train(self, stage: Stage, data: str, done_epochs: int) -> None:
+        recipe = self.request["recipes"][stage.arch]
+        resume = (stage.folder / STATE_FILE).is_file()
+        if not resume and stage.folder.exists():  # killed before its first checkpoint: start again
+            shutil.rmtree(stage.folder)
+        arguments = ["--arch", stage.arch, "--data", data, "--out", str(stage.folder), "--epochs",
+                     str(recipe["epochs"]), "--seed", str(self.request["seed"]), "--batch-size",
+                     str(recipe["batch_size"]), "--val-fraction", str(recipe["val_fraction"]), "--lr",
+                     str(recipe["lr"]), "--hparams", json.dumps(recipe["hyperparameters"]), "--quiet",
+                     "--tensorboard", str(self.work / "tensorboard" / stage.arch)]
+        self.progress.update(stage="training", arch=stage.arch)
+        await self._child("train", stage, arguments + (["--resume"] if resume else []), done_epochs)
+
+    async def _child(self, command: str, stage: Stage, arguments: list[str], done_epochs: int = 0) -> None:
+        """Run `synthgen COMMAND ARGUMENTS` and wait for it, reporting its progress; stop it if cancelled."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        options = ["--device", self.device, "--threads", str(self.settings.training_threads), "--nice",
+                   str(self.settings.training_nice), "--exit-with-parent"]
+        if self.device != "cpu":
+            options += ["--gpu-memory-fraction", str(self.settings.training_gpu_memory_fraction)]
+        log_file = self.work / f"{stage.arch}-{command}.log"
+        with open(log_file, "ab") as log_handle:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "app", command, *arguments, *options, stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_handle, stderr=asyncio.subprocess.STDOUT)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_S):
+                        await process.wait()
+                if command == "train":
+                    await self._report_training(stage, done_epochs)
+                if process.returncode is not None:
+                    break
+        except asyncio.CancelledError:
+            await asyncio.shield(_stop(process))
+            raise
+        if process.returncode != 0:
+            raise DataError(f"{command} of the {stage.arch} failed: {_last_error(log_file, self.work)}")
+
+    async def _report_training(self, stage: Stage, done_epochs: int) -> None:
+        try:
+            child = json.loads((stage.folder / "progress.json").read_text())
+        except (OSError, ValueError):
+            return  # not written yet, or being replaced
+        fields = {key: child.get(key) for key in ("epoch", "epochs", "step", "steps_per_epoch", "losses",
+                                                   "eta_seconds", "elapsed_seconds", "warnings")}
+        if fields != {key: self.progress.get(key) for key in fields}:
+            self.progress.update(fields)
+            await self.report(progress=self.progress, done=done_epochs + int(child.get("epoch", 0)))
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        async with asyncio.timeout(10):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+def _last_error(log_file: Path, work: Path) -> str:
+    """The child's last error line, without server paths."""
+    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    message = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "no output")
+    for folder in (str(work.resolve()), str(work)):
+        message = message.replace(folder + "/", "")
+    return message.strip()[-500:]
+
+
+def gate_failures(figures: dict[str, Any], gates: dict[str, float | None]) -> list[str]:
+    """The quality gates a candidate's card figures fail, in words."""
+    failures = []
+    tstr, real = figures.get("tstr_accuracy"), figures.get("real_accuracy")
+    if gates.get("min_tstr") is not None and (tstr is None or tstr < gates["min_tstr"]):
+        failures.append(f"TSTR {tstr} is below min_tstr {gates['min_tstr']}")
+    if gates.get("min_tstr_ratio") is not None:
+        ratio = tstr / real if tstr is not None and real else None
+        if ratio is None or ratio < gates["min_tstr_ratio"]:
+            failures.append(f"TSTR / real accuracy {ratio and round(ratio, 4)} is below min_tstr_ratio "
+                            f"{gates['min_tstr_ratio']}")
+    return failures
+
+
+def promote(settings: Settings, job: Job, folder: Path) -> int:
+    """Copy a trained model folder to `<name>/<next version>/` of the trained models (renamed into place whole);
+    returns the version."""
+    root = trained_models_dir(settings) / job.model
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{job.id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(STATE_FILE, "progress.json*", EVALUATED))
+    config = read_json(staging / "config.json")
+    write_json(staging / "config.json", {**config, "trained_by": job.owner, "training_job": job.id})
+    for _ in range(100):
+        version = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0) + 1
+        try:
+            staging.rename(root / str(version))
+            return version
+        except OSError:  # another training of this name took the version first
+            continue
+    raise ConflictError(f"no free version folder for {job.model!r}")
