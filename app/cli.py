@@ -34,12 +34,18 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _train(args: argparse.Namespace) -> None:
+def _process_options(parser: argparse.ArgumentParser) -> None:
+    """What a training job's child processes are given: fewer threads, lower priority, a share of the GPU."""
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=None, help="most of the GPU's memory to use")
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+
+
+def _apply_process_options(args: argparse.Namespace) -> None:
     import os
 
     import torch
-
-    from app.ml.training import TrainOptions, train
 
     if args.exit_with_parent:
         _exit_with_parent()
@@ -49,6 +55,12 @@ def _train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.gpu_memory_fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from app.ml.training import TrainOptions, train
+
+    _apply_process_options(args)
     hyperparameters = json.loads(args.hparams) if args.hparams else {}
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
@@ -79,6 +91,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from app.ml.evaluation import evaluate
 
+    _apply_process_options(args)
     card = evaluate(Path(args.model), args.data, test_spec=args.test_data, per_class=args.per_class, seed=args.seed,
                     device=args.device, progress=not args.quiet)
     print(json.dumps(card["metrics"], indent=2, sort_keys=True))
@@ -156,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--tensorboard", default=None, help="write TensorBoard event files (losses, sample grids) "
                        "into this folder")
-    train.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    train.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
-    train.add_argument("--gpu-memory-fraction", type=float, default=None, help="most of the GPU's memory to use")
-    train.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _process_options(train)
     train.set_defaults(run=_train)
 
     generate = commands.add_parser("generate",
@@ -182,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
+    _process_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     protocol = commands.add_parser("protocol", help="TSTR with a fixed CNN over seeds, on real test data; writes the "

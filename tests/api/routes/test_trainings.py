@@ -1,0 +1,227 @@
+"""Training jobs over the API on real Fashion-MNIST images: upload, progress, a versioned model that is loaded and
+generates, its card, quality gates, refusals, and a worker killed mid-training resuming to the same weights."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from app.ml.datasets import load_dataset
+from tests.conftest import ROOT, launch_server, serve, stop_server
+from tests.helpers import png_bytes, zip_bytes
+
+FASHION = ROOT.parent / "shared" / "datasets" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+PER_CLASS = 50
+
+
+@pytest.fixture(scope="module")
+def fashion_zip() -> bytes:
+    """50 real Fashion-MNIST training images of every class as an ImageFolder zip (500 images)."""
+    if not FASHION.exists():
+        pytest.skip(f"the Fashion-MNIST images are not at {FASHION} (../shared/datasets)")
+    data = load_dataset(str(FASHION))
+    members = {}
+    for label, name in enumerate(NAMES):
+        for i in np.flatnonzero(data.labels == label)[:PER_CLASS]:
+            members[f"fashion/{name}/{i:05d}.png"] = png_bytes(data.images[i, :, :, 0])
+    return zip_bytes(members)
+
+
+async def _submit(client: httpx.AsyncClient, archive: bytes | None, **fields: object) -> httpx.Response:
+    files = {"dataset": ("fashion.zip", archive, "application/zip")} if archive is not None else None
+    return await client.post("/v1/trainings", files=files, data={k: str(v) for k, v in fields.items()})
+
+
+async def _wait(client: httpx.AsyncClient, training_id: str, timeout_s: float = 240.0) -> tuple[dict, list[dict]]:
+    """Poll until the training finished; returns it and every state seen while it ran."""
+    seen, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        training = (await client.get(f"/v1/trainings/{training_id}")).json()
+        seen.append(training)
+        if training["state"] in ("succeeded", "failed"):
+            return training, seen
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"training {training_id} still {training['state']} after {timeout_s} s: {training}")
+
+
+@pytest.mark.anyio
+async def test_train_a_gan_on_500_images_through_the_api(tmp_path: Path, models_dir: Path, fashion_zip: bytes) -> None:
+    async with serve(models_dir, max_trainings_per_key=2) as client:
+        answer = await _submit(client, fashion_zip, name="fashion-small", arch="gan", epochs=4, eval_per_class=100)
+        assert answer.status_code == 202, answer.text
+        submitted = answer.json()
+        assert answer.headers["location"] == f"/v1/trainings/{submitted['id']}"
+        assert submitted["dataset"]["per_class"] == dict.fromkeys(sorted(NAMES), PER_CLASS)
+        recipe = submitted["recipes"]["gan"]
+        assert recipe["val_fraction"] == 0.2 and recipe["batch_size"] == 32  # the small-data recipe
+        assert recipe["hyperparameters"]["diff_augment"] == "translation,cutout"
+        assert any("validation split holds 100 images" in w for w in submitted["warnings"])
+
+        training, seen = await _wait(client, submitted["id"])
+        assert training["state"] == "succeeded", training
+        running = [t for t in seen if t["state"] == "running" and t["stage"] == "training"]
+        assert any(t["epoch"] >= 1 and t["losses"] and t["eta_s"] is not None for t in running), seen
+        assert training["model"] == "fashion-small@1" and training["chosen"] == "gan"
+        assert training["epochs_done"] == training["epochs_total"] == 4
+
+        model = (await client.get("/v1/models/fashion-small")).json()
+        assert (model["name"], model["version"], model["versions"], model["status"]) == ("fashion-small", 1, [1],
+                                                                                          "ready")
+        assert model["class_names"] == sorted(NAMES)
+        for ref in ("fashion-small", "fashion-small@1"):
+            generated = await client.post(f"/v1/models/{ref}/generate", json={"n": 4, "label": "sandal", "seed": 1})
+            assert generated.status_code == 200, generated.text
+            assert len(generated.json()["samples"]) == 4
+
+        card = (await client.get(f"/v1/trainings/{training['id']}/card")).json()
+        metrics = card["metrics"]
+        assert 0.1 < metrics["tstr_accuracy"] <= 1 and 0.1 < metrics["real_accuracy"] <= 1
+        assert card["evaluation"]["n_real_val"] == 100  # TSTR judged on real images the model never trained on
+        assert (await client.get("/v1/models/fashion-small/card")).json()["metrics"] == metrics
+        grid = await client.get(f"/v1/trainings/{training['id']}/samples.png")
+        assert grid.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(grid.content)).height >= 10 * 28  # a row per class
+        events = list((tmp_path / "data" / training["tensorboard_logdir"]).rglob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0
+
+        # the same images again, by id, with a gate it cannot pass: reported, not promoted
+        answer = await _submit(client, None, dataset_id=training["dataset_id"], name="fashion-small", arch="gan",
+                               epochs=1, eval_per_class=20, min_tstr=0.999)
+        assert answer.status_code == 202, answer.text
+        gated, _ = await _wait(client, answer.json()["id"])
+        assert gated["state"] == "failed" and gated["model"] is None
+        assert "min_tstr 0.999" in gated["error"] and gated["gate_failures"]
+        assert (await client.get(f"/v1/trainings/{gated['id']}/card")).status_code == 200
+        assert (await client.get("/v1/models/fashion-small")).json()["versions"] == [1]
+        listed = (await client.get("/v1/trainings")).json()["trainings"]
+        assert [t["id"] for t in listed] == [gated["id"], training["id"]]
+        assert (await client.get("/v1/jobs")).json()["jobs"] == []  # trainings are not dataset jobs
+
+
+def _grey(size: int = 8) -> bytes:
+    return png_bytes(np.full((size, size), 100, np.uint8))
+
+
+def _folder(per_class: int = 10, **odd: bytes) -> bytes:
+    members = {f"{c}/{i}.png": _grey() for c in ("a", "b") for i in range(per_class)}
+    return zip_bytes({**members, **odd})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("archive", "fields", "status", "message"),
+    [
+        (_folder(**{"a/odd.png": _grey(9)}), {}, 422, "a/odd.png: 9×9 pixels, but 20 of 21 images are 8×8"),
+        (_folder(**{"b/red.png": png_bytes(np.dstack([np.full((8, 8), 200, np.uint8)] + [np.zeros((8, 8),
+                                                                                                      np.uint8)] * 2))}),
+         {}, 422, "b/red.png: colour, but 20 of 21 images are greyscale"),
+        (_folder(per_class=3), {}, 422, "class 'a' has 3 image(s), fewer than the 10"),
+        (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "a/broken.png: not a readable PNG/JPEG"),
+        (_folder(), {"hyperparameters": '{"colour": 1}'}, 422, "unknown gan hyper-parameter(s) ['colour']"),
+        (_folder(), {"hyperparameters": '{"g_channels": 1024}'}, 422, "over the 5,000,000 a model may have"),
+        (_folder(), {"epochs": 5000}, 422, "over the limit of 1000"),
+        (_folder(), {"name": "digits-gan"}, 409, "a model of the repository"),
+        (_folder(), {"dataset_id": "0" * 32}, 422, "either a `dataset` zip or the `dataset_id`"),
+        (None, {"dataset_id": "0" * 32}, 404, "no dataset 0000"),
+        (b"not a zip", {}, 422, "not a readable zip"),
+    ],
+)
+async def test_bad_uploads_are_refused_naming_the_file_and_the_fix(models_dir: Path, archive: bytes | None,
+                                                                    fields: dict, status: int, message: str) -> None:
+    async with serve(models_dir) as client:
+        answer = await _submit(client, archive, **{"name": "mine", "arch": "gan", **fields})
+        assert answer.status_code == status, answer.text
+        assert message in answer.json()["detail"]
+
+
+@pytest.mark.anyio
+async def test_convert_normalises_and_trainings_are_bounded_per_key(models_dir: Path) -> None:
+    keys = {"api_keys": ["user-key-0123456789", "other-key-0123456789"]}
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in keys["api_keys"])
+    async with serve(models_dir, run_jobs=False, **keys) as client:
+        mixed = _folder(**{"a/odd.png": _grey(9)})
+        answer = await client.post("/v1/trainings", headers=alice, files={"dataset": ("d.zip", mixed)},
+                                   data={"name": "mine", "convert": "true"})
+        assert answer.status_code == 202, answer.text
+        training = answer.json()
+        assert training["dataset"]["height"] == 8 and "1 image(s) resized to 8×8" in training["warnings"]
+        assert set(training["recipes"]) == {"gan", "vae"}  # auto: both, the better one kept
+        again = await client.post("/v1/trainings", headers=alice, files={"dataset": ("d.zip", mixed)},
+                                  data={"name": "mine", "convert": "true"})
+        assert again.status_code == 429 and "SYNTHGEN_MAX_TRAININGS_PER_KEY" in again.json()["detail"]
+        assert (await client.get(f"/v1/trainings/{training['id']}", headers=bob)).status_code == 404
+        reuse = await client.post("/v1/trainings", headers=bob, data={"name": "b", "dataset_id": training["dataset_id"]})
+        assert reuse.status_code == 404  # another key's upload is not there for bob
+        assert (await client.delete(f"/v1/trainings/{training['id']}", headers=alice)).status_code == 204
+        assert (await client.get(f"/v1/trainings/{training['id']}", headers=alice)).status_code == 404
+
+
+def _weights(folder: Path) -> dict:
+    return {f"{part}.{key}": value for part in ("generator", "discriminator")
+            for key, value in load_file(folder / f"{part}.safetensors").items()}
+
+
+def test_a_killed_worker_resumes_to_the_same_weights(tmp_path: Path, models_dir: Path, fashion_zip: bytes) -> None:
+    """SIGKILL the server mid-training; its training child stops with it; a new server resumes from the last epoch
+    and ends with the weights of an uninterrupted run."""
+    data = tmp_path / "data"
+    process, url = launch_server(models_dir, data)
+    try:
+        answer = httpx.post(f"{url}/v1/trainings", files={"dataset": ("f.zip", fashion_zip)},
+                            data={"name": "resumed", "arch": "gan", "epochs": "5", "eval_per_class": "20"}, timeout=60)
+        assert answer.status_code == 202, answer.text
+        training = answer.json()
+        deadline = time.monotonic() + 120
+        while (progress := httpx.get(f"{url}/v1/trainings/{training['id']}").json())["epochs_done"] < 2:
+            assert progress["state"] in ("queued", "running") and time.monotonic() < deadline, progress
+            time.sleep(0.1)
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the training runs in a child process"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            assert time.monotonic() < deadline, "the training child outlived its worker"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    work = data / "trainings" / training["id"] / "gan"
+    assert (work / "training_state.safetensors").exists()
+    process, url = launch_server(models_dir, data)
+    try:
+        deadline = time.monotonic() + 180
+        while (done := httpx.get(f"{url}/v1/trainings/{training['id']}").json())["state"] not in ("succeeded",
+                                                                                                    "failed"):
+            assert time.monotonic() < deadline, done
+            time.sleep(0.2)
+        assert done["state"] == "succeeded", done
+    finally:
+        stop_server(process)
+    log = (data / "trainings" / training["id"] / "gan-train.log").read_text()
+    recipe = training["recipes"]["gan"]
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "app", "train", "--arch", "gan", "--data",
+                    str(next((data / "datasets").rglob("*.npz"))), "--out", str(reference), "--epochs", "5",
+                    "--seed", "0", "--batch-size", str(recipe["batch_size"]), "--val-fraction",
+                    str(recipe["val_fraction"]), "--lr", str(recipe["lr"]), "--hparams",
+                    json.dumps(recipe["hyperparameters"]), "--quiet", "--threads", "1", "--device", "cpu"],
+                   cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    promoted = data / "models" / "resumed" / "1"
+    ours, theirs = _weights(promoted), _weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(bool((ours[k] == theirs[k]).all()) for k in ours), log
