@@ -87,7 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def announce(job_id: str) -> None:
             job = await asyncio.to_thread(store.get, job_id)
             url = job.request.get("callback_url")
-            if url:
+            if url and job.kind == "training":
+                webhooks.send(url, job.owner, f"training.{job.state}",
+                              trainings.training_public(job).model_dump(mode="json"))
+            elif url:
                 public = await asyncio.to_thread(jobs.job_with_files, store, job)
                 webhooks.send(url, job.owner, f"job.{job.state}", public.model_dump(mode="json"))
 

@@ -189,7 +189,7 @@ class TrainingsPublic(BaseModel):
 class WebhookSecretPublic(BaseModel):
     secret: str = Field(description="HMAC-SHA256 key of your jobs' webhook signatures")
     signature_header: str = "X-Synthgen-Signature"
-    events: list[str] = ["job.succeeded", "job.failed"]
+    events: list[str] = ["job.succeeded", "job.failed", "training.succeeded", "training.failed"]
 
 
 class AugmentationsRequest(_Strict):

@@ -121,7 +121,7 @@ def config_hash(folder: Path) -> str:
 _SCALARS: dict[Any, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
-def _checked_hyperparameters(config_class: type, values: object, path: Path) -> dict[str, Any]:
+def checked_hyperparameters(config_class: type, values: object, path: Path) -> dict[str, Any]:
     """The config's hyperparameters, with every field's JSON type checked against the dataclass (a wrong type
     would otherwise fail deep inside a layer with a message that names no field)."""
     if not isinstance(values, dict):
@@ -193,7 +193,7 @@ class Checkpointable(nn.Module):
         arch = REGISTRY.get(str(config.get("class_name")))
         if arch is None or not issubclass(arch, cls):
             raise CheckpointError(f"{path}: unknown class_name {config.get('class_name')!r}; known: {known}")
-        hyperparameters = _checked_hyperparameters(arch.config_class, config.get("hyperparameters"), path)
+        hyperparameters = checked_hyperparameters(arch.config_class, config.get("hyperparameters"), path)
         try:
             net = arch(arch.config_class(**hyperparameters))
         except Exception as exc:  # a value of the right type can still be impossible (e.g. a negative width)

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import sys
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.core.checkpoint import read_json, write_json
+from app.core.checkpoint import checked_hyperparameters, read_json, write_json
 from app.core.imagefolder import DecodedFolder
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
 from app.core.recipes import choose_recipe, validation_warnings
 from app.engine.jobstore import TRAININGS_DIR, Job
 from app.engine.repository import trained_models_dir
-from app.errors import ConflictError, DataError, InvalidInputError, NotFoundError
+from app.errors import CheckpointError, ConflictError, DataError, InvalidInputError, NotFoundError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.trainings")
@@ -93,8 +94,9 @@ SHAPE_FIELDS = {"height", "width", "channels", "num_classes"}
 
 def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Per architecture (both for `auto`) the settings a training runs with: the recipe for the data's size, then
-    the user's `overrides` (epochs, batch_size, val_fraction, hyperparameters), checked against the networks'
-    configs and the size limit; and the warnings the user should read."""
+    the user's `overrides` (epochs, batch_size, val_fraction, hyperparameters: one set, or one per architecture as
+    {"gan": {...}, "vae": {...}}), checked against the networks' configs and the size limit; and the warnings the
+    user should read."""
     n, (height, width, channels) = len(folder.images), folder.images.shape[1:]
     recipes = {}
     for name in ARCHS if arch == "auto" else (arch,):
@@ -104,7 +106,12 @@ def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -
         for key in ("epochs", "batch_size", "val_fraction"):
             if overrides.get(key) is not None:
                 settings[key] = overrides[key]
-        settings["hyperparameters"].update(overrides.get("hyperparameters") or {})
+        given = overrides.get("hyperparameters") or {}
+        if set(given) <= set(ARCHS):  # per architecture: {"gan": {...}, "vae": {...}}
+            given = given.get(name) or {}
+        if not isinstance(given, dict):
+            raise InvalidInputError(f"hyperparameters.{name}: a JSON object of {name} hyper-parameters")
+        settings["hyperparameters"].update(given)
         _check_hyperparameters(name, settings["hyperparameters"], height, width, channels, len(folder.class_names))
         n_val = round(n * settings["val_fraction"])
         if not 0 < n_val < n:
@@ -126,12 +133,19 @@ def _check_hyperparameters(arch: str, values: dict[str, Any], height: int, width
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise InvalidInputError(f"unknown {arch} hyper-parameter(s) {unknown}; allowed: {sorted(allowed)}")
+    for name, value in values.items():
+        if isinstance(value, int | float) and not 0 <= value <= 100_000:
+            raise InvalidInputError(f"hyper-parameter {name} = {value} is out of range (0 to 100000)")
     try:
+        checked_hyperparameters(config_class, values, Path("hyperparameters"))
         config = config_class(height=height, width=width, channels=channels, num_classes=classes, **values)
-        with torch.device("meta"):  # counts the parameters without allocating them
+        with torch.device("meta"), warnings.catch_warnings():  # counts the parameters without allocating them
+            warnings.simplefilter("ignore")  # zero-element tensors: refused below
             net = (ConditionalGAN if arch == "gan" else ConditionalVAE)(config)
-    except (TypeError, ValueError) as exc:
+    except (CheckpointError, TypeError, ValueError, RuntimeError) as exc:
         raise InvalidInputError(f"bad {arch} hyper-parameters: {exc}") from exc
+    if any(p.numel() == 0 for p in net.parameters()):
+        raise InvalidInputError(f"these {arch} hyper-parameters leave a layer empty; sizes must be at least 1")
     parameters = sum(p.numel() for p in net.parameters())
     if parameters > MAX_MODEL_PARAMETERS:
         raise InvalidInputError(f"these {arch} hyper-parameters make {parameters:,} parameters, over the "

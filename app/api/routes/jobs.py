@@ -113,7 +113,7 @@ async def list_dataset_jobs(store: StoreDep, caller: CallerDep,
 @router.get("/{job_id}", summary="Job state", response_model=JobPublic, responses={404: {"model": ErrorPublic}},
             description="State (queued, running, succeeded, failed), progress, ETA and error.")
 async def get_dataset_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> JobPublic:
-    job = await asyncio.to_thread(store.get, job_id, caller.owner)
+    job = await asyncio.to_thread(store.get, job_id, caller.owner, "dataset")
     return await asyncio.to_thread(job_with_files, store, job)
 
 
@@ -152,7 +152,7 @@ async def download_job_file(job_id: JobId, file_name: str, store: StoreDep, call
 
 
 async def _finished(store: JobStore, job_id: str, owner: str) -> Job:
-    job = await asyncio.to_thread(store.get, job_id, owner)
+    job = await asyncio.to_thread(store.get, job_id, owner, "dataset")
     if job.state != JobState.SUCCEEDED:
         raise ConflictError(f"job {job_id} is {job.state}" + (f" ({job.error})" if job.error else "")
                             + "; its result is ready once it succeeded")
@@ -176,7 +176,7 @@ async def _file_response(store: JobStore, job: Job, name: str, request: Request)
 @router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job", responses={404: {"model": ErrorPublic}},
                description="Stops a queued or running job and deletes it and its files.")
 async def delete_dataset_job(job_id: JobId, store: StoreDep, worker: WorkerDep, caller: CallerDep) -> Response:
-    await asyncio.to_thread(store.get, job_id, caller.owner)
+    await asyncio.to_thread(store.get, job_id, caller.owner, "dataset")
     if worker is not None:  # a job running in another process stops at its next lease renewal
         await worker.cancel(job_id)
     await asyncio.to_thread(store.delete, job_id)

@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
-from app.api.deps import CallerDep, JobId, RepositoryDep, SettingsDep, StoreDep, WorkerDep, require_api_key
+from app.api.deps import (
+    CallerDep,
+    JobId,
+    RepositoryDep,
+    SettingsDep,
+    StoreDep,
+    WebhooksDep,
+    WorkerDep,
+    require_api_key,
+)
 from app.api.schemas import ErrorPublic, FormBool, FormFloat, FormInt, TrainingPublic, TrainingsPublic
 from app.core.imagefolder import DecodedFolder, FolderLimits, decode_image_folder
 from app.core.safezip import read_zip
@@ -90,7 +99,7 @@ def _decode_upload(data: bytes, settings: Settings, convert: bool) -> DecodedFol
 )
 async def create_training(
     response: Response, settings: SettingsDep, store: StoreDep, worker: WorkerDep, caller: CallerDep,
-    repository: RepositoryDep,
+    repository: RepositoryDep, webhooks: WebhooksDep,
     name: Annotated[str, Form(description="the model's name; a training adds a version to a model you trained",
                               pattern=MODEL_NAME.pattern, examples=["my-shoes"])],
     dataset: Annotated[UploadFile | None, File(description="an ImageFolder zip")] = None,
@@ -101,7 +110,8 @@ async def create_training(
     batch_size: Annotated[FormInt | None, Form(ge=2, le=1024)] = None,
     val_fraction: Annotated[FormFloat | None, Form(ge=0.05, le=0.5, description="default: 0.2 under 5,000 images, "
                                                    "else 0.1")] = None,
-    hyperparameters: Annotated[str, Form(description='JSON, e.g. {"g_channels": 64, "diff_augment": ""}')] = "{}",
+    hyperparameters: Annotated[str, Form(description='JSON, e.g. {"g_channels": 64, "diff_augment": ""}; with auto, '
+                                         'per architecture: {"gan": {...}, "vae": {...}}')] = "{}",
     seed: Annotated[FormInt, Form(ge=0, le=MAX_SEED)] = 0,
     convert: Annotated[FormBool, Form(description="resize and convert images to the most common size and colour "
                                       "mode instead of refusing them")] = False,
@@ -111,6 +121,8 @@ async def create_training(
                                                      "on the validation split")] = None,
     eval_per_class: Annotated[FormInt, Form(ge=10, le=1000, description="synthetic samples per class the card "
                                             "is computed on")] = 1000,
+    callback_url: Annotated[str | None, Form(description="POSTed the training when it succeeds or fails, signed as "
+                                             "job webhooks are (GET /v1/webhooks/secret)")] = None,
 ) -> TrainingPublic:
     if (dataset is None) == (dataset_id is None):
         raise InvalidInputError("send either a `dataset` zip or the `dataset_id` of an earlier upload")
@@ -123,6 +135,8 @@ async def create_training(
         raise InvalidInputError(f"hyperparameters: not valid JSON ({exc})") from None
     if not isinstance(overrides, dict):
         raise InvalidInputError('hyperparameters: a JSON object, e.g. {"g_channels": 64}')
+    if callback_url is not None:
+        await asyncio.to_thread(webhooks.policy.check, callback_url)
     await asyncio.to_thread(check_model_name, settings, repository.settings.models_dir, name, caller.owner)
     loop = asyncio.get_running_loop()
     if dataset is not None:  # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
@@ -138,7 +152,8 @@ async def create_training(
         "dataset_file": str(dataset_path(settings, caller.owner, dataset_id).relative_to(settings.data_dir)),
         "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
                     "height": height, "width": width, "channels": channels},
-        "recipes": recipes, "warnings": warnings, "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio}}
+        "recipes": recipes, "warnings": warnings, "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio},
+        "callback_url": callback_url}
     job = await asyncio.to_thread(store.create, name, request, sum(r["epochs"] for r in recipes.values()), "model",
                                   caller.owner, TRAINING_RESERVED_BYTES, JobLimits.from_settings(settings), "training")
     if worker is not None:

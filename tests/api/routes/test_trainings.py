@@ -133,11 +133,17 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
         (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "a/broken.png: not a readable PNG/JPEG"),
         (_folder(), {"hyperparameters": '{"colour": 1}'}, 422, "unknown gan hyper-parameter(s) ['colour']"),
         (_folder(), {"hyperparameters": '{"g_channels": 1024}'}, 422, "over the 5,000,000 a model may have"),
+        (_folder(), {"hyperparameters": '{"diff_augment": 5}'}, 422, "diff_augment must be str, not 5"),
+        (_folder(), {"hyperparameters": '{"latent_dim": -1}'}, 422, "latent_dim = -1 is out of range"),
+        (_folder(), {"hyperparameters": '{"g_channels": 0}'}, 422, "leave a layer empty"),
+        (_folder(), {"arch": "auto", "hyperparameters": '{"gan": {"g_channels": 8}, "vae": {"colour": 1}}'}, 422,
+         "unknown vae hyper-parameter(s) ['colour']"),
         (_folder(), {"epochs": 5000}, 422, "over the limit of 1000"),
         (_folder(), {"name": "digits-gan"}, 409, "a model of the repository"),
         (_folder(), {"dataset_id": "0" * 32}, 422, "either a `dataset` zip or the `dataset_id`"),
         (None, {"dataset_id": "0" * 32}, 404, "no dataset 0000"),
         (b"not a zip", {}, 422, "not a readable zip"),
+        (_folder(), {"callback_url": "http://127.0.0.1:9/hook"}, 422, "127.0.0.1"),
     ],
 )
 async def test_bad_uploads_are_refused_naming_the_file_and_the_fix(models_dir: Path, archive: bytes | None,
@@ -164,6 +170,7 @@ async def test_convert_normalises_and_trainings_are_bounded_per_key(models_dir: 
                                   data={"name": "mine", "convert": "true"})
         assert again.status_code == 429 and "SYNTHGEN_MAX_TRAININGS_PER_KEY" in again.json()["detail"]
         assert (await client.get(f"/v1/trainings/{training['id']}", headers=bob)).status_code == 404
+        assert (await client.get(f"/v1/jobs/{training['id']}", headers=alice)).status_code == 404  # not a dataset job
         reuse = await client.post("/v1/trainings", headers=bob, data={"name": "b", "dataset_id": training["dataset_id"]})
         assert reuse.status_code == 404  # another key's upload is not there for bob
         assert (await client.delete(f"/v1/trainings/{training['id']}", headers=alice)).status_code == 204
