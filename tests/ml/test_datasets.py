@@ -104,7 +104,8 @@ def test_image_folder_colour_mode(tmp_path: Path) -> None:
         (lambda root: (root / "a" / "notes.txt").write_text("hi"), "not an image"),
         (lambda root: (root / "empty").mkdir(), "class .empty. has 0 image"),
         (lambda root: (root / "a" / "bad.png").write_bytes(b"\x89PNG garbage"), "not a readable"),
-        (lambda root: (root / "a" / "big.png").write_bytes(png_bytes(np.zeros((9, 9), np.uint8))), "big.png: 9×9 pixels, but 2 of 3 images are 6×6"),
+        (lambda root: (root / "a" / "big.png").write_bytes(png_bytes(np.zeros((9, 9), np.uint8))),
+         "big.png: 9×9 pixels, but 2 of 3 images are 6×6"),
     ],
 )
 def test_image_folder_bad(tmp_path: Path, setup, message: str) -> None:

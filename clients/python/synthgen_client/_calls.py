@@ -26,6 +26,8 @@ class Call:
     path: str
     json: Any = None
     params: dict[str, Any] | None = None
+    data: dict[str, str] | None = None  # multipart form fields, with `files`
+    files: dict[str, Any] | None = None
     parse: Any = field(default=lambda response: response.json())
 
 
@@ -95,3 +97,27 @@ def augment_form(model: str, target_per_class: int, copies_per_image: int, augme
     return {"model": model, "target_per_class": str(target_per_class), "copies_per_image": str(copies_per_image),
             "augmentations": json.dumps(augmentations or {}), "seed": str(seed), "convert": str(convert).lower(),
             "include_originals": str(include_originals).lower()}
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def submit_training(name: str, archive: bytes | None, dataset_id: str | None, options: dict[str, Any]) -> Call:
+    """A training of `name` on a zip's bytes or an earlier upload's id; `options` as the route's form fields."""
+    fields = {"name": name, **({"dataset_id": dataset_id} if dataset_id else {}), **options}
+    files = {"dataset": ("dataset.zip", archive, "application/zip")} if archive is not None else None
+    return Call("POST", "/v1/trainings", data={k: _form_value(v) for k, v in fields.items() if v is not None},
+                files=files)
+
+
+def training(training_id: str) -> Call:
+    return Call("GET", f"/v1/trainings/{training_id}")
+
+
+def check_trained(training: dict[str, Any]) -> dict[str, Any]:
+    if training["state"] != "succeeded":
+        raise JobFailedError(409, f"training {training['id']} {training['state']}: {training.get('error')}")
+    return training

@@ -36,7 +36,8 @@ class AsyncClient:
 
     async def _run(self, call: calls.Call) -> Any:
         for attempt in range(self.max_retries + 1):
-            response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+            response = await self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                  data=call.data, files=call.files)
             if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
                 break
             await asyncio.sleep(calls.retry_delay(response, attempt, self.backoff_s))
@@ -112,3 +113,25 @@ class AsyncClient:
         job = await self.submit_job(model, **calls.dataset_request(path, request))
         await self.wait(job["id"])
         return await self.download(job["id"], path)
+
+    async def train(self, name: str, dataset: str | Path | None = None, dataset_id: str | None = None,
+                    wait: bool = True, **options: Any) -> dict[str, Any]:
+        """Train a model `name` on an ImageFolder zip (or an earlier upload's `dataset_id`); see `Client.train`."""
+        archive = Path(dataset).read_bytes() if dataset is not None else None
+        training = await self._run(calls.submit_training(name, archive, dataset_id, options))
+        return await self.wait_training(training["id"]) if wait else training
+
+    async def training(self, training_id: str) -> dict[str, Any]:
+        return await self._run(calls.training(training_id))
+
+    async def wait_training(self, training_id: str, poll_s: float = 2.0, timeout_s: float | None = None
+                            ) -> dict[str, Any]:
+        """Poll until the training has finished; raises JobFailedError if it failed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        training = await self.training(training_id)
+        while training["state"] not in calls.FINISHED:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"training {training_id} still {training['state']} after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+            training = await self.training(training_id)
+        return calls.check_trained(training)

@@ -34,7 +34,8 @@ class Client:
 
     def _run(self, call: calls.Call) -> Any:
         for attempt in range(self.max_retries + 1):
-            response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+            response = self._http.request(call.method, call.path, json=call.json, params=call.params,
+                            data=call.data, files=call.files)
             if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
                 break
             time.sleep(calls.retry_delay(response, attempt, self.backoff_s))
@@ -132,3 +133,32 @@ class Client:
                 path_out.open("wb") as out:
             self._stream_to(response, out, 0, 0, path_out.name, progress)
         return path_out
+
+    def train(self, name: str, dataset: str | Path | None = None, dataset_id: str | None = None, wait: bool = True,
+              progress: bool = True, **options: Any) -> dict[str, Any]:
+        """Train a model `name` on an ImageFolder zip (or an earlier upload's `dataset_id`) on the server; with
+        `wait`, until it is promoted (JobFailedError if it failed, e.g. its quality gates). `options`: arch,
+        epochs, batch_size, val_fraction, hyperparameters (a dict), seed, convert, min_tstr, min_tstr_ratio,
+        eval_per_class, callback_url."""
+        archive = Path(dataset).read_bytes() if dataset is not None else None
+        training = self._run(calls.submit_training(name, archive, dataset_id, options))
+        return self.wait_training(training["id"], progress=progress) if wait else training
+
+    def training(self, training_id: str) -> dict[str, Any]:
+        return self._run(calls.training(training_id))
+
+    def wait_training(self, training_id: str, poll_s: float = 2.0, timeout_s: float | None = None,
+                      progress: bool = True) -> dict[str, Any]:
+        """Poll until the training has finished, showing epochs, stage and the server's ETA."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        training = self.training(training_id)
+        with tqdm(total=training["epochs_total"], unit="epoch", desc=f"training {training['name']}",
+                  disable=not progress) as bar:
+            while training["state"] not in calls.FINISHED:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"training {training_id} still {training['state']} after {timeout_s} s")
+                time.sleep(poll_s)
+                training = self.training(training_id)
+                bar.update(training["epochs_done"] - bar.n)
+                bar.set_postfix(stage=training["stage"], arch=training["arch"], eta_s=training["eta_s"])
+        return calls.check_trained(training)

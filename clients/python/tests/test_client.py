@@ -107,3 +107,16 @@ def test_retries_honour_retry_after_then_give_up(monkeypatch: pytest.MonkeyPatch
     with Client("http://test", transport=busy, max_retries=2) as client, pytest.raises(OverloadedError) as error:
         client.generate("m", n=1)
     assert error.value.detail == "busy" and error.value.request_id == "r3" and len(waits) == 4
+
+
+def test_train_a_model_and_use_it(url: str, tmp_path: Path) -> None:
+    with Client(url) as client:
+        images = client.download_dataset("digits-gan", tmp_path / "d.zip", per_class=10, seed=4, progress=False)
+        tiny = {"g_channels": 8, "d_channels": 8, "latent_dim": 16, "embed_dim": 8}
+        training = client.train("client-digits", images, arch="gan", epochs=1, hyperparameters=tiny,
+                                eval_per_class=10, progress=False)
+        assert training["model"] == "client-digits@1" and training["candidates"]["gan"]["tstr_accuracy"] >= 0
+        samples, labels = client.generate("client-digits@1", n=3, label=7, seed=0)
+        assert samples.shape == (3, 8, 8) and labels.tolist() == [7] * 3
+        with pytest.raises(InvalidRequestError, match="unknown gan hyper-parameter"):
+            client.train("client-digits", dataset_id=training["dataset_id"], hyperparameters={"colour": 1})

@@ -116,6 +116,12 @@ def _grey(size: int = 8) -> bytes:
     return png_bytes(np.full((size, size), 100, np.uint8))
 
 
+def _red() -> np.ndarray:
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    return red
+
+
 def _folder(per_class: int = 10, **odd: bytes) -> bytes:
     members = {f"{c}/{i}.png": _grey() for c in ("a", "b") for i in range(per_class)}
     return zip_bytes({**members, **odd})
@@ -126,9 +132,7 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
     ("archive", "fields", "status", "message"),
     [
         (_folder(**{"a/odd.png": _grey(9)}), {}, 422, "a/odd.png: 9×9 pixels, but 20 of 21 images are 8×8"),
-        (_folder(**{"b/red.png": png_bytes(np.dstack([np.full((8, 8), 200, np.uint8)] + [np.zeros((8, 8),
-                                                                                                      np.uint8)] * 2))}),
-         {}, 422, "b/red.png: colour, but 20 of 21 images are greyscale"),
+        (_folder(**{"b/red.png": png_bytes(_red())}), {}, 422, "b/red.png: colour, but 20 of 21 images are greyscale"),
         (_folder(per_class=3), {}, 422, "class 'a' has 3 image(s), fewer than the 10"),
         (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "a/broken.png: not a readable PNG/JPEG"),
         (_folder(), {"hyperparameters": '{"colour": 1}'}, 422, "unknown gan hyper-parameter(s) ['colour']"),
@@ -171,7 +175,8 @@ async def test_convert_normalises_and_trainings_are_bounded_per_key(models_dir: 
         assert again.status_code == 429 and "SYNTHGEN_MAX_TRAININGS_PER_KEY" in again.json()["detail"]
         assert (await client.get(f"/v1/trainings/{training['id']}", headers=bob)).status_code == 404
         assert (await client.get(f"/v1/jobs/{training['id']}", headers=alice)).status_code == 404  # not a dataset job
-        reuse = await client.post("/v1/trainings", headers=bob, data={"name": "b", "dataset_id": training["dataset_id"]})
+        reuse = await client.post("/v1/trainings", headers=bob,
+                                  data={"name": "b", "dataset_id": training["dataset_id"]})
         assert reuse.status_code == 404  # another key's upload is not there for bob
         assert (await client.delete(f"/v1/trainings/{training['id']}", headers=alice)).status_code == 204
         assert (await client.get(f"/v1/trainings/{training['id']}", headers=alice)).status_code == 404
