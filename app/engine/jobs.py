@@ -279,12 +279,11 @@ class JobWorker:
                 version = await asyncio.to_thread(promote, self.settings, job, run.work / best)
                 await self._update(job.id, persist=True, checkpoint={"version": version}, progress=run.progress)
             ref = f"{job.model}@{version}"
-            self.repository.discover()
-            entry = await self.repository.load(ref)
+            entry = await self.repository.ensure_loaded(ref)
             run.progress.update(stage="done", model=ref, version=version, load_error=entry.error, eta_seconds=None)
-            size = sum(f.stat().st_size for f in entry.folder.rglob("*") if f.is_file())
+            files = await asyncio.to_thread(lambda: [f.stat().st_size for f in entry.folder.rglob("*") if f.is_file()])
             await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=job.total, finished_at=time.time(),
-                               result_bytes=size, progress=run.progress)
+                               result_bytes=sum(files), progress=run.progress)
             await self._notify(job.id)
         except asyncio.CancelledError:
             raise

@@ -109,6 +109,7 @@ class ModelRepository:
         self.entries: dict[str, ModelEntry] = {}
         self.latest: dict[str, str] = {}  # a versioned model's name → name@newest version
         self._locks: dict[str, asyncio.Lock] = {}
+        self._seen: set[str] = set()  # models found so far (a trained version found later is loaded once)
 
     def discover(self) -> list[str]:
         """Names of the model folders (those with a config.json) and of versions (`<name>/<N>/config.json`, as
@@ -174,7 +175,24 @@ class ModelRepository:
 
     async def load_all(self) -> None:
         for name in self.discover():
+            self._seen.add(name)
             await self.load(name)
+
+    async def ensure_loaded(self, name: str) -> ModelEntry:
+        """The model, loaded unless it is ready (or being loaded: then once that load is done)."""
+        entry = self.get(name)
+        async with self._locks.setdefault(entry.name, asyncio.Lock()):
+            ready = entry.status == ModelStatus.READY
+        return entry if ready else await self.load(entry.name)
+
+    async def load_new_versions(self) -> None:
+        """Load trained versions that appeared since (promoted by a worker in another process)."""
+        for name in await asyncio.to_thread(self.discover):
+            if name not in self._seen:
+                self._seen.add(name)
+                if "@" in name and self.entries[name].status == ModelStatus.UNLOADED:
+                    log.info("new version %s found; loading it", name)
+                    await self.load(name)
 
     async def load(self, name: str) -> ModelEntry:
         """(Re)load a model: the new version replaces the old only once it loaded; a failure is kept in `error`
@@ -233,11 +251,15 @@ class ModelRepository:
         for entry in self.entries.values():
             await self._stop(entry)
 
-    async def supervise(self, every_s: float = 1.0) -> None:
+    async def supervise(self, every_s: float = 1.0, discover_every: int = 10) -> None:
         """Restart a ready model's worker that died (its queue is kept, so waiting requests carry on); until it
-        is back, /readyz reports it."""
+        is back, /readyz reports it. Every `discover_every` rounds, load trained versions that appeared."""
+        rounds = 0
         while True:
             await asyncio.sleep(every_s)
+            rounds += 1
+            if rounds % discover_every == 0:
+                await self.load_new_versions()
             for entry in list(self.entries.values()):
                 if entry.status == ModelStatus.READY and entry.batcher is not None and not entry.batcher.running:
                     log.error("the worker of model %s died; restarting it", entry.name)

@@ -302,7 +302,14 @@ def promote(settings: Settings, job: Job, folder: Path) -> int:
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{job.id}"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(STATE_FILE, "progress.json*", EVALUATED))
+    grids = sorted((folder / "samples").glob("epoch_*.png"))
+
+    def left_out(directory: str, names: list[str]) -> set[str]:
+        if Path(directory) == folder / "samples":  # the last epoch's grid only
+            return {name for name in names if grids and name != grids[-1].name}
+        return {name for name in names if name in (STATE_FILE, EVALUATED) or name.startswith("progress.json")}
+
+    shutil.copytree(folder, staging, ignore=left_out)
     config = read_json(staging / "config.json")
     write_json(staging / "config.json", {**config, "trained_by": job.owner, "training_job": job.id})
     for _ in range(100):

@@ -21,6 +21,30 @@ async def test_unknown_and_invalid_model_names(models_dir: Path) -> None:
         dotted = await client.get("/v1/models/a..b")
         assert dotted.status_code == 422 and "invalid model name" in dotted.json()["detail"]
 
+async def test_versioned_models_newest_by_name_pinned_by_version(models_dir: Path) -> None:
+    """Trained versions live in <data dir>/models/<name>/<N>/: listed once with their versions, `name` is the newest,
+    `name@N` pins one, and a version written while the server runs is found and loaded."""
+    trained = models_dir.parent / "data" / "models" / "shoes"
+    for version in (1, 2):
+        shutil.copytree(models_dir / "digits-gan", trained / str(version))
+    async with serve(models_dir) as client:
+        listing = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        assert list(listing) == ["digits-gan", "digits-vae", "shoes"]
+        assert (listing["shoes"]["version"], listing["shoes"]["versions"]) == (2, [1, 2])
+        assert listing["digits-gan"]["version"] is None and listing["digits-gan"]["versions"] == []
+        pinned = (await client.get("/v1/models/shoes@1")).json()
+        assert (pinned["name"], pinned["version"], pinned["status"]) == ("shoes", 1, "ready")
+        for ref in ("shoes", "shoes@1", "shoes@2"):
+            answer = await client.post(f"/v1/models/{ref}/generate", json={"n": 2, "seed": 3, "format": "npz"})
+            assert answer.status_code == 200, answer.text
+        assert (await client.post("/v1/models/shoes@3/generate", json={"n": 1})).status_code == 404
+        assert (await client.post("/v1/models/shoes@0/generate", json={"n": 1})).status_code == 422
+        shutil.copytree(models_dir / "digits-gan", trained / "3")
+        await client.app.state.repository.load_new_versions()  # what every server does every 10 s
+        newest = (await client.get("/v1/models/shoes")).json()
+        assert (newest["version"], newest["versions"], newest["status"]) == (3, [1, 2, 3], "ready")
+
+
 async def test_models_listing_and_detail(models_dir: Path) -> None:
     async with serve(models_dir) as client:
         listing = (await client.get("/v1/models")).json()["models"]
