@@ -157,7 +157,8 @@ class TrainingPublic(BaseModel):
     epochs_done: int = Field(description="epochs done over all architectures")
     epochs_total: int
     losses: dict[str, float] = Field(default_factory=dict, description="the latest losses")
-    eta_s: float | None = Field(None, description="seconds left of the training in work (evaluation adds a little)")
+    eta_s: float | None = Field(None, description="seconds of training left, of every architecture (evaluation adds "
+                                "a little)")
     elapsed_s: float | None = None
     warnings: list[str] = Field(default_factory=list, description="what to read before trusting the result")
     dataset_id: str = Field(description="send it as `dataset_id` to train again on the same images without uploading")

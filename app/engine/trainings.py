@@ -171,6 +171,7 @@ class Stage:
     arch: str
     folder: Path
     epochs: int
+    steps: int  # optimizer steps in all
 
 
 class TrainingRun:
@@ -184,17 +185,20 @@ class TrainingRun:
         self.progress: dict[str, Any] = dict(job.progress or {})
 
     def stages(self) -> list[Stage]:
-        return [Stage(arch, self.work / arch, recipe["epochs"]) for arch, recipe in self.request["recipes"].items()]
+        images = self.request["dataset"]["images"]
+        return [Stage(arch, self.work / arch, recipe["epochs"], recipe["epochs"] * max(
+            1, (images - round(images * recipe["val_fraction"])) // recipe["batch_size"]))
+            for arch, recipe in self.request["recipes"].items()]
 
     async def run(self) -> dict[str, Any]:
         """Train and evaluate every stage (resuming what a previous worker left); returns the chosen stage's card
         figures."""
         data = str((self.settings.data_dir / self.request["dataset_file"]).resolve())
         candidates: dict[str, dict[str, Any]] = {}
-        done_epochs = 0
-        for stage in self.stages():
+        done_epochs, stages = 0, self.stages()
+        for index, stage in enumerate(stages):
             if not (stage.folder / EVALUATED).exists():
-                await self._train(stage, data, done_epochs)
+                await self._train(stage, data, done_epochs, sum(later.steps for later in stages[index + 1 :]))
                 self.progress.update(stage="evaluating", arch=stage.arch, eta_seconds=None)
                 await self.report(progress=self.progress)
                 await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, "--per-class",
@@ -208,7 +212,7 @@ class TrainingRun:
         self.progress["candidates"] = candidates
         return candidates
 
-    async def _train(self, stage: Stage, data: str, done_epochs: int) -> None:
+    async def _train(self, stage: Stage, data: str, done_epochs: int, later_steps: int) -> None:
         recipe = self.request["recipes"][stage.arch]
         resume = (stage.folder / STATE_FILE).is_file()
         if not resume and stage.folder.exists():  # killed before its first checkpoint: start again
@@ -219,9 +223,10 @@ class TrainingRun:
                      str(recipe["lr"]), "--hparams", json.dumps(recipe["hyperparameters"]), "--quiet",
                      "--tensorboard", str(self.work / "tensorboard" / stage.arch)]
         self.progress.update(stage="training", arch=stage.arch)
-        await self._child("train", stage, arguments + (["--resume"] if resume else []), done_epochs)
+        await self._child("train", stage, arguments + (["--resume"] if resume else []), done_epochs, later_steps)
 
-    async def _child(self, command: str, stage: Stage, arguments: list[str], done_epochs: int = 0) -> None:
+    async def _child(self, command: str, stage: Stage, arguments: list[str], done_epochs: int = 0,
+                     later_steps: int = 0) -> None:
         """Run `synthgen COMMAND ARGUMENTS` and wait for it, reporting its progress; stop it if cancelled."""
         self.work.mkdir(parents=True, exist_ok=True)
         options = ["--device", self.device, "--threads", str(self.settings.training_threads), "--nice",
@@ -239,7 +244,7 @@ class TrainingRun:
                     async with asyncio.timeout(POLL_S):
                         await process.wait()
                 if command == "train":
-                    await self._report_training(stage, done_epochs)
+                    await self._report_training(stage, done_epochs, later_steps)
                 if process.returncode is not None:
                     break
         except asyncio.CancelledError:
@@ -248,13 +253,19 @@ class TrainingRun:
         if process.returncode != 0:
             raise DataError(f"{command} of the {stage.arch} failed: {_last_error(log_file, self.work)}")
 
-    async def _report_training(self, stage: Stage, done_epochs: int) -> None:
+    async def _report_training(self, stage: Stage, done_epochs: int, later_steps: int) -> None:
+        """The child's progress into the job; the ETA covers the architectures still to train too (at this one's
+        step rate)."""
         try:
             child = json.loads((stage.folder / "progress.json").read_text())
         except (OSError, ValueError):
             return  # not written yet, or being replaced
         fields = {key: child.get(key) for key in ("epoch", "epochs", "step", "steps_per_epoch", "losses",
                                                    "eta_seconds", "elapsed_seconds", "warnings")}
+        left = (child.get("epochs", 0) - child.get("epoch", 0)) * (child.get("steps_per_epoch") or 0) - child.get(
+            "step", 0)
+        if fields["eta_seconds"] and left > 0 and later_steps:
+            fields["eta_seconds"] = round(fields["eta_seconds"] * (1 + later_steps / left), 1)
         if fields != {key: self.progress.get(key) for key in fields}:
             self.progress.update(fields)
             await self.report(progress=self.progress, done=done_epochs + int(child.get("epoch", 0)))
