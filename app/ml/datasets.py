@@ -73,6 +73,16 @@ class ImageDataset:
         order = np.random.default_rng(seed).permutation(len(self))
         return self.subset(np.sort(order[n_val:])), self.subset(np.sort(order[:n_val]))
 
+    def aligned_to(self, class_names: list[str]) -> ImageDataset:
+        """The labels renumbered to `class_names`' order when this dataset names the same classes in another order
+        (an ImageFolder's classes are sorted by name); unchanged when its names are only indices (IDX files)."""
+        if self.class_names == class_names or self.class_names == [str(i) for i in range(len(self.class_names))]:
+            return self
+        if sorted(self.class_names) != sorted(class_names):
+            raise DataError(f"the data's classes {self.class_names} are not the model's {class_names}")
+        mapping = np.array([class_names.index(name) for name in self.class_names], dtype=np.int64)
+        return ImageDataset(self.images, mapping[self.labels], list(class_names))
+
     def to_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Images as float32 `[N, C, H, W]` in [-1, 1] (the networks' pixel normalisation) and int64 labels."""
         return to_model_range(self.images), torch.from_numpy(self.labels.astype(np.int64))

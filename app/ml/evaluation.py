@@ -225,7 +225,7 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     fingerprint = dataset.fingerprint()
     sections: dict[str, Any] = {}
     if test_spec:
-        test = load_dataset(test_spec)
+        test = load_dataset(test_spec).aligned_to(model.class_names)
         sections["test_metrics"] = {
             "data": test_spec, "n": len(test),
             "tstr_accuracy": round(accuracy(tstr, test.images, test.labels), 6),

@@ -133,7 +133,7 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
     model = load_model(folder, "cpu")
     training = model.config["training_data"]
     real, _ = load_dataset(data_spec).split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
-    test = load_dataset(test_spec)
+    test = load_dataset(test_spec).aligned_to(model.class_names)
     synthetic = sample(model, sample_seed, per_class_labels(model.num_classes, per_class))
     report = tstr_report((real.images, real.labels), synthetic, (test.images, test.labels), model.num_classes,
                          list(seeds))

@@ -174,3 +174,14 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert len(val) == 20 and len(train) == 80
     assert not set(train.images.ravel()) & set(val.images.ravel())
     assert np.array_equal(train.images, again_train.images)
+
+
+def test_aligned_to_renumbers_by_class_name() -> None:
+    images = np.zeros((3, 2, 2, 1), np.uint8)
+    named = ImageDataset(images, np.array([0, 1, 2]), ["t-shirt", "trouser", "bag"])
+    aligned = named.aligned_to(["bag", "t-shirt", "trouser"])  # an ImageFolder's sorted order
+    assert aligned.labels.tolist() == [1, 2, 0] and aligned.class_names == ["bag", "t-shirt", "trouser"]
+    indices = ImageDataset(images, np.array([0, 1, 2]), ["0", "1", "2"])  # IDX: no names, the indices are trusted
+    assert indices.aligned_to(["bag", "t-shirt", "trouser"]) is indices
+    with pytest.raises(DataError, match="not the model's"):
+        named.aligned_to(["cat", "dog", "bird"])
