@@ -55,6 +55,7 @@ async def get_webhooks(request: Request) -> WebhookSender:
 ModelName = Annotated[str, Path(description="a model's name (GET /v1/models lists them)", pattern=MODEL_REF.pattern,
                                 openapi_examples={"GAN": {"value": "mnist-cgan"}, "VAE": {"value": "mnist-cvae"}})]
 JobId = Annotated[str, Path(description="the id POST /v1/jobs returned", pattern=JOB_ID.pattern)]
+TrainingId = Annotated[str, Path(description="the id POST /v1/trainings returned", pattern=JOB_ID.pattern)]
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]

@@ -15,10 +15,10 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from app.api.deps import (
     CallerDep,
-    JobId,
     RepositoryDep,
     SettingsDep,
     StoreDep,
+    TrainingId,
     WebhooksDep,
     WorkerDep,
     require_api_key,
@@ -175,7 +175,7 @@ async def list_trainings(store: StoreDep, caller: CallerDep,
             responses={404: {"model": ErrorPublic}},
             description="State, stage, epoch and step, latest losses, ETA, warnings, the candidates' figures and, "
                         "once promoted, the model (`name@version`).")
-async def get_training(training_id: JobId, store: StoreDep, caller: CallerDep) -> TrainingPublic:
+async def get_training(training_id: TrainingId, store: StoreDep, caller: CallerDep) -> TrainingPublic:
     return training_public(await asyncio.to_thread(store.get, training_id, caller.owner, "training"))
 
 
@@ -192,9 +192,11 @@ def _stage_folder(settings: Settings, job: Job, evaluated: bool = False) -> Path
 
 
 @router.get("/{training_id}/samples.png", summary="The latest sample grid", response_class=FileResponse,
+            description="The sample grid drawn after the last epoch of the architecture in work (or of the one "
+                        "chosen): a row per class, named, in label order.",
             responses={200: {"content": {"image/png": {}}, "description": "a row of samples per class, named"},
                        404: {"model": ErrorPublic}})
-async def get_training_samples(training_id: JobId, store: StoreDep, caller: CallerDep, settings: SettingsDep
+async def get_training_samples(training_id: TrainingId, store: StoreDep, caller: CallerDep, settings: SettingsDep
                                ) -> FileResponse:
     job = await asyncio.to_thread(store.get, training_id, caller.owner, "training")
     grids = sorted((_stage_folder(settings, job) / "samples").glob("epoch_*.png"))
@@ -207,7 +209,7 @@ async def get_training_samples(training_id: JobId, store: StoreDep, caller: Call
             responses={404: {"model": ErrorPublic}},
             description="The card of the model this training chose (also when it failed its gates and was not "
                         "promoted), or of the candidate evaluated last.")
-async def get_training_card(training_id: JobId, store: StoreDep, caller: CallerDep, settings: SettingsDep
+async def get_training_card(training_id: TrainingId, store: StoreDep, caller: CallerDep, settings: SettingsDep
                             ) -> JSONResponse:
     job = await asyncio.to_thread(store.get, training_id, caller.owner, "training")
     folder = _stage_folder(settings, job, evaluated=True)
@@ -220,7 +222,7 @@ async def get_training_card(training_id: JobId, store: StoreDep, caller: CallerD
                responses={404: {"model": ErrorPublic}},
                description="Stops a queued or running training and deletes it and its working files; a model it "
                            "already promoted stays.")
-async def delete_training(training_id: JobId, store: StoreDep, worker: WorkerDep, caller: CallerDep) -> Response:
+async def delete_training(training_id: TrainingId, store: StoreDep, worker: WorkerDep, caller: CallerDep) -> Response:
     await asyncio.to_thread(store.get, training_id, caller.owner, "training")
     if worker is not None:  # a training running in another process stops at its next lease renewal
         await worker.cancel(training_id)
