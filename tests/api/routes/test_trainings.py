@@ -95,6 +95,9 @@ async def test_train_a_gan_on_500_images_through_the_api(tmp_path: Path, models_
         grid = await client.get(f"/v1/trainings/{training['id']}/samples.png")
         assert grid.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(grid.content)).height >= 10 * 28  # a row per class
+        promoted = tmp_path / "data" / "models" / "fashion-small" / "1"
+        assert [p.name for p in (promoted / "samples").iterdir()] == ["epoch_004.png"]  # the last grid only
+        assert not (promoted / "training_state.safetensors").exists()
         events = list((tmp_path / "data" / training["tensorboard_logdir"]).rglob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0
 
