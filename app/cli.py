@@ -88,6 +88,28 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} samples of {model.name} to {args.out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from app.core.model import load_model
+    from app.engine.plans import plan_samples
+    from app.engine.shards import shards_of, write_manifest, write_shard
+
+    model = load_model(args.model, "cpu")
+    plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
+                        max_samples=sys.maxsize, scope="the command line")
+    out = Path(args.out)
+    if args.ray:
+        from app.engine.ray_export import export_on_ray
+
+        summary = export_on_ray(args.ray, Path(args.model), plan, args.shard_size, out, args.actors,
+                                args.gpus_per_actor)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        written = [write_shard(model, plan, shard, args.shard_size, out) for shard in shards_of(plan, args.shard_size)]
+        summary = {"shards": len(written), "samples": len(plan), "manifest": str(write_manifest(model, plan, written,
+                                                                                                 out))}
+    print(json.dumps(summary, sort_keys=True))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from app.ml.evaluation import evaluate
 
@@ -171,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "into this folder")
     _process_options(train)
     train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="write a dataset as WebDataset shards and a manifest, in this "
+                                 "process or across a Ray cluster (--ray)")
+    export.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
+    export.add_argument("--per-class", type=int, default=None, help="N samples of every class")
+    export.add_argument("--n", type=int, default=None, help="N samples (with --label, all of that class)")
+    export.add_argument("--label", default=None, help="class name or index (with --n)")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    export.add_argument("--out", required=True, help="folder for the shards and manifest.json (with --ray: one "
+                        "every node sees)")
+    export.add_argument("--ray", default=None, help="address of a Ray cluster (e.g. 10.0.0.1:6379, or auto)")
+    export.add_argument("--actors", type=int, default=2, help="with --ray: model replicas writing shards")
+    export.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --ray: GPUs each actor takes (0: CPU)")
+    export.set_defaults(run=_export)
 
     generate = commands.add_parser("generate",
                                    help="write samples to .npz, .zip, a .png grid or an ImageFolder directory")

@@ -1,0 +1,135 @@
+"""Sharded exports: the same shard bytes from a tar job, from one process and from a real two-node Ray cluster on
+127.0.0.1 (head and worker started with `ray start` as separate processes), also when the worker node dies
+mid-export."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app.core.model import load_model
+from app.engine.plans import plan_samples
+from app.engine.shards import shards_of, write_manifest, write_shard
+from tests.conftest import ROOT, serve
+from tests.helpers import wait_for_job
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray[data]'; make install does)")
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _sha256s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+
+def _local_export(folder: Path, out: Path, per_class: int, shard_size: int) -> dict[str, str]:
+    model = load_model(folder, "cpu")
+    plan = plan_samples(model, per_class=per_class, seed=0, max_samples=sys.maxsize, scope="test")
+    out.mkdir(parents=True)
+    write_manifest(model, plan, [write_shard(model, plan, s, shard_size, out) for s in shards_of(plan, shard_size)],
+                   out)
+    return _sha256s(out)
+
+
+@pytest.mark.anyio
+async def test_shards_written_alone_are_the_tar_jobs_shards(tmp_path: Path, models_dir: Path) -> None:
+    local = _local_export(models_dir / "digits-gan", tmp_path / "local", per_class=25, shard_size=60)
+    assert len(local) == 5  # 250 samples: four shards of 60 and one of 10
+    async with serve(models_dir) as client:
+        submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "per_class": 25, "seed": 0,
+                                                        "format": "tar", "shard_size": 60})
+        job = await wait_for_job(client, submitted.json()["id"], timeout_s=60)
+        for file in job["files"]:
+            if file["name"].endswith(".tar"):
+                data = (await client.get(file["url"])).content
+                assert hashlib.sha256(data).hexdigest() == local[file["name"]], file["name"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _node(*arguments: str) -> subprocess.Popen:
+    """A Ray node in the foreground (`ray start --block`) in its own process group, so it can be killed whole."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen([str(RAY), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                             *arguments], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _active_nodes(address: str) -> int:
+    status = subprocess.run([str(RAY), "status", "--address", address], capture_output=True, text=True).stdout
+    return len(re.findall(r"^ 1 node_", status.split("Pending:")[0], re.M))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head and a worker node on 127.0.0.1 for this module (its last test kills the worker node): yields
+    (address, worker process)."""
+    port = _free_port()
+    head = _node("--head", "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats")
+    address, worker = f"127.0.0.1:{port}", None
+    try:
+        deadline = time.monotonic() + 60
+        while _active_nodes(address) < 1:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        worker = _node("--address", address)
+        while _active_nodes(address) < 2:
+            assert worker.poll() is None and time.monotonic() < deadline, "the Ray worker node did not join"
+            time.sleep(0.5)
+        yield address, worker
+    finally:
+        for node in (worker, head):  # every process of a node is in its group (a graceful stop takes 35 s)
+            if node is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+
+
+def _ray_export(folder: Path, out: Path, address: str, per_class: int, shard_size: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", "export", "--model", str(folder), "--per-class",
+                           str(per_class), "--seed", "0", "--shard-size", str(shard_size), "--out", str(out), "--ray",
+                           address, "--actors", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_sharded_export_on_a_ray_cluster_has_the_bytes_of_one_process(tmp_path: Path, tiny_gan: Path,
+                                                                        ray_cluster) -> None:
+    address, _ = ray_cluster
+    local = _local_export(tiny_gan, tmp_path / "local", per_class=300, shard_size=500)
+    run = _ray_export(tiny_gan, tmp_path / "ray", address, per_class=300, shard_size=500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '"nodes": 2' in run.stdout and '"shards": 6' in run.stdout, run.stdout
+    assert _sha256s(tmp_path / "ray") == local
+    assert (tmp_path / "ray" / "manifest.json").read_text() == (tmp_path / "local" / "manifest.json").read_text()
+
+
+def test_a_worker_node_killed_mid_export_changes_no_byte(tmp_path: Path, tiny_gan: Path, ray_cluster) -> None:
+    address, worker = ray_cluster
+    local = _local_export(tiny_gan, tmp_path / "local", per_class=2000, shard_size=1000)
+    out = tmp_path / "ray"
+    result: dict = {}
+    export = threading.Thread(target=lambda: result.update(run=_ray_export(tiny_gan, out, address, 2000, 1000)))
+    export.start()
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.tar"))) < 2:  # the export is under way on both nodes
+        assert export.is_alive() and time.monotonic() < deadline, result
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)  # the node's raylet and workers die at once
+    export.join(timeout=300)
+    run = result["run"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list(out.glob("*.tar"))) == 20 and not list(out.glob("*.part"))
+    assert _sha256s(out) == local
