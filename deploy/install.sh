@@ -4,9 +4,10 @@
 #   TORCH=cpu          install torch==2.13.0 first (TORCH_INDEX_URL may point at the CPU wheel index)
 #   TORCH=preinstalled keep the torch of the base image (the CUDA image): pip must not replace it, so the install
 #                      is planned first (pip --dry-run --report) and refused if it would touch torch or CUDA wheels
+#   EXTRAS=ray         optional dependencies too (ray: `synthgen export --ray`, the image of a KubeRay cluster)
 set -eu
 TORCH="${TORCH:-cpu}"
-SRC="${1:-.}"
+SRC="${1:-.}${EXTRAS:+[$EXTRAS]}"
 python -m pip install --no-cache-dir --upgrade pip
 case "$TORCH" in
 cpu)
