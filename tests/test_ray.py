@@ -1,9 +1,11 @@
-"""Sharded exports: the same shard bytes from a tar job, from one process and from a real two-node Ray cluster on
-127.0.0.1 (head and worker started with `ray start` as separate processes), also when the worker node dies
-mid-export."""
+"""synthgen on a real two-node Ray cluster on 127.0.0.1 (head and worker started with `ray start` as separate
+processes): sharded exports with the bytes of one process and of a tar job, also when the worker node dies
+mid-export (the module's last test); the API as a Ray Serve deployment, batching concurrent requests and answering
+them byte for byte as `synthgen serve` does."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -16,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.core.model import load_model
@@ -114,6 +117,39 @@ def test_a_sharded_export_on_a_ray_cluster_has_the_bytes_of_one_process(tmp_path
     assert '"nodes": 2' in run.stdout and '"shards": 6' in run.stdout, run.stdout
     assert _sha256s(tmp_path / "ray") == local
     assert (tmp_path / "ray" / "manifest.json").read_text() == (tmp_path / "local" / "manifest.json").read_text()
+
+
+@pytest.mark.anyio
+async def test_the_api_on_ray_serve_batches_and_answers_as_synthgen_serve(tmp_path: Path, models_dir: Path,
+                                                                         ray_cluster) -> None:
+    from ray import serve as ray_serve
+
+    from app.api.ray_serve import build
+
+    address, _ = ray_cluster
+    port = _free_port()
+    ray.init(address=address, log_to_driver=False)
+    try:
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ray_serve.run(build({"models_dir": str(models_dir), "data_dir": str(tmp_path / "serve-data"), "device": "cpu",
+                             "max_batch_wait_ms": 20, "max_replicas": 1, "num_cpus": 0.5}), name="synthgen",
+                      route_prefix="/")
+        bodies = [{"n": 3, "seed": seed, "label": seed % 10, "format": "npz"} for seed in range(24)]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            answers = await asyncio.gather(*(client.post("/v1/models/digits-gan/generate", json=body)
+                                             for body in bodies))
+            metrics = (await client.get("/metrics")).text
+        ray_serve.delete("synthgen")
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers if a.status_code != 200]
+    passes = float(re.search(r'^synthgen_forward_passes_total\{model="digits-gan"\} (\S+)$', metrics, re.M).group(1))
+    assert passes < len(bodies)  # concurrent requests were packed into shared forward passes
+    async with serve(models_dir) as client:  # the same requests to the app as `synthgen serve` runs it
+        for body, answer in zip(bodies, answers):
+            reference = await client.post("/v1/models/digits-gan/generate", json=body)
+            assert reference.content == answer.content
 
 
 def test_a_worker_node_killed_mid_export_changes_no_byte(tmp_path: Path, tiny_gan: Path, ray_cluster) -> None:
