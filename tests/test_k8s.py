@@ -26,8 +26,8 @@ def _pod_specs(objects: list[dict]) -> list[dict]:
     for obj in objects:
         if obj["kind"] in ("Deployment", "Job"):
             specs.append(obj["spec"]["template"]["spec"])
-        if obj["kind"] == "RayJob":
-            cluster = obj["spec"]["rayClusterSpec"]
+        if obj["kind"] in ("RayJob", "RayService"):
+            cluster = obj["spec"]["rayClusterSpec" if obj["kind"] == "RayJob" else "rayClusterConfig"]
             specs += [cluster["headGroupSpec"]["template"]["spec"],
                       *(group["template"]["spec"] for group in cluster["workerGroupSpecs"])]
     return specs
@@ -86,3 +86,15 @@ def test_keda_scales_on_the_servers_own_metrics_and_rayjob_runs_the_sharded_expo
     assert rayjob["spec"]["entrypoint"].startswith("synthgen export ") and "--ray auto" in rayjob["spec"]["entrypoint"]
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_rayservice_runs_the_serve_builder_of_this_package() -> None:
+    import importlib
+
+    service = next(obj for obj in _objects() if obj["kind"] == "RayService")
+    application = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    module, _, name = application["import_path"].partition(":")
+    pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
+    build = getattr(importlib.import_module(module), name)
+    assert application["route_prefix"] == "/" and {"models_dir", "num_gpus"} <= set(application["args"])
+    assert type(build(application["args"])).__name__ == "Application"  # the args are valid options and settings
