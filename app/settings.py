@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(5, ge=1, le=20, description="tries of one webhook delivery")
     webhook_backoff_s: float = Field(2.0, gt=0, le=600, description="wait before the first retry; doubles each time")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="one delivery attempt's timeout")
+    ray_address: str | None = Field(None, description="a Ray cluster (host:port, or auto): tar jobs with a shard_size "
+                                    "and no filters are generated there, sharded over its actors (Ray Data); needs "
+                                    "results in the data directory that the cluster's nodes share")
+    ray_actors: int = Field(2, ge=1, le=4096, description="model replicas a Ray job runs on")
+    ray_gpus_per_actor: float = Field(0.0, ge=0, le=8, description="GPUs each Ray actor takes (0: CPU)")
     max_trainings_per_key: int = Field(1, ge=1, description="trainings one API key may have queued or running")
     max_concurrent_trainings: int = Field(1, ge=1, le=16, description="trainings one worker runs at once")
     max_training_images: int = Field(60_000, ge=10, description="most images in one training upload")

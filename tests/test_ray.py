@@ -152,6 +152,25 @@ async def test_the_api_on_ray_serve_batches_and_answers_as_synthgen_serve(tmp_pa
             assert reference.content == answer.content
 
 
+@pytest.mark.anyio
+async def test_a_tar_job_runs_on_ray_with_the_bytes_of_one_process(tmp_path: Path, models_dir: Path,
+                                                                   ray_cluster) -> None:
+    """SYNTHGEN_RAY_ADDRESS: a sharded tar job submitted to the API is generated on the cluster, its progress in the
+    job store like any job's."""
+    address, _ = ray_cluster
+    local = _local_export(models_dir / "digits-gan", tmp_path / "local", per_class=100, shard_size=250)
+    async with serve(models_dir, ray_address=address, ray_actors=2) as client:
+        submitted = await client.post("/v1/jobs", json={"model": "digits-gan", "per_class": 100, "seed": 0,
+                                                        "format": "tar", "shard_size": 250})
+        job = await wait_for_job(client, submitted.json()["id"], timeout_s=180)
+        assert job["state"] == "succeeded" and job["done"] == job["total"] == 1000, job
+        shards = {file["name"]: hashlib.sha256((await client.get(file["url"])).content).hexdigest()
+                  for file in job["files"] if file["name"].endswith(".tar")}
+        manifest = (await client.get(f"/v1/jobs/{job['id']}/files/manifest.json")).json()
+    assert shards == local
+    assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == local
+
+
 def test_a_worker_node_killed_mid_export_changes_no_byte(tmp_path: Path, tiny_gan: Path, ray_cluster) -> None:
     address, worker = ray_cluster
     local = _local_export(tiny_gan, tmp_path / "local", per_class=2000, shard_size=1000)

@@ -29,7 +29,7 @@ from app.engine.jobstore import Job, JobStore
 from app.engine.metrics import Metrics
 from app.engine.plans import SamplePlan, plan_samples
 from app.engine.repository import ModelRepository
-from app.engine.results import ResultWriter
+from app.engine.results import LocalResults, ResultWriter
 from app.engine.states import JobState
 from app.engine.trainings import TrainingRun, gate_failures, promote
 from app.errors import QualityGateError, QuotaExceededError, SynthgenError
@@ -200,7 +200,15 @@ class JobWorker:
             except Exception:  # a webhook problem never changes the job
                 log.exception("the end of job %s could not be announced", job_id)
 
+    def _on_ray(self, job: Job) -> bool:
+        """Whether the job runs on the Ray cluster: a sharded tar job without filters, results in the data
+        directory (which the cluster's nodes share)."""
+        return bool(self.settings.ray_address and job.format == "tar" and job.request.get("shard_size")
+                    and resumable(job) and isinstance(self.store.storage, LocalResults))
+
     async def _run(self, job: Job) -> None:
+        if self._on_ray(job):
+            return await self._run_on_ray(job)
         storage = self.store.storage
         checkpoint = (job.checkpoint if resumable(job) else None) or {"files": {}, "next": 0}
         writer: ResultWriter | None = None
@@ -255,6 +263,53 @@ class JobWorker:
             if writer is not None:
                 await asyncio.to_thread(writer.abort)
             log.error("job %s failed: %s", job.id, exc)
+            await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
+                               finished_at=time.time(), checkpoint=None)
+            await self._notify(job.id)
+        finally:
+            self._tasks.pop(job.id, None)
+            self._kinds.pop(job.id, None)
+
+    async def _run_on_ray(self, job: Job) -> None:
+        """The job's shards written by Ray Data actors into its part folder (progress: the shards complete), then
+        the folder committed; a worker that takes the job over writes them again (the same bytes)."""
+        from app.engine.ray_export import done_shards, export_on_ray
+
+        writer = None
+        started = time.monotonic()
+        try:
+            writer = await asyncio.to_thread(self.store.storage.writer, job.id, None)
+            async with self.repository.serving(job.model) as served:
+                plan = plan_for(served.model, job.request, self.settings)
+                shard_size = job.request["shard_size"]
+                export = asyncio.ensure_future(asyncio.to_thread(
+                    export_on_ray, self.settings.ray_address, served.model.folder, plan, shard_size, writer.part,
+                    self.settings.ray_actors, self.settings.ray_gpus_per_actor))
+                while not export.done():
+                    await asyncio.wait({export}, timeout=self.PROGRESS_EVERY_S * 2)
+                    done = min(await asyncio.to_thread(done_shards, writer.part) * shard_size, len(plan))
+                    await self._update(job.id, done=done)
+                await export
+            size = sum(f.stat().st_size for f in writer.part.iterdir())
+            if size > job.reserved_bytes:
+                raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for it; "
+                                         "the partial result was removed")
+            await asyncio.to_thread(writer.commit)
+            recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),
+                                          finished_at=time.time(), result_bytes=size, checkpoint=None)
+            if not recorded:
+                await asyncio.to_thread(self.store.storage.delete, job.id)
+                return
+            if self.metrics is not None:
+                self.metrics.job_samples.labels(self.id).inc(len(plan))
+                self.metrics.job_seconds.labels(self.id).inc(time.monotonic() - started)
+            await self._notify(job.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if writer is not None:
+                await asyncio.to_thread(writer.abort)
+            log.error("job %s failed on Ray: %s", job.id, exc)
             await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
                                finished_at=time.time(), checkpoint=None)
             await self._notify(job.id)

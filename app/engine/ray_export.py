@@ -33,6 +33,11 @@ class ShardWriter:
         return {key: [w[key] for w in written] for key in ("name", "bytes", "sha256")}
 
 
+def done_shards(out: Path) -> int:
+    """Shards complete so far in `out` (each appears under its name only once written whole)."""
+    return sum(1 for _ in out.glob("*.tar"))
+
+
 def export_on_ray(address: str, folder: Path, plan: SamplePlan, shard_size: int, out: Path, actors: int = 2,
                   gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0) -> dict[str, Any]:
     """Write the plan's shards and manifest into `out` on the Ray cluster at `address`; returns a summary."""
@@ -47,7 +52,8 @@ def export_on_ray(address: str, folder: Path, plan: SamplePlan, shard_size: int,
         rows = ray.data.from_items([{"number": s.number, "start": s.start, "stop": s.stop} for s in shards],
                                    override_num_blocks=len(shards))
         device = "cuda" if gpus_per_actor else "cpu"
-        written = rows.map_batches(ShardWriter, batch_size=1, concurrency=actors, num_gpus=gpus_per_actor,
+        written = rows.map_batches(ShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                                   num_gpus=gpus_per_actor,
                                    num_cpus=cpus_per_actor, max_restarts=-1, max_task_retries=-1,
                                    fn_constructor_args=(str(folder), model.name, plan, shard_size, str(out), device),
                                    ).take_all()
