@@ -42,6 +42,15 @@ def _process_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
 
 
+def _sample_options(parser: argparse.ArgumentParser) -> None:
+    """Which samples a command writes: the model and the plan."""
+    parser.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
+    parser.add_argument("--per-class", type=int, default=None, help="N samples of every class")
+    parser.add_argument("--n", type=int, default=None, help="N samples (with --label, all of that class)")
+    parser.add_argument("--label", default=None, help="class name or index (with --n)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _apply_process_options(args: argparse.Namespace) -> None:
     import os
 
@@ -196,11 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a dataset as WebDataset shards and a manifest, in this "
                                  "process or across a Ray cluster (--ray)")
-    export.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
-    export.add_argument("--per-class", type=int, default=None, help="N samples of every class")
-    export.add_argument("--n", type=int, default=None, help="N samples (with --label, all of that class)")
-    export.add_argument("--label", default=None, help="class name or index (with --n)")
-    export.add_argument("--seed", type=int, default=0)
+    _sample_options(export)
     export.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
     export.add_argument("--out", required=True, help="folder for the shards and manifest.json (with --ray: one "
                         "every node sees)")
@@ -211,11 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate",
                                    help="write samples to .npz, .zip, a .png grid or an ImageFolder directory")
-    generate.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
-    generate.add_argument("--per-class", type=int, default=None, help="N samples of every class")
-    generate.add_argument("--n", type=int, default=None, help="N samples (with --label, all of that class)")
-    generate.add_argument("--label", default=None, help="class name or index (with --n)")
-    generate.add_argument("--seed", type=int, default=0)
+    _sample_options(generate)
     generate.add_argument("--truncation", type=float, default=1.0, help="latent scale: GAN ψ, VAE temperature")
     generate.add_argument("--out", required=True, help="PATH.npz, PATH.zip, PATH.png (a grid) or a directory")
     generate.add_argument("--device", default="auto")

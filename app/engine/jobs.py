@@ -260,15 +260,22 @@ class JobWorker:
         except sa.exc.SQLAlchemyError as exc:  # the database stayed away: the lease runs out, another worker resumes
             log.error("job %s left for another worker: the database is unreachable (%s)", job.id, exc)
         except Exception as exc:  # every failure is recorded on the job, never lost
-            if writer is not None:
-                await asyncio.to_thread(writer.abort)
-            log.error("job %s failed: %s", job.id, exc)
-            await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
-                               finished_at=time.time(), checkpoint=None)
-            await self._notify(job.id)
+            await self._fail(job.id, exc, writer, checkpoint=None)
         finally:
-            self._tasks.pop(job.id, None)
-            self._kinds.pop(job.id, None)
+            self._forget(job.id)
+
+    async def _fail(self, job_id: str, exc: Exception, writer: ResultWriter | None = None, **fields: Any) -> None:
+        """Record a failure on the job (a partial result removed) and announce it."""
+        if writer is not None:
+            await asyncio.to_thread(writer.abort)
+        log.error("job %s failed: %s", job_id, exc)
+        await self._update(job_id, persist=True, state=JobState.FAILED, error=_failure(exc), finished_at=time.time(),
+                           **fields)
+        await self._notify(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._kinds.pop(job_id, None)
 
     async def _run_on_ray(self, job: Job) -> None:
         """The job's shards written by Ray Data actors into its part folder (progress: the shards complete), then
@@ -307,15 +314,9 @@ class JobWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if writer is not None:
-                await asyncio.to_thread(writer.abort)
-            log.error("job %s failed on Ray: %s", job.id, exc)
-            await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
-                               finished_at=time.time(), checkpoint=None)
-            await self._notify(job.id)
+            await self._fail(job.id, exc, writer, checkpoint=None)
         finally:
-            self._tasks.pop(job.id, None)
-            self._kinds.pop(job.id, None)
+            self._forget(job.id)
 
     async def _run_training(self, job: Job) -> None:
         """Train (resuming a checkpoint a dead worker left), evaluate, check the gates, promote and load."""
@@ -345,13 +346,9 @@ class JobWorker:
         except sa.exc.SQLAlchemyError as exc:
             log.error("training %s left for another worker: the database is unreachable (%s)", job.id, exc)
         except Exception as exc:
-            log.error("training %s failed: %s", job.id, exc)
-            await self._update(job.id, persist=True, state=JobState.FAILED, error=_failure(exc),
-                               finished_at=time.time(), progress=run.progress)
-            await self._notify(job.id)
+            await self._fail(job.id, exc, progress=run.progress)
         finally:
-            self._tasks.pop(job.id, None)
-            self._kinds.pop(job.id, None)
+            self._forget(job.id)
 
     async def _checkpoint(self, job: Job, writer: ResultWriter, shard_size: int | None) -> None:
         """After each complete shard of a tar job: what a worker taking the job over resumes from."""
