@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from app.core.model import SyntheticModel
 from app.core.sampling import sample
 from app.engine.archives import WebDatasetShards
@@ -34,31 +36,32 @@ def shards_of(plan: SamplePlan, shard_size: int) -> list[Shard]:
             for k in range(math.ceil(len(plan) / shard_size))]
 
 
-def shard_name(model: SyntheticModel, plan: SamplePlan, number: int) -> str:
-    return f"{export_name(model.name, plan.seed)}-{number:06d}.tar"
+def generate_shard(model: SyntheticModel, plan: SamplePlan, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's samples (uint8 images, labels), generated in batches."""
+    parts = [sample(model, plan.seed, plan.labels(first, min(first + BATCH, shard.stop)), plan.truncation,
+                    start_index=first) for first in range(shard.start, shard.stop, BATCH)]
+    return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
+
+
+def encode_shard(class_names: list[str], model_name: str, plan: SamplePlan, shard: Shard, shard_size: int,
+                 images: np.ndarray, labels: np.ndarray, out: Path) -> dict[str, Any]:
+    """Encode a shard's samples into its tar in `out` (written aside, then renamed); returns its name, size and
+    sha256."""
+    prefix = export_name(model_name, plan.seed)
+    writer = WebDatasetShards(class_names, plan.seed, model_name, prefix, shard_size, first_shard=shard.number)
+    pieces = writer.add(images, labels, range(shard.start, shard.stop)) + writer.finish(None)
+    data = b"".join(piece for _, piece in pieces)
+    name = f"{prefix}-{shard.number:06d}.tar"
+    part = out / f"{name}.part"
+    part.write_bytes(data)
+    part.replace(out / name)
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def write_shard(model: SyntheticModel, plan: SamplePlan, shard: Shard, shard_size: int, out: Path) -> dict[str, Any]:
-    """Generate one shard into `out` (written aside, then renamed); returns its name, size and sha256."""
-    writer = WebDatasetShards(model.class_names, plan.seed, model.name, export_name(model.name, plan.seed),
-                              shard_size, first_shard=shard.number)
-    name = shard_name(model, plan, shard.number)
-    part, digest, size = out / f"{name}.part", hashlib.sha256(), 0
-    with part.open("wb") as handle:
-        for first in range(shard.start, shard.stop, BATCH):
-            last = min(first + BATCH, shard.stop)
-            images, labels = sample(model, plan.seed, plan.labels(first, last), plan.truncation, start_index=first)
-            for piece_name, data in writer.add(images, labels, range(first, last)):
-                assert piece_name == name
-                handle.write(data)
-                digest.update(data)
-                size += len(data)
-        for _, data in writer.finish(None):
-            handle.write(data)
-            digest.update(data)
-            size += len(data)
-    part.replace(out / name)
-    return {"name": name, "bytes": size, "sha256": digest.hexdigest()}
+    """Generate and encode one shard in this process."""
+    images, labels = generate_shard(model, plan, shard)
+    return encode_shard(model.class_names, model.name, plan, shard, shard_size, images, labels, out)
 
 
 def write_manifest(model: SyntheticModel, plan: SamplePlan, shards: list[dict[str, Any]], out: Path) -> Path:
