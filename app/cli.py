@@ -110,7 +110,7 @@ def _export(args: argparse.Namespace) -> None:
         from app.engine.ray_export import export_on_ray
 
         summary = export_on_ray(args.ray, Path(args.model), plan, args.shard_size, out, args.actors,
-                                args.gpus_per_actor)
+                                args.gpus_per_actor, args.cpus_per_actor)
     else:
         out.mkdir(parents=True, exist_ok=True)
         written = [write_shard(model, plan, shard, args.shard_size, out) for shard in shards_of(plan, args.shard_size)]
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ray", default=None, help="address of a Ray cluster (e.g. 10.0.0.1:6379, or auto)")
     export.add_argument("--actors", type=int, default=2, help="with --ray: model replicas writing shards")
     export.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --ray: GPUs each actor takes (0: CPU)")
+    export.add_argument("--cpus-per-actor", type=float, default=1.0, help="with --ray: CPUs each actor takes (the "
+                        "rest encode)")
     export.set_defaults(run=_export)
 
     generate = commands.add_parser("generate",

@@ -107,6 +107,7 @@ class Settings(BaseSettings):
                                     "results in the data directory that the cluster's nodes share")
     ray_actors: int = Field(2, ge=1, le=4096, description="model replicas a Ray job runs on")
     ray_gpus_per_actor: float = Field(0.0, ge=0, le=8, description="GPUs each Ray actor takes (0: CPU)")
+    ray_cpus_per_actor: float = Field(1.0, ge=0, le=256, description="CPUs each Ray actor takes (the others encode)")
     max_trainings_per_key: int = Field(1, ge=1, description="trainings one API key may have queued or running")
     max_concurrent_trainings: int = Field(1, ge=1, le=16, description="trainings one worker runs at once")
     max_training_images: int = Field(60_000, ge=10, description="most images in one training upload")

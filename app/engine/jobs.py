@@ -291,7 +291,7 @@ class JobWorker:
                 shard_size = job.request["shard_size"]
                 export = asyncio.ensure_future(asyncio.to_thread(
                     export_on_ray, self.settings.ray_address, served.model.folder, plan, shard_size, writer.part,
-                    self.settings.ray_actors, self.settings.ray_gpus_per_actor))
+                    self.settings.ray_actors, self.settings.ray_gpus_per_actor, self.settings.ray_cpus_per_actor))
                 while not export.done():
                     await asyncio.wait({export}, timeout=self.PROGRESS_EVERY_S * 2)
                     done = min(await asyncio.to_thread(done_shards, writer.part) * shard_size, len(plan))
