@@ -6,7 +6,7 @@ here."""
 
 from __future__ import annotations
 
-import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from app.core.model import load_model
 from app.engine.plans import SamplePlan
 from app.engine.shards import Shard, encode_shard, generate_shard, shards_of, write_manifest
 
-log = logging.getLogger("synthgen.ray")
+_CONNECTION = threading.Lock()  # one Ray connection per process: exports of one worker run one after another
 
 
 class ShardGenerator:
@@ -57,21 +57,21 @@ def export_on_ray(address: str, folder: Path, plan: SamplePlan, shard_size: int,
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(folder, "cpu")
-    shards = shards_of(plan, shard_size)
-    ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        rows = ray.data.from_items([{"number": s.number, "start": s.start, "stop": s.stop} for s in shards],
-                                   override_num_blocks=len(shards))
-        device = "cuda" if gpus_per_actor else "cpu"
-        generated = rows.map_batches(ShardGenerator, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-                                     num_gpus=gpus_per_actor, num_cpus=cpus_per_actor, max_restarts=-1,
-                                     max_task_retries=-1, fn_constructor_args=(str(folder), model.name, plan, device))
-        written = generated.map_batches(_encode, batch_size=1, num_cpus=1, fn_kwargs={
-            "class_names": model.class_names, "model_name": model.name, "plan": plan, "shard_size": shard_size,
-            "out": str(out)}).take_all()
-        nodes = len([node for node in ray.nodes() if node["Alive"]])
-    finally:
-        ray.shutdown()
+    rows = [{"number": s.number, "start": s.start, "stop": s.stop} for s in shards_of(plan, shard_size)]
+    device = "cuda" if gpus_per_actor else "cpu"
+    with _CONNECTION:
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        try:
+            generated = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                ShardGenerator, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor,
+                num_cpus=cpus_per_actor, max_restarts=-1, max_task_retries=-1,
+                fn_constructor_args=(str(folder), model.name, plan, device))
+            written = generated.map_batches(_encode, batch_size=1, num_cpus=1, fn_kwargs={
+                "class_names": model.class_names, "model_name": model.name, "plan": plan, "shard_size": shard_size,
+                "out": str(out)}).take_all()
+            nodes = len([node for node in ray.nodes() if node["Alive"]])
+        finally:
+            ray.shutdown()
     by_name = sorted(written, key=lambda row: row["name"])
     manifest = write_manifest(model, plan, by_name, out)
     return {"shards": len(by_name), "samples": len(plan), "seconds": round(time.perf_counter() - started, 1),
