@@ -20,7 +20,7 @@ from sklearn.mixture import GaussianMixture
 from torch import nn
 from tqdm import tqdm
 
-from app.core.checkpoint import read_json, utc_now
+from app.core.checkpoint import read_json, utc_now, write_json
 from app.core.device import resolve_device
 from app.core.images import PIXEL_NORMALISATION, image_grid, to_uint8
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
@@ -349,13 +349,6 @@ def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int
     return epochs_done, history, elapsed
 
 
-def _write_progress(out: Path, **fields: Any) -> None:
-    """`progress.json`: where the run is (what a training job reports while it runs), replaced atomically."""
-    tmp = out / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps(fields, sort_keys=True))
-    tmp.replace(out / PROGRESS_FILE)
-
-
 def _write_logs(out: Path, history: dict[str, list[float]], epoch: int, trainer: Trainer,
                 grid_latents: tuple[torch.Tensor, torch.Tensor | None], row_names: list[str], board: Any) -> None:
     names = sorted(history)
@@ -440,10 +433,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     def report(step: int, losses: dict[str, float]) -> None:
         done = epoch * steps + step
         rate = session_steps / max(time.perf_counter() - session_started, 1e-9)
-        _write_progress(out, epoch=epoch, epochs=options.epochs, step=step, steps_per_epoch=steps,
-                        elapsed_seconds=round(elapsed + time.perf_counter() - started, 1), losses=losses,
-                        eta_seconds=round((options.epochs * steps - done) / rate, 1) if session_steps else None,
-                        warnings=warnings)
+        write_json(out / PROGRESS_FILE, {  # what a training job reports while it runs
+            "epoch": epoch, "epochs": options.epochs, "step": step, "steps_per_epoch": steps, "losses": losses,
+            "elapsed_seconds": round(elapsed + time.perf_counter() - started, 1), "warnings": warnings,
+            "eta_seconds": round((options.epochs * steps - done) / rate, 1) if session_steps else None})
 
     try:
         while epoch < options.epochs:
