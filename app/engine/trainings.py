@@ -203,8 +203,8 @@ class TrainingRun:
                 await self.report(progress=self.progress)
                 await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, "--per-class",
                                                       str(self.request["eval_per_class"]), "--quiet"])
-                (stage.folder / STATE_FILE).unlink(missing_ok=True)  # the checkpoint is not needed any more
                 (stage.folder / EVALUATED).touch()
+                (stage.folder / STATE_FILE).unlink(missing_ok=True)  # the checkpoint is not needed any more
             done_epochs += stage.epochs
             metrics = read_json(stage.folder / "card.json").get("metrics", {})
             candidates[stage.arch] = {key: metrics.get(key) for key in ("tstr_accuracy", "real_accuracy",
