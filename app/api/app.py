@@ -22,7 +22,7 @@ from app.api.errors import install_error_handlers
 from app.api.fastlane import FastLane
 from app.api.logs import configure_logging
 from app.api.middleware import RequestContextMiddleware
-from app.api.routes import augment, datasets, generate, health, jobs, models, trainings, vae
+from app.api.routes import augment, datasets, generate, health, jobs, model_jobs, models, vae
 from app.api.routes import webhooks as webhook_routes
 from app.core.device import resolve_device
 from app.engine.jobs import JobWorker, worker_name
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = job.request.get("callback_url")
             if url and job.kind == "training":
                 webhooks.send(url, job.owner, f"training.{job.state}",
-                              trainings.training_public(job).model_dump(mode="json"))
+                              model_jobs.training_public(job).model_dump(mode="json"))
             elif url:
                 public = await asyncio.to_thread(jobs.job_with_files, store, job)
                 webhooks.send(url, job.owner, f"job.{job.state}", public.model_dump(mode="json"))
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_failures = RateLimiter(settings.auth_failures_per_s, 10, what="failed authentications")
     install_error_handlers(app)
 
-    for module in (health, models, generate, vae, datasets, jobs, trainings, webhook_routes, augment):
+    for module in (health, models, generate, vae, datasets, jobs, model_jobs, webhook_routes, augment):
         app.include_router(module.router)
     app.add_middleware(FastLane)  # inside RequestContextMiddleware: it reads the body and counts the request
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)

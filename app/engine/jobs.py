@@ -27,11 +27,11 @@ from app.engine.exports import export_limit, stream_export
 from app.engine.filters import FilterSpec
 from app.engine.jobstore import Job, JobStore
 from app.engine.metrics import Metrics
+from app.engine.model_jobs import TrainingRun, gate_failures, promote
 from app.engine.plans import SamplePlan, plan_samples
 from app.engine.repository import ModelRepository
 from app.engine.results import LocalResults, ResultWriter
 from app.engine.states import JobState
-from app.engine.trainings import TrainingRun, gate_failures, promote
 from app.errors import QualityGateError, QuotaExceededError, SynthgenError
 from app.settings import Settings
 

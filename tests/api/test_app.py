@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import serve
+from tests.conftest import ROOT, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -31,3 +33,12 @@ async def test_openapi_documents_every_route(models_dir: Path) -> None:
         docs = await client.get("/docs")
         assert docs.status_code == 200 and "cdn" not in docs.text  # Swagger UI is served locally (no internet needed)
         assert (await client.get("/static/swagger-ui/swagger-ui-bundle.js")).status_code == 200
+
+
+def test_the_server_loads_no_offline_code() -> None:
+    """Training, evaluation, plotting and the benchmark run in their own commands; a fresh interpreter importing the
+    app loads none of them (training jobs run `synthgen train` as child processes)."""
+    probe = ("import re, sys, app.api.app; print(sorted(m for m in sys.modules if m.startswith(('app.ml', 'app.bench'))"
+             " or (m.startswith('app.') and re.search('train|evaluat|plot|bench|protocol', m))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

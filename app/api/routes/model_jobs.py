@@ -1,5 +1,5 @@
-"""Training jobs over HTTP: upload your images, get a versioned model with its quality card; each API key sees only
-its own trainings."""
+"""`/v1/trainings` over HTTP: upload your images, get a versioned model with its quality card; each API key sees only
+its own. The server's side of these jobs (queue, plans, child processes): no training code is imported here."""
 
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ from app.core.safezip import read_zip
 from app.core.sampling import MAX_SEED
 from app.engine.augment import check_class_name, zip_limits
 from app.engine.jobstore import Job, JobLimits
-from app.engine.repository import MODEL_NAME
-from app.engine.trainings import (
+from app.engine.model_jobs import (
     EVALUATED,
     TRAINING_RESERVED_BYTES,
     check_model_name,
@@ -40,6 +39,7 @@ from app.engine.trainings import (
     save_dataset,
     trainings_dir,
 )
+from app.engine.repository import MODEL_NAME
 from app.errors import InvalidInputError, NotFoundError
 from app.settings import Settings
 
@@ -142,14 +142,15 @@ async def create_training(
     if dataset is not None:  # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
         folder = await loop.run_in_executor(repository.cpu, _decode_upload, await dataset.read(), settings, convert)
         dataset_id = await asyncio.to_thread(save_dataset, settings, caller.owner, folder)
-    else:
-        folder = await asyncio.to_thread(load_dataset_file, dataset_path(settings, caller.owner, dataset_id))
+    stored = await asyncio.to_thread(dataset_path, settings, caller.owner, dataset_id)
+    if dataset is None:
+        folder = await asyncio.to_thread(load_dataset_file, stored)
     recipes, warnings = plan_training(folder, arch, {"epochs": epochs, "batch_size": batch_size,
                                                      "val_fraction": val_fraction, "hyperparameters": overrides})
     height, width, channels = folder.images.shape[1:]
     request = {
         "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class,
-        "dataset_file": str(dataset_path(settings, caller.owner, dataset_id).relative_to(settings.data_dir)),
+        "dataset_file": str(stored.relative_to(settings.data_dir)),
         "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
                     "height": height, "width": width, "channels": channels},
         "recipes": recipes, "warnings": warnings, "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio},

@@ -1,4 +1,4 @@
-"""Training jobs: a user's images in, a versioned model with its quality card out.
+"""Model jobs (`/v1/trainings`): a user's images in, a versioned model with its quality card out.
 
 The server never imports training code: a worker runs `synthgen train` and then `synthgen evaluate` as child
 processes (fewer CPU threads, a lower priority and a share of the GPU's memory, so interactive generation keeps
@@ -159,7 +159,7 @@ def check_model_name(settings: Settings, models_dir: Path, name: str, owner: str
         raise ConflictError(f"{name!r} is a model of the repository, not one trained through the API; choose "
                             "another name")
     versions = trained_models_dir(settings) / name
-    latest = max((int(p.name) for p in versions.iterdir() if p.name.isdigit()), default=0) if versions.is_dir() else 0
+    latest = _latest_version(versions)
     if latest and read_json(versions / str(latest) / "config.json").get("trained_by", "") != owner:
         raise ConflictError(f"the model {name!r} belongs to another API key; choose another name")
 
@@ -306,6 +306,11 @@ def gate_failures(figures: dict[str, Any], gates: dict[str, float | None]) -> li
     return failures
 
 
+def _latest_version(root: Path) -> int:
+    """The highest version folder of a trained model (0: none yet)."""
+    return max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0) if root.is_dir() else 0
+
+
 def promote(settings: Settings, job: Job, folder: Path) -> int:
     """Copy a trained model folder to `<name>/<next version>/` of the trained models (renamed into place whole);
     returns the version."""
@@ -324,7 +329,7 @@ def promote(settings: Settings, job: Job, folder: Path) -> int:
     config = read_json(staging / "config.json")
     write_json(staging / "config.json", {**config, "trained_by": job.owner, "training_job": job.id})
     for _ in range(100):
-        version = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0) + 1
+        version = _latest_version(root) + 1
         try:
             staging.rename(root / str(version))
             return version
