@@ -143,8 +143,8 @@ class ModelRepository:
     def versions(self, name: str) -> list[int]:
         """The versions of a versioned model, oldest first ([] for a model without versions)."""
         base = name.split("@")[0]
-        return sorted(entry.version for key, entry in self.entries.items()
-                      if entry.version is not None and key.split("@")[0] == base)
+        return sorted(entry.version for entry in self.entries.values()
+                      if entry.version is not None and entry.base_name == base)
 
     def ready_model(self, name: str) -> ServedModel:
         """The model's current version if it serves, else 409 saying how to load it."""
