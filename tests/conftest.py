@@ -32,8 +32,8 @@ TINY_GAN = {"g_channels": 8, "d_channels": 8, "latent_dim": 16, "embed_dim": 8}
 TINY_VAE = {"base_channels": 8, "latent_dim": 8}
 
 
-def train_tiny(arch: str, out: Path, epochs: int = 1, **kwargs) -> Path:
-    hyperparameters = TINY_GAN if arch == "gan" else TINY_VAE
+def train_tiny(arch: str, out: Path, epochs: int = 1, hyperparameters: dict | None = None, **kwargs) -> Path:
+    hyperparameters = hyperparameters or (TINY_GAN if arch == "gan" else TINY_VAE)
     train(TrainOptions(arch=arch, data="digits", out=out, epochs=epochs, device="cpu", progress=False,
                        hyperparameters=hyperparameters, lr=2e-4 if arch == "gan" else 1e-3, **kwargs))
     return out

@@ -24,6 +24,7 @@ from app.core.checkpoint import read_json, utc_now, write_json
 from app.core.device import resolve_device
 from app.core.images import PIXEL_NORMALISATION, image_grid, to_uint8
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
+from app.core.nets.vae import Encoder, MixturePrior
 from app.core.recipes import validation_warnings
 from app.core.sampling import draw_latents, per_class_labels
 from app.errors import CheckpointError, InvalidInputError
@@ -130,6 +131,12 @@ class GanTrainer:
             "opt_g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
             "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas),
         }
+        self.encoder: Encoder | None = None
+        if hparams.reconstruction:  # VAE–GAN (Larsen et al., 2016): q(z | x, y) for the generator to decode
+            encoder_config = VaeConfig(hparams.height, hparams.width, hparams.channels, hparams.num_classes,
+                                       latent_dim=hparams.latent_dim, base_channels=hparams.d_channels)
+            self.encoder = Encoder(encoder_config).to(device)
+            self.optimizers["opt_e"] = torch.optim.Adam(self.encoder.parameters(), lr=lr, betas=betas)
 
     def _labels(self, n: int) -> torch.Tensor | None:
         return torch.randint(self.hparams.num_classes, (n,), device=self.device) if self.hparams.num_classes else None
@@ -167,29 +174,45 @@ class GanTrainer:
             k = n // 2
             spread = (fake[:k] - fake[k : 2 * k]).abs().mean() / (z[:k] - z[k : 2 * k]).abs().mean()
             g_loss = g_loss + self.mode_seeking / (spread + 1e-5)
+        losses = {}
+        if self.encoder is not None:
+            # Every real image must come back from its own latent, so no part of the data is left uncovered; the
+            # KL keeps those latents where N(0, I) draws fall.
+            mu, logvar = self.encoder(x, y)
+            rebuilt = self.generator(mu + torch.randn_like(mu) * torch.exp(0.5 * logvar), y)
+            rebuild = (rebuilt - x).abs().mean()
+            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x[0].numel() / n
+            g_loss = g_loss + self.hparams.reconstruction * (rebuild + kl)
+            losses = {"rebuild": rebuild.item(), "kl": kl.item()}
+            self.optimizers["opt_e"].zero_grad(set_to_none=True)
         self.optimizers["opt_g"].zero_grad(set_to_none=True)
         g_loss.backward()
         self.optimizers["opt_g"].step()
+        if self.encoder is not None:
+            self.optimizers["opt_e"].step()
         steps = float(next(iter(self.optimizers["opt_g"].state.values()))["step"])
         decay = min(self.ema_decay, (1 + steps) / (10 + steps))  # warm-up: early weights are not averaged in
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
                 p_ema.lerp_(p, 1 - decay)
         return {"d_loss": d_loss.item(), "d_class": d_class.item(), "g_loss": g_loss.item(),
-                "d_real": d_real.mean().item()}
+                "d_real": d_real.mean().item(), **losses}
 
     @torch.no_grad()
     def validate(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         self.discriminator.eval()
         d_real = self.discriminator(x, y)
         fake_y = self._labels(len(x))
-        d_fake = self.discriminator(self.ema(torch.randn(len(x), self.hparams.latent_dim, device=self.device), fake_y),
-                                    fake_y)
+        d_fake = self.discriminator(
+            self.net.generate(torch.randn(len(x), self.hparams.latent_dim, device=self.device), fake_y), fake_y)
         self.discriminator.train()
         return {"d_loss": self._d_loss(d_real, d_fake).item(), "d_real": d_real.mean().item()}
 
     def finish_epoch(self, seed: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Before checkpointing: the EMA generator's batch-norm statistics from its own activations."""
+        """Before checkpointing: the prior fitted to the encoder's posteriors (VAE–GAN), then the EMA generator's
+        batch-norm statistics from its own activations."""
+        if self.encoder is not None and self.hparams.prior_components:
+            fit_prior(self.encoder, self.ema.prior, x, y, seed)
         self.refresh_ema_statistics(seed)
 
     @torch.no_grad()
@@ -205,16 +228,16 @@ class GanTrainer:
             z = torch.randn(batch_size, self.hparams.latent_dim, device=self.device, generator=gen)
             y = (torch.randint(self.hparams.num_classes, (batch_size,), device=self.device, generator=gen)
                  if self.hparams.num_classes else None)
-            self.ema(z, y)
+            self.net.generate(z, y)
         for m in norms:
             m.momentum = 0.1
         self.ema.eval()
 
     def sample(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self.ema(z.to(self.device), None if y is None else y.to(self.device))
+        return self.net.generate(z.to(self.device), None if y is None else y.to(self.device))
 
     def private(self) -> dict[str, nn.Module]:
-        return {"generator_raw": self.generator}
+        return {"generator_raw": self.generator, **({"encoder": self.encoder} if self.encoder is not None else {})}
 
 
 class VaeTrainer:
@@ -241,7 +264,8 @@ class VaeTrainer:
 
     def finish_epoch(self, seed: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Before checkpointing: fit the learned prior to the training images' posteriors."""
-        fit_prior(self.vae, x, y, seed)
+        if self.hparams.prior_components:
+            fit_prior(self.vae.encoder, self.vae.prior, x, y, seed)
 
     def sample(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         self.vae.eval()
@@ -258,21 +282,19 @@ Trainer = GanTrainer | VaeTrainer
 
 
 @torch.no_grad()
-def fit_prior(vae: ConditionalVAE, x: torch.Tensor, y: torch.Tensor | None, seed: int, chunk: int = 1000) -> None:
-    """Fit the VAE's per-class Gaussian mixtures to the posterior means of images `x` (labels `y`); each component's
-    covariance adds the mean posterior variance, so samples keep the encoder's spread. A class with few images gets
-    fewer components (at least 10 images each)."""
-    cfg = vae.cfg
-    if not cfg.prior_components:
-        return
-    was_training = vae.training
-    vae.eval()
+def fit_prior(encoder: nn.Module, prior: MixturePrior, x: torch.Tensor, y: torch.Tensor | None, seed: int,
+              chunk: int = 1000) -> None:
+    """Fit `prior`'s per-class Gaussian mixtures to the posterior means `encoder` gives images `x` (labels `y`); each
+    component's covariance adds the mean posterior variance, so samples keep the encoder's spread. A class with few
+    images gets fewer components (at least 10 images each)."""
+    was_training = encoder.training
+    encoder.eval()
     labels = y if y is not None else torch.zeros(len(x), dtype=torch.long, device=x.device)
-    stats = [vae.encode(x[i : i + chunk], None if y is None else y[i : i + chunk]) for i in range(0, len(x), chunk)]
-    vae.train(was_training)
+    stats = [encoder(x[i : i + chunk], None if y is None else y[i : i + chunk]) for i in range(0, len(x), chunk)]
+    encoder.train(was_training)
     mu = torch.cat([m for m, _ in stats]).double().cpu().numpy()
     variance = torch.cat([v for _, v in stats]).double().exp().cpu().numpy()
-    classes, m, d = max(cfg.num_classes, 1), cfg.prior_components, cfg.latent_dim
+    classes, m, d = prior.means.shape
     weights, means = torch.zeros(classes, m, dtype=torch.float64), torch.zeros(classes, m, d, dtype=torch.float64)
     covariances = torch.eye(d, dtype=torch.float64).repeat(classes, m, 1, 1)
     for label in range(classes):
@@ -290,7 +312,7 @@ def fit_prior(vae: ConditionalVAE, x: torch.Tensor, y: torch.Tensor | None, seed
         weights[label, :used] = torch.from_numpy(mixture.weights_)
         means[label, :used] = torch.from_numpy(mixture.means_)
         covariances[label, :used] = torch.from_numpy(mixture.covariances_ + spread)
-    vae.prior.set_mixture(weights.float(), means.float(), covariances.float())
+    prior.set_mixture(weights.float(), means.float(), covariances.float())
 
 
 def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device: torch.device) -> Trainer:

@@ -71,7 +71,7 @@ def test_unfitted_prior_is_the_standard_normal() -> None:
 
 
 def test_fitted_prior_draws_each_component_by_weight_and_keeps_it_under_a_temperature() -> None:
-    prior = MixturePrior(VaeConfig(8, 8, 1, num_classes=2, latent_dim=4, prior_components=2))
+    prior = MixturePrior(num_classes=2, components=2, latent_dim=4)
     means = torch.tensor([[[10.0] * 4, [-10.0] * 4], [[0.0] * 4, [50.0] * 4]])
     prior.set_mixture(torch.tensor([[0.8, 0.2], [0.0, 1.0]]), means, torch.eye(4).repeat(2, 2, 1, 1) * 0.01)
     z = torch.randn(4000, 4, generator=torch.Generator().manual_seed(1))

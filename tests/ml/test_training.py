@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from app.core.nets import ConditionalVAE, VaeConfig
 from app.errors import InvalidInputError
 from app.ml.training import TrainOptions, diff_augment, fit_prior, random_affine, train
-from tests.conftest import train_tiny
+from tests.conftest import TINY_GAN, train_tiny
 
 
 def test_vae_training_lowers_the_loss_and_logs(tiny_vae: Path) -> None:
@@ -45,7 +45,7 @@ def test_diff_augment_moves_and_blanks_pixels() -> None:
 
 def test_prior_fits_classes_with_one_image_or_none() -> None:
     vae = ConditionalVAE(VaeConfig(8, 8, 1, num_classes=3))
-    fit_prior(vae, torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 1]), seed=0)
+    fit_prior(vae.encoder, vae.prior, torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 1]), seed=0)
     assert torch.equal(vae.prior.cumulative_weights[2], torch.ones(10))  # no image: the unfitted N(0, I) component
     images = vae.generate(torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
     assert images.shape == (6, 1, 8, 8) and torch.isfinite(images).all()
@@ -60,7 +60,8 @@ def test_real_augment_moves_digits_and_keeps_the_background() -> None:
 
 @pytest.mark.parametrize(("hparams", "message"), [({"loss": "wgan"}, "logistic or hinge"),
                                                    ({"diff_augment": "color"}, "diff_augment"),
-                                                   ({"real_augment": 1.5}, "real_augment")])
+                                                   ({"real_augment": 1.5}, "real_augment"),
+                                                   ({"reconstruction": -1}, "reconstruction")])
 def test_bad_gan_training_options_are_refused_up_front(tmp_path: Path, hparams: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         train(TrainOptions(arch="gan", data="digits", out=tmp_path / "bad", device="cpu", progress=False,
@@ -83,6 +84,21 @@ def test_same_seed_same_weights_and_resume_matches(tmp_path: Path) -> None:
         weights = load_file(str(other / "generator.safetensors"))
         assert all((weights[k] == v).all() for k, v in reference.items())
     assert json.loads((resumed / "card.json").read_text())["training"]["epochs_done"] == 2
+
+
+def test_vae_gan_learns_to_rebuild_real_images_and_resumes_exactly(tmp_path: Path) -> None:
+    hparams = {**TINY_GAN, "reconstruction": 10.0}
+    straight = train_tiny("gan", tmp_path / "straight", epochs=2, hyperparameters=hparams)
+    rows = list(csv.DictReader((straight / "losses.csv").open()))
+    assert float(rows[1]["train_rebuild"]) < float(rows[0]["train_rebuild"])
+    assert float(rows[1]["train_kl"]) > 0
+    first = train_tiny("gan", tmp_path / "resumed", epochs=1, hyperparameters=hparams)
+    resumed = train_tiny("gan", first, epochs=2, resume=True, hyperparameters=hparams)
+    reference = load_file(str(straight / "generator.safetensors"))
+    assert all(torch.equal(load_file(str(resumed / "generator.safetensors"))[k], v) for k, v in reference.items())
+    assert not (straight / "encoder.safetensors").exists()  # the encoder only trains; serving never loads it
+    prior_means = load_file(str(straight / "generator.safetensors"))["prior.means"]
+    assert prior_means.shape == (10, 10, 16) and prior_means.abs().sum() > 0  # fitted to the encoder's latents
 
 
 def test_refuses_to_overwrite_or_resume_nothing(tiny_gan: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from app.core.checkpoint import register
 from app.core.nets.base import SyntheticConfig, SyntheticNet
+from app.core.nets.vae import MixturePrior
 
 
 @dataclass
@@ -27,11 +28,15 @@ class GanConfig(SyntheticConfig):
     loss: str = "logistic"  # or "hinge"
     diff_augment: str = ""  # DiffAugment policies applied to every image the discriminator sees: "translation,cutout"
     real_augment: float = 0.0  # strength of random affine moves of the real images (1: ±10°, ±10 % scale and shift)
+    reconstruction: float = 0.0  # VAE–GAN: weight of rebuilding every real image from an encoder's latent (+ KL)
+    prior_components: int = 10  # with `reconstruction`: Gaussians per class in the prior fitted to those latents
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss not in ("logistic", "hinge"):
             raise ValueError(f"loss must be logistic or hinge, not {self.loss!r}")
+        if self.reconstruction < 0:
+            raise ValueError(f"reconstruction must be ≥ 0, not {self.reconstruction}")
         if not 0.0 <= self.real_augment <= 1.0:
             raise ValueError(f"real_augment must be between 0 and 1, not {self.real_augment}")
         unknown = set(filter(None, self.diff_augment.split(","))) - {"translation", "cutout"}
@@ -61,6 +66,8 @@ class Generator(nn.Module):
                        nn.ReLU(inplace=True)]
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
+        # A VAE–GAN samples the latents real images were encoded to, not N(0, I) (see MixturePrior)
+        self.prior = MixturePrior(cfg.num_classes, cfg.prior_components, cfg.latent_dim) if cfg.reconstruction else None
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
@@ -122,4 +129,6 @@ class ConditionalGAN(SyntheticNet):
         self.discriminator = Discriminator(cfg)
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.generator.prior is not None:
+            z = self.generator.prior(z, labels)
         return self.generator(z, labels)

@@ -95,9 +95,9 @@ class MixturePrior(nn.Module):
     in effect of z's position, and unchanged when z is scaled by a temperature), then z is scaled by the component's
     Cholesky factor and shifted by its mean. Unfitted, it is N(0, I) exactly."""
 
-    def __init__(self, cfg: VaeConfig) -> None:
+    def __init__(self, num_classes: int, components: int, latent_dim: int) -> None:
         super().__init__()
-        k, m, d = max(cfg.num_classes, 1), max(cfg.prior_components, 1), cfg.latent_dim
+        k, m, d = max(num_classes, 1), max(components, 1), latent_dim
         self.register_buffer("cumulative_weights", torch.arange(1, m + 1).div(m).expand(k, m).clone())
         self.register_buffer("means", torch.zeros(k, m, d))
         self.register_buffer("scale_tril", torch.eye(d).expand(k, m, d, d).clone())
@@ -136,7 +136,7 @@ class ConditionalVAE(SyntheticNet):
         super().__init__(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.prior = MixturePrior(cfg)
+        self.prior = MixturePrior(cfg.num_classes, cfg.prior_components, cfg.latent_dim)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x, labels)
