@@ -24,6 +24,7 @@ from app.core.checkpoint import read_json, utc_now, write_json
 from app.core.device import resolve_device
 from app.core.images import PIXEL_NORMALISATION, image_grid, to_uint8
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
+from app.core.nets.gan import Discriminator
 from app.core.nets.vae import Encoder, MixturePrior
 from app.core.recipes import validation_warnings
 from app.core.sampling import draw_latents, per_class_labels
@@ -241,24 +242,44 @@ class GanTrainer:
 
 
 class VaeTrainer:
-    """Negative ELBO with Adam."""
+    """Negative ELBO with Adam; with `adversarial`, also a discriminator that judges reconstructions and samples of
+    the learned prior against real images (VAE–GAN), so the decoder is pushed away from blur."""
 
     def __init__(self, hparams: VaeConfig, device: torch.device, lr: float) -> None:
         self.hparams, self.device = hparams, device
         self.net = self.vae = ConditionalVAE(hparams).to(device)
         self.optimizers = {"opt": torch.optim.Adam(self.vae.parameters(), lr=lr)}
+        self.discriminator: Discriminator | None = None
+        if hparams.adversarial:
+            critic = GanConfig(hparams.height, hparams.width, hparams.channels, hparams.num_classes,
+                               d_channels=hparams.base_channels, aux_classifier=False)
+            self.discriminator = Discriminator(critic).to(device)
+            self.optimizers["opt_d"] = torch.optim.Adam(self.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         losses = self.vae.loss(x, y)
+        rebuilt = losses.pop("rebuilt")
+        loss = losses["loss"]
+        if self.discriminator is not None:
+            fake = self.vae.generate(torch.randn(len(x), self.hparams.latent_dim, device=self.device), y)
+            judge = self.discriminator
+            d_loss = F.softplus(-judge(x, y)).mean() + 0.5 * (F.softplus(judge(fake.detach(), y)).mean()
+                                                              + F.softplus(judge(rebuilt.detach(), y)).mean())
+            self.optimizers["opt_d"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.optimizers["opt_d"].step()
+            fool = 0.5 * (F.softplus(-judge(fake, y)).mean() + F.softplus(-judge(rebuilt, y)).mean())
+            loss = loss + self.hparams.adversarial * fool
+            losses.update(d_loss=d_loss, fool=fool)
         self.optimizers["opt"].zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        loss.backward()
         self.optimizers["opt"].step()
         return {k: v.item() for k, v in losses.items()}
 
     @torch.no_grad()
     def validate(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         self.vae.eval()
-        losses = {k: v.item() for k, v in self.vae.loss(x, y).items()}
+        losses = {k: v.item() for k, v in self.vae.loss(x, y).items() if k != "rebuilt"}
         self.vae.train()
         return losses
 
@@ -275,7 +296,7 @@ class VaeTrainer:
         return images
 
     def private(self) -> dict[str, nn.Module]:
-        return {}
+        return {"discriminator": self.discriminator} if self.discriminator is not None else {}
 
 
 Trainer = GanTrainer | VaeTrainer

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from app.core.nets import ConditionalVAE, VaeConfig
 from app.errors import InvalidInputError
 from app.ml.training import TrainOptions, diff_augment, fit_prior, random_affine, train
-from tests.conftest import TINY_GAN, train_tiny
+from tests.conftest import TINY_GAN, TINY_VAE, train_tiny
 
 
 def test_vae_training_lowers_the_loss_and_logs(tiny_vae: Path) -> None:
@@ -99,6 +99,21 @@ def test_vae_gan_learns_to_rebuild_real_images_and_resumes_exactly(tmp_path: Pat
     assert not (straight / "encoder.safetensors").exists()  # the encoder only trains; serving never loads it
     prior_means = load_file(str(straight / "generator.safetensors"))["prior.means"]
     assert prior_means.shape == (10, 10, 16) and prior_means.abs().sum() > 0  # fitted to the encoder's latents
+
+
+def test_adversarial_vae_trains_a_discriminator_beside_it_and_resumes_exactly(tmp_path: Path) -> None:
+    hparams = {**TINY_VAE, "adversarial": 1.0}
+    straight = train_tiny("vae", tmp_path / "straight", epochs=2, hyperparameters=hparams)
+    rows = list(csv.DictReader((straight / "losses.csv").open()))
+    assert {"train_d_loss", "train_fool", "train_recon"} <= rows[0].keys()
+    assert float(rows[1]["train_recon"]) < float(rows[0]["train_recon"])
+    first = train_tiny("vae", tmp_path / "resumed", epochs=1, hyperparameters=hparams)
+    resumed = train_tiny("vae", first, epochs=2, resume=True, hyperparameters=hparams)
+    reference = load_file(str(straight / "decoder.safetensors"))
+    assert all(torch.equal(load_file(str(resumed / "decoder.safetensors"))[k], v) for k, v in reference.items())
+    assert not (straight / "discriminator.safetensors").exists()  # only training needs it
+    with pytest.raises(InvalidInputError, match="adversarial must be ≥ 0"):
+        train_tiny("vae", tmp_path / "bad", hyperparameters={"adversarial": -1.0})
 
 
 def test_refuses_to_overwrite_or_resume_nothing(tiny_gan: Path, tmp_path: Path) -> None:

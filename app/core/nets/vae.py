@@ -28,6 +28,12 @@ class VaeConfig(SyntheticConfig):
     base_channels: int = 32
     beta: float = 1.0
     prior_components: int = 10
+    adversarial: float = 0.0  # VAE–GAN: weight of a discriminator's verdict on decoded images (a sharper decoder)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adversarial < 0:
+            raise ValueError(f"adversarial must be ≥ 0, not {self.adversarial}")
 
     @property
     def widths(self) -> list[int]:
@@ -161,10 +167,11 @@ class ConditionalVAE(SyntheticNet):
         return self.decode((1 - t) * z0 + t * z1, labels)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Negative ELBO per image: Bernoulli reconstruction on pixels in [0, 1] plus β·KL(q(z|x,y) ‖ N(0, I))."""
+        """Negative ELBO per image: Bernoulli reconstruction on pixels in [0, 1] plus β·KL(q(z|x,y) ‖ N(0, I)); and
+        the reconstructions (`rebuilt`, in [-1, 1])."""
         mu, logvar = self.encode(x, labels)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         logits = self.decoder(z, labels)
         recon = F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="sum") / len(x)
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
-        return {"loss": recon + self.cfg.beta * kl, "recon": recon, "kl": kl}
+        return {"loss": recon + self.cfg.beta * kl, "recon": recon, "kl": kl, "rebuilt": torch.tanh(logits / 2)}
