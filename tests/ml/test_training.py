@@ -91,7 +91,6 @@ def test_vae_gan_learns_to_rebuild_real_images_and_resumes_exactly(tmp_path: Pat
     straight = train_tiny("gan", tmp_path / "straight", epochs=2, hyperparameters=hparams)
     rows = list(csv.DictReader((straight / "losses.csv").open()))
     assert float(rows[1]["train_rebuild"]) < float(rows[0]["train_rebuild"])
-    assert float(rows[1]["train_kl"]) > 0
     first = train_tiny("gan", tmp_path / "resumed", epochs=1, hyperparameters=hparams)
     resumed = train_tiny("gan", first, epochs=2, resume=True, hyperparameters=hparams)
     reference = load_file(str(straight / "generator.safetensors"))
