@@ -128,6 +128,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(card["metrics"], indent=2, sort_keys=True))
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from app.ml.protocol import tune_latent_scale
+
+    try:
+        scales = tuple(float(scale) for scale in args.scales.split(","))
+        seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    except ValueError as exc:
+        raise InvalidInputError(f"--scales and --seeds take comma-separated numbers: {exc}") from exc
+    if not scales or not all(0 < scale <= 4 for scale in scales):
+        raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
+    sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds)
+    for scale, figure in sampling["validation_tstr"].items():
+        print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}")
+    print(f"chosen: {sampling['latent_scale']} (written to config.json); run synthgen evaluate and protocol again")
+
+
 def _protocol(args: argparse.Namespace) -> None:
     from app.ml.protocol import run_protocol
 
@@ -243,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--per-class", type=int, default=1000)
     protocol.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the CNN")
     protocol.set_defaults(run=_protocol)
+
+    tune = commands.add_parser("tune", help="choose the spread of default draws (latent_scale) on the validation "
+                                            "split by TSTR; writes config.json and the card's sampling section")
+    tune.add_argument("--model", required=True)
+    tune.add_argument("--data", required=True, help="the training data SPEC (its validation split scores each scale)")
+    tune.add_argument("--scales", default="1,1.25,1.5,2,2.5,3", help="comma-separated candidates, each in (0, 4]")
+    tune.add_argument("--per-class", type=int, default=1000)
+    tune.add_argument("--seeds", default="0,1", help="comma-separated seeds of the CNN")
+    tune.set_defaults(run=_tune)
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")

@@ -101,7 +101,7 @@ async def interpolate(served: ServedModel, seed_a: int, seed_b: int, label_a: st
             t = torch.linspace(0, 1, steps)[:, None]
             soft = ((1 - t) * F.one_hot(y_a, model.num_classes) + t * F.one_hot(y_b, model.num_classes))
             soft = soft.to(model.device)
-        ends = vae.prior(torch.cat([z_a, z_b]).to(model.device), torch.cat([y_a, y_b]).to(model.device))
+        ends = vae.prior_latents(torch.cat([z_a, z_b]).to(model.device), torch.cat([y_a, y_b]).to(model.device))
         return to_uint8(vae.interpolate(ends[0], ends[1], steps, soft))
 
     images = await _on_device(served, run)

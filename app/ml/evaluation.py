@@ -242,7 +242,8 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                            "data": data_spec, "data_fingerprint": fingerprint,
                            "data_matches_training": fingerprint == training_data.get("fingerprint"),
                            "n_real_train": len(train_set), "n_real_val": len(val_set), "n_synthetic": len(synthetic),
-                           "seed": seed, "feature_space": "evaluator penultimate layer",
+                           "seed": seed, "latent_scale": model.net.cfg.latent_scale,
+                           "feature_space": "evaluator penultimate layer",
                            "classifier_epochs": classifier_epochs, "evaluated_at": utc_now(), "device": str(dev),
                            "seconds": round(time.perf_counter() - started, 1)})
 

@@ -92,6 +92,7 @@ def test_refuses_config_that_does_not_match_shapes(gan_copy: Path) -> None:
         (lambda c: c["hyperparameters"].update(bogus=1), r"unknown hyperparameters \['bogus'\]"),
         (lambda c: c["hyperparameters"].update(latent_dim=True), "hyperparameter latent_dim must be int, not True"),
         (lambda c: c["hyperparameters"].update(embed_dim=-100), "do not build a ConditionalGAN"),
+        (lambda c: c["hyperparameters"].update(latent_scale=0.0), r"latent_scale must be in \(0, 4\]"),
         (lambda c: c.update(class_names=["a"]), "class_names"),
     ],
 )

@@ -1,11 +1,19 @@
-"""The TSTR protocol: a fixed CNN, several seeds, matched steps."""
+"""The TSTR protocol: a fixed CNN, several seeds, matched steps; and the latent scale chosen with it."""
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from app.cli import main
+from app.core.model import load_model
+from app.core.sampling import per_class_labels, sample
 from app.ml.datasets import load_dataset
-from app.ml.protocol import tstr_report
+from app.ml.protocol import tstr_report, tune_latent_scale
 
 
 def test_tstr_report_ranks_good_and_useless_training_data() -> None:
@@ -19,3 +27,35 @@ def test_tstr_report_ranks_good_and_useless_training_data() -> None:
     assert report["protocol"]["matched_steps"] == 4 * -(-2 * len(train) // 128)
     for arm in ("real_matched_steps", "real_augmented_matched_steps", "real_plus_synthetic_matched_steps"):
         assert 0 <= report[arm]["mean"] <= 1 and report[arm]["std"] >= 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gan", "tiny_vae"])
+def test_tuned_latent_scale_is_the_default_spread(fixture: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    folder = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "model")
+    labels = per_class_labels(10, 2)
+    before = sample(load_model(folder), 0, labels, truncation=0.5)[0]
+    sampling = tune_latent_scale(folder, "digits", scales=(0.5,), per_class=2, seeds=(0,))
+    tuned = load_model(folder)
+    assert sampling["latent_scale"] == 0.5 and tuned.net.cfg.latent_scale == 0.5
+    np.testing.assert_array_equal(sample(tuned, 0, labels)[0], before)  # scale 0.5 by default = truncation 0.5 before
+    assert json.loads((folder / "card.json").read_text())["sampling"]["validation_tstr"]["0.5"]["scores"]
+
+
+def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, capsys) -> None:
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,0.01", "--per-class", "20",
+                 "--seeds", "0"]) == 0
+    card = json.loads((folder / "card.json").read_text())["sampling"]
+    scores = {float(scale): figure["mean"] for scale, figure in card["validation_tstr"].items()}
+    best = max(scores, key=lambda scale: (scores[scale], -abs(scale - 1)))  # a tie goes to the scale nearest 1
+    assert card["latent_scale"] == best and card["n_val"] == round(len(load_dataset("digits")) * 0.1)
+    assert f"chosen: {card['latent_scale']}" in capsys.readouterr().out
+    assert load_model(folder).net.cfg.latent_scale == card["latent_scale"]
+
+
+@pytest.mark.parametrize(("scales", "message"), [("0,1", "every scale must be in (0, 4]"), ("1,x", "comma-separated")])
+def test_tune_refuses_bad_scales(tiny_gan: Path, tmp_path: Path, capsys, scales: str, message: str) -> None:
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", scales]) == 2
+    assert message in capsys.readouterr().err
+    assert json.loads((folder / "config.json").read_text())["hyperparameters"]["latent_scale"] == 1.0

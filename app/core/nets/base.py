@@ -18,7 +18,9 @@ def upsampling_steps(height: int, width: int) -> int:
 @dataclass
 class SyntheticConfig:
     """What every generative network's hyper-parameters hold: the image size, the classes (0: unconditional), the
-    latent size and the number of ×2 upsampling stages (0: derived from the image size)."""
+    latent size, the number of ×2 upsampling stages (0: derived from the image size) and the spread of a default draw
+    (`latent_scale`: every standard-normal draw is scaled by it before the prior and the generator; 1 during training,
+    then chosen on the validation split by `synthgen tune`)."""
 
     height: int
     width: int
@@ -26,10 +28,13 @@ class SyntheticConfig:
     num_classes: int
     latent_dim: int = 64
     n_up: int = 0
+    latent_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.n_up:
             self.n_up = upsampling_steps(self.height, self.width)
+        if not 0 < self.latent_scale <= 4:
+            raise ValueError(f"latent_scale must be in (0, 4], not {self.latent_scale}")
 
 
 class SyntheticNet(Checkpointable):

@@ -129,6 +129,7 @@ class ConditionalGAN(SyntheticNet):
         self.discriminator = Discriminator(cfg)
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        z = z * self.cfg.latent_scale
         if self.generator.prior is not None:
             z = self.generator.prior(z, labels)
         return self.generator(z, labels)

@@ -151,9 +151,13 @@ class ConditionalVAE(SyntheticNet):
         """Latents → images in [-1, 1]."""
         return torch.tanh(self.decoder(z, labels) / 2)
 
+    def prior_latents(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard-normal draws → latents of the learned prior, at the model's `latent_scale`."""
+        return self.prior(z * self.cfg.latent_scale, labels)
+
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Standard-normal draws → samples of the learned prior, decoded."""
-        return self.decode(self.prior(z, labels), labels)
+        return self.decode(self.prior_latents(z, labels), labels)
 
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The decoded posterior mean of each image."""
