@@ -60,6 +60,11 @@ def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighb
                        ("Privacy", "privacy"), ("Evaluator calibration", "calibration"), ("Training", "training")):
         if card.get(key):
             sections += [f"<h2>{title}</h2>", _table(card[key])]
+    if card.get("sampling"):
+        sampling = card["sampling"]
+        sweep = {f"latent_scale {scale}": figure for scale, figure in sampling.get("validation_tstr", {}).items()}
+        sections += ["<h2>Sampling: the latent scale chosen on the validation split (TSTR)</h2>", _table(sweep),
+                     f'<p class="note">chosen: {_cell(sampling.get("latent_scale"))}</p>']
     if card.get("per_class"):
         sections += ["<h2>Per class</h2>", _per_class(card["per_class"])]
     sections += ["<h2>Samples (seed 0, one row per class)</h2>", _image(samples_png, "sample grid"),

@@ -92,6 +92,7 @@ async def test_card_as_json_and_as_a_self_contained_html_report(tmp_path) -> Non
     card = json.loads(card_path.read_text())
     card["training"]["note"] = "<script>alert(1)</script>"  # anything in a card is shown as text
     card["per_class"] = {"7": {"tstr_recall": 0.9, "label_agreement": 0.95, "frechet_distance": 3.2}}
+    card["sampling"] = {"latent_scale": 1.75, "validation_tstr": {"1.75": {"mean": 0.9731}}}
     card_path.write_text(json.dumps(card))
     async with serve(models) as client:
         as_json = await client.get("/v1/models/mnist-cvae/card")
@@ -102,4 +103,5 @@ async def test_card_as_json_and_as_a_self_contained_html_report(tmp_path) -> Non
     text = page.text
     assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert text.count('src="data:image/png;base64,') >= 1 and "Per class" in text and "src=\"http" not in text
+    assert "latent scale chosen on the validation split" in text and "0.9731" in text
     assert missing.status_code == 404
