@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate",
                                    help="write samples to .npz, .zip, a .png grid or an ImageFolder directory")
     _sample_options(generate)
-    generate.add_argument("--truncation", type=float, default=1.0, help="latent scale: GAN ψ, VAE temperature")
+    generate.add_argument("--truncation", type=float, default=1.0,
+                          help="latent scale (GAN ψ, VAE temperature) times the model's latent_scale")
     generate.add_argument("--out", required=True, help="PATH.npz, PATH.zip, PATH.png (a grid) or a directory")
     generate.add_argument("--device", default="auto")
     generate.set_defaults(run=_generate)

@@ -70,7 +70,8 @@ class GenerateRequest(_Filters):
     n: int = Field(16, ge=1, description="number of samples (at most the server's max_samples_per_request)")
     label: str | int | None = Field(None, description="class name or index; omitted → drawn uniformly per sample")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="omitted → a random seed, returned")
-    truncation: float = Field(1.0, gt=0, le=4, description="latent scale: GAN truncation ψ, VAE prior temperature")
+    truncation: float = Field(1.0, gt=0, le=4, description="latent scale (GAN truncation ψ, VAE prior "
+                              "temperature) times the model's latent_scale: 1 is the spread its card was measured at")
     format: OutputFormat = Field("json", description="json (PNG base64 per sample), npz, or png (one grid)")
 
 
@@ -93,7 +94,8 @@ class DatasetRequest(_Filters):
     n: int | None = Field(None, ge=1, description="samples in all (with `label`: all of that class)")
     label: str | int | None = Field(None, description="with n: the class of every sample; omitted → drawn")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="omitted → a random seed (see X-Seed)")
-    truncation: float = Field(1.0, gt=0, le=4, description="latent scale: GAN truncation ψ, VAE prior temperature")
+    truncation: float = Field(1.0, gt=0, le=4, description="latent scale (GAN truncation ψ, VAE prior "
+                              "temperature) times the model's latent_scale: 1 is the spread its card was measured at")
     format: ArchiveFormat = Field("zip", description="zip (ImageFolder with metadata.parquet and a dataset card for "
                                   "Hugging Face datasets), tar (WebDataset), parquet (the Hub's format) or npz "
                                   "(size-limited)")
