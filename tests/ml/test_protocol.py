@@ -13,7 +13,7 @@ from app.cli import main
 from app.core.model import load_model
 from app.core.sampling import per_class_labels, sample
 from app.ml.datasets import load_dataset
-from app.ml.protocol import tstr_report, tune_latent_scale
+from app.ml.protocol import Figure, nearest_one_within_standard_error, tstr_report, tune_latent_scale
 
 
 def test_tstr_report_ranks_good_and_useless_training_data() -> None:
@@ -47,7 +47,7 @@ def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, ca
                  "--seeds", "0"]) == 0
     card = json.loads((folder / "card.json").read_text())["sampling"]
     scores = {float(scale): figure["mean"] for scale, figure in card["validation_tstr"].items()}
-    best = max(scores, key=lambda scale: (scores[scale], -abs(scale - 1)))  # a tie goes to the scale nearest 1
+    best = max(scores, key=lambda scale: (scores[scale], -abs(scale - 1)))  # one seed: no margin; a tie goes to 1
     assert card["latent_scale"] == best and card["n_val"] == round(len(load_dataset("digits")) * 0.1)
     assert f"chosen: {card['latent_scale']}" in capsys.readouterr().out
     assert load_model(folder).net.cfg.latent_scale == card["latent_scale"]
@@ -59,3 +59,11 @@ def test_tune_refuses_bad_scales(tiny_gan: Path, tmp_path: Path, capsys, scales:
     assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", scales]) == 2
     assert message in capsys.readouterr().err
     assert json.loads((folder / "config.json").read_text())["hyperparameters"]["latent_scale"] == 1.0
+
+
+def test_the_chosen_scale_is_the_one_nearest_1_within_a_standard_error_of_the_best() -> None:
+    figures = {1.0: Figure([0.90, 0.90]), 1.5: Figure([0.93, 0.91]), 2.5: Figure([0.95, 0.91]), 3.0: Figure([0.9, 0.9])}
+    assert nearest_one_within_standard_error(figures) == 1.5  # best 0.93, one standard error 0.02: 0.92 is within
+    figures[2.5] = Figure([0.95, 0.95])
+    assert nearest_one_within_standard_error(figures) == 2.5  # no spread, no margin
+    assert nearest_one_within_standard_error({0.8: Figure([0.9]), 1.2: Figure([0.9])}) == 0.8  # a tie in distance
