@@ -39,5 +39,10 @@ def test_default_model_card(name: str) -> None:
     assert card["test_metrics"]["n"] == (8000 if name.startswith("fashion") else 1000)
     protocol = card["protocol"]  # the headline figures: a fixed CNN over seeds on real test images
     assert len(protocol["tstr"]["scores"]) >= 2 and 0 < protocol["tstr"]["mean"] <= 1
+    # the figures were measured at the spread the model samples at (a re-tuned model must be measured again)
+    scale = json.loads((folder / "config.json").read_text())["hyperparameters"].get("latent_scale", 1.0)
+    assert card["protocol"]["protocol"].get("latent_scale", 1.0) == scale
+    assert card["evaluation"].get("latent_scale", 1.0) == scale
+    assert card.get("sampling", {"latent_scale": 1.0})["latent_scale"] == scale
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "training_state" not in f.name)
     assert size <= 20 * 1024 * 1024
