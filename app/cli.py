@@ -138,6 +138,8 @@ def _tune(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--scales and --seeds take comma-separated numbers: {exc}") from exc
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
+    if args.per_class < 1:
+        raise InvalidInputError(f"--per-class must be at least 1, not {args.per_class}")
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds)
     for scale, figure in sampling["validation_tstr"].items():
         print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}")

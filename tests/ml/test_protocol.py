@@ -53,10 +53,12 @@ def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, ca
     assert load_model(folder).net.cfg.latent_scale == card["latent_scale"]
 
 
-@pytest.mark.parametrize(("scales", "message"), [("0,1", "every scale must be in (0, 4]"), ("1,x", "comma-separated")])
-def test_tune_refuses_bad_scales(tiny_gan: Path, tmp_path: Path, capsys, scales: str, message: str) -> None:
+@pytest.mark.parametrize(("args", "message"), [(["--scales", "0,1"], "every scale must be in (0, 4]"),
+                                             (["--scales", "1,x"], "comma-separated"),
+                                             (["--per-class", "0"], "--per-class must be at least 1")])
+def test_tune_refuses_bad_arguments(tiny_gan: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")
-    assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", scales]) == 2
+    assert main(["tune", "--model", str(folder), "--data", "digits", *args]) == 2
     assert message in capsys.readouterr().err
     assert json.loads((folder / "config.json").read_text())["hyperparameters"]["latent_scale"] == 1.0
 
