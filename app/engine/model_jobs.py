@@ -89,7 +89,7 @@ def load_dataset_file(path: Path) -> DecodedFolder:
 
 MAX_MODEL_PARAMETERS = 5_000_000  # float32 weights of at most 20 MB, the size of a model folder
 ARCHS = ("gan", "vae")
-SHAPE_FIELDS = {"height", "width", "channels", "num_classes"}
+NOT_TRAINING_FIELDS = {"height", "width", "channels", "num_classes", "latent_scale"}  # set by the data, or tuned after
 
 
 def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -129,7 +129,7 @@ def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -
 def _check_hyperparameters(arch: str, values: dict[str, Any], height: int, width: int, channels: int,
                            classes: int) -> None:
     config_class = GanConfig if arch == "gan" else VaeConfig
-    allowed = {f.name for f in dataclasses.fields(config_class)} - SHAPE_FIELDS
+    allowed = {f.name for f in dataclasses.fields(config_class)} - NOT_TRAINING_FIELDS
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise InvalidInputError(f"unknown {arch} hyper-parameter(s) {unknown}; allowed: {sorted(allowed)}")

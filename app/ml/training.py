@@ -339,6 +339,8 @@ def fit_prior(encoder: nn.Module, prior: MixturePrior, x: torch.Tensor, y: torch
 def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device: torch.device) -> Trainer:
     height, width, channels = dataset.shape
     common = {"height": height, "width": width, "channels": channels, "num_classes": len(dataset.class_names)}
+    if "latent_scale" in options.hyperparameters:  # training draws from N(0, I); the spread is tuned afterwards
+        raise InvalidInputError("latent_scale is not a training option: train at 1, then choose it with synthgen tune")
     try:
         if arch == "gan":
             return GanTrainer(GanConfig(**common, **options.hyperparameters), device, options.lr)

@@ -61,7 +61,8 @@ def test_real_augment_moves_digits_and_keeps_the_background() -> None:
 @pytest.mark.parametrize(("hparams", "message"), [({"loss": "wgan"}, "logistic or hinge"),
                                                    ({"diff_augment": "color"}, "diff_augment"),
                                                    ({"real_augment": 1.5}, "real_augment"),
-                                                   ({"reconstruction": -1}, "reconstruction")])
+                                                   ({"reconstruction": -1}, "reconstruction"),
+                                                   ({"latent_scale": 1.5}, "synthgen tune")])
 def test_bad_gan_training_options_are_refused_up_front(tmp_path: Path, hparams: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         train(TrainOptions(arch="gan", data="digits", out=tmp_path / "bad", device="cpu", progress=False,

@@ -139,6 +139,7 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
         (_folder(per_class=3), {}, 422, "class 'a' has 3 image(s), fewer than the 10"),
         (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "a/broken.png: not a readable PNG/JPEG"),
         (_folder(), {"hyperparameters": '{"colour": 1}'}, 422, "unknown gan hyper-parameter(s) ['colour']"),
+        (_folder(), {"hyperparameters": '{"latent_scale": 2}'}, 422, "unknown gan hyper-parameter(s) ['latent_scale']"),
         (_folder(), {"hyperparameters": '{"g_channels": 1024}'}, 422, "over the 5,000,000 a model may have"),
         (_folder(), {"hyperparameters": '{"diff_augment": 5}'}, 422, "diff_augment must be str, not 5"),
         (_folder(), {"hyperparameters": '{"latent_dim": -1}'}, 422, "latent_dim = -1 is out of range"),
