@@ -41,7 +41,7 @@ def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float,
 
     async def generate(indices: list[int] | range, labels: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
         args = (seed, indices, model.latent_dim, model.num_classes, labels)
-        # ~15 µs a sample: a thread hop costs more than drawing a few latents on the event loop
+        # ~5 µs a sample: a thread hop costs more than drawing a few latents on the event loop
         if len(indices) <= INLINE_SAMPLES:
             z, drawn = draw_latents(*args)
         else:
