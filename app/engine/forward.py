@@ -1,5 +1,5 @@
-"""The forward-pass policy the micro-batcher runs on the device thread: batch shapes padded to a few buckets,
-autocast on CUDA in the configured dtype, and a batch split in two when CUDA runs out of memory."""
+"""The forward-pass policy the micro-batcher runs on the device thread: one pass per batch (padded by `render` to
+a few shapes), autocast on CUDA in the configured dtype, and a batch split in two when CUDA runs out of memory."""
 
 from __future__ import annotations
 
@@ -12,24 +12,14 @@ from app.core.sampling import render
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def bucket(size: int) -> int:
-    """The next power of two: forward passes see a handful of batch shapes, so the backends' per-shape caches
-    (oneDNN primitives, cuDNN plans) stay bounded instead of growing with every distinct batch size."""
-    return 1 << max(size - 1, 0).bit_length()
-
-
 def forward_pass(model: SyntheticModel, dtype: torch.dtype):
-    """The forward pass the batcher runs on the device thread: batches padded to a bucket size; on CUDA
-    out-of-memory it splits the batch."""
+    """The forward pass the batcher runs on the device thread; on CUDA out-of-memory it splits the batch."""
 
     def run(z: torch.Tensor, labels: torch.Tensor, truncation: torch.Tensor) -> np.ndarray:
-        n, padded = len(z), bucket(len(z))
-        if padded != n:  # pad with copies of the first sample; their outputs are dropped
-            z, labels, truncation = (torch.cat([t, t[:1].expand(padded - n, *t.shape[1:])])
-                                     for t in (z, labels, truncation))
+        n = len(z)
         try:
             with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return render(model, z, labels, truncation[:, None], batch_size=padded)[:n]
+                return render(model, z, labels, truncation[:, None], batch_size=max(n, 1))
         except torch.cuda.OutOfMemoryError:
             if len(z) == 1:
                 raise

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.forward import bucket, forward_pass
+from app.core.sampling import pass_rows
+from app.engine.forward import forward_pass
 
 
 def test_batches_are_padded_to_a_few_shapes_and_trimmed() -> None:
-    assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 256)] == [1, 2, 4, 8, 64, 128, 256]
+    assert [pass_rows(n) for n in (1, 2, 3, 5, 64, 65, 256)] == [4, 4, 4, 8, 64, 128, 256]
     seen: list[int] = []
 
     class Net:  # the smallest stand-in render() needs: records the batch it was given

@@ -118,9 +118,12 @@ class MixturePrior(nn.Module):
         self.scale_tril.copy_(torch.linalg.cholesky(covariances))
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.autocast(z.device.type, enabled=False):  # the hash needs float32 precision
+        with torch.autocast(z.device.type, enabled=False):
             z32 = z.float()
-            u = torch.frac((F.normalize(z32, dim=1) @ self.hash_direction).abs() * 1000.0)
+            # The hash in float64, row by row: in float32 a matrix product rounds differently for a pass of one or
+            # two rows than for a larger one, and ×1000 turned that into a different component for ~1 % of draws.
+            direction = self.hash_direction.double()
+            u = torch.frac((F.normalize(z32.double(), dim=1) * direction).sum(1).abs() * 1000.0).float()
             rows = labels if labels is not None else torch.zeros(len(z), dtype=torch.long, device=z.device)
             cumulative = self.cumulative_weights[rows]
             component = torch.searchsorted(cumulative, u[:, None]).squeeze(1).clamp_max(cumulative.shape[1] - 1)
