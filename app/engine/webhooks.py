@@ -2,9 +2,10 @@
 the calling API key's secret, and retries with exponential back-off a bounded number of times.
 
 Only http(s) URLs without credentials are accepted; hosts that resolve to private, loopback, link-local or other
-non-public addresses are refused (at submission and again before each delivery, against DNS rebinding) unless the
-allow-list names them. Redirects are not followed. A receiver verifies `X-Synthgen-Signature: t=<unix>,v1=<hex>`
-where hex = HMAC-SHA256(secret, f"{t}.{raw body}"), and may drop repeats by `X-Synthgen-Delivery`."""
+non-public addresses are refused (at submission and again before each delivery, which then connects to the address
+it checked: a second DNS answer cannot redirect it) unless the allow-list names them. Redirects are not followed.
+A receiver verifies `X-Synthgen-Signature: t=<unix>,v1=<hex>` where hex = HMAC-SHA256(secret, f"{t}.{raw body}"),
+and may drop repeats by `X-Synthgen-Delivery`."""
 
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ class UrlPolicy:
 
     def check_syntax(self, url: str) -> tuple[str, int]:
         """Host and port of a well-formed callback URL; InvalidInputError says what is wrong."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.hostname  # noqa: B018 (parses the host: a malformed IPv6 literal raises here)
+        except ValueError as exc:
+            raise InvalidInputError(f"callback_url {url!r} is not a well-formed URL ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInputError(f"callback_url {url!r} must be an http:// or https:// URL with a host")
         if parts.username or parts.password:
@@ -76,11 +81,12 @@ class UrlPolicy:
             raise InvalidInputError(f"callback_url {url!r} has an invalid port") from None
         return parts.hostname.lower(), port
 
-    def check(self, url: str) -> None:
-        """Blocking (resolves the host): InvalidInputError unless `url` may be called."""
+    def check(self, url: str) -> Address | None:
+        """Blocking (resolves the host): InvalidInputError unless `url` may be called; else the address to connect to
+        (None for a host the allow-list names, which is trusted as it resolves)."""
         host, port = self.check_syntax(url)
         if host in self.hosts:
-            return
+            return None
         try:
             addresses = {ipaddress.ip_address(info[4][0].split("%")[0])
                          for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
@@ -91,11 +97,24 @@ class UrlPolicy:
         if refused:
             raise InvalidInputError(f"callback_url host {host!r} resolves to a non-public address ({refused[0]}); "
                                     "an operator may allow it with SYNTHGEN_WEBHOOK_ALLOW_HOSTS")
+        return min(addresses, key=lambda address: (address.version, int(address)))
 
     def _allowed(self, address: Address) -> bool:
         if any(address in network for network in self.networks):
             return True
         return address.is_global and not address.is_multicast
+
+
+def pinned(url: str, address: Address | None) -> tuple[str, dict[str, str], dict[str, str]]:
+    """`url` with its host replaced by the checked `address` (so a second DNS answer cannot redirect the request),
+    the Host header, and the TLS server name (SNI and certificate check) to use: (url, headers, httpx extensions)."""
+    parts = urlsplit(url)
+    if address is None:
+        return url, {}, {}
+    literal = f"[{address}]" if address.version == 6 else str(address)
+    netloc = f"{literal}:{parts.port}" if parts.port else literal
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" and parts.hostname else {}
+    return parts._replace(netloc=netloc).geturl(), {"Host": parts.netloc}, extensions
 
 
 def _is_network(entry: str) -> bool:
@@ -133,17 +152,17 @@ class WebhookSender:
             if attempt:
                 await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), 600))
             try:
-                await asyncio.to_thread(self.policy.check, url)
+                target, host, extensions = pinned(url, await asyncio.to_thread(self.policy.check, url))
             except InvalidInputError as exc:
                 log.warning("webhook %s not sent: %s", delivery, exc)
                 return
             timestamp = int(time.time())
             headers = {"Content-Type": "application/json", "User-Agent": "synthgen-webhooks",
                        "X-Synthgen-Event": event, "X-Synthgen-Delivery": delivery,
-                       "X-Synthgen-Signature": signature(secret, timestamp, body)}
+                       "X-Synthgen-Signature": signature(secret, timestamp, body), **host}
             try:
                 async with self._slots:
-                    response = await self._http.post(url, content=body, headers=headers)
+                    response = await self._http.post(target, content=body, headers=headers, extensions=extensions)
             except httpx.HTTPError as exc:
                 log.info("webhook %s attempt %d to %s failed: %s", delivery, attempt + 1, url, exc)
                 continue

@@ -7,15 +7,16 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from app.engine.webhooks import UrlPolicy
+from app.engine.webhooks import UrlPolicy, WebhookSender
 from app.errors import InvalidInputError
 from tests.conftest import serve
 
@@ -110,6 +111,8 @@ async def test_finished_and_failed_jobs_are_posted_signed(faulty_models_dir: Pat
     ("http://[::1]/x", "non-public address"),
     ("http://169.254.169.254/latest/meta-data", "non-public address"),
     ("http://no-such-host.invalid/x", "does not resolve"),
+    ("http://[::1/x", "not a well-formed URL"),
+    ("http://[zz]/x", "not a well-formed URL"),
 ])
 async def test_callback_urls_are_refused_before_the_job_runs(models_dir: Path, url: str, message: str) -> None:
     async with serve(models_dir) as client:
@@ -124,3 +127,39 @@ def test_the_allow_list_takes_hosts_and_networks() -> None:
     policy.check("http://localhost/hook")
     with pytest.raises(InvalidInputError):
         policy.check("http://192.168.1.1/hook")
+
+
+async def test_a_delivery_connects_to_the_address_it_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hosts.append(self.headers.get("Host"))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def rebinding(host: str, *args: object, **kwargs: object) -> object:  # checked: 127.0.0.1; later: 127.0.0.2
+        if host in ("rebind.example", b"rebind.example"):
+            lookups.append(host)
+            return real("127.0.0.1" if len(lookups) == 1 else "127.0.0.2", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    sender = WebhookSender(b"master", UrlPolicy(["127.0.0.1/32"]), max_attempts=1)
+    try:
+        sender.send(f"http://rebind.example:{server.server_port}/hook", "", "job.finished", {"id": "x"})
+        await asyncio.gather(*sender._tasks)
+    finally:
+        await sender.close()
+        server.shutdown()
+    # one lookup (the check), and the POST went to the address that passed it, named by its Host header
+    assert lookups == ["rebind.example"] and hosts == [f"rebind.example:{server.server_port}"]
