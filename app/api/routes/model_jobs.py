@@ -39,7 +39,7 @@ from app.engine.model_jobs import (
     save_dataset,
     trainings_dir,
 )
-from app.engine.repository import MODEL_NAME
+from app.engine.repository import MODEL_NAME, validate_model_name
 from app.errors import InvalidInputError, NotFoundError
 from app.settings import Settings
 
@@ -121,9 +121,10 @@ async def create_training(
                                                      "on the validation split")] = None,
     eval_per_class: Annotated[FormInt, Form(ge=10, le=1000, description="synthetic samples per class the card "
                                             "is computed on")] = 1000,
-    callback_url: Annotated[str | None, Form(description="POSTed the training when it succeeds or fails, signed as "
-                                             "job webhooks are (GET /v1/webhooks/secret)")] = None,
+    callback_url: Annotated[str | None, Form(max_length=2048, description="POSTed the training when it succeeds or "
+                                             "fails, signed as job webhooks are (GET /v1/webhooks/secret)")] = None,
 ) -> TrainingPublic:
+    validate_model_name(name)  # the pattern alone lets `a..b` through, which no model route would then accept
     if (dataset is None) == (dataset_id is None):
         raise InvalidInputError("send either a `dataset` zip or the `dataset_id` of an earlier upload")
     if epochs is not None and epochs > settings.max_training_epochs:

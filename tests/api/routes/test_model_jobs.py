@@ -152,6 +152,9 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
         (None, {"dataset_id": "0" * 32}, 404, "no dataset 0000"),
         (b"not a zip", {}, 422, "not a readable zip"),
         (_folder(), {"callback_url": "http://127.0.0.1:9/hook"}, 422, "127.0.0.1"),
+        (_folder(), {"callback_url": "http://[::1/hook"}, 422, "not a well-formed URL"),
+        (_folder(), {"callback_url": "https://example.com/" + "x" * 2048}, 422, "at most 2048 characters"),
+        (_folder(), {"name": "a..b"}, 422, "invalid model name 'a..b'"),
     ],
 )
 async def test_bad_uploads_are_refused_naming_the_file_and_the_fix(models_dir: Path, archive: bytes | None,
