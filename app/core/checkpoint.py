@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,27 +68,46 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_weights(path: Path, module: nn.Module, sha256: str | None = None) -> None:
-    """Load a `.safetensors` file into `module` strictly; any mismatch names the file and the keys. With `sha256`
-    (from the config), the file must have that digest: a truncated, corrupted or swapped file is refused."""
+def check_weights(path: Path, module: nn.Module) -> None:
+    """The tensors a `.safetensors` file holds (read from its header, nothing loaded) match `module`'s keys and
+    shapes; `module` may live on the meta device, so a config is checked before anything is allocated for it."""
     try:
-        if sha256 is not None and file_sha256(path) != sha256:
-            raise CheckpointError(f"{path}: its sha256 is not the one config.json records (corrupt, truncated or "
-                                  "replaced); copy or download the model folder again")
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: weights file missing") from exc
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a valid .safetensors file (corrupt, truncated or pickled?): {exc}") from exc
     expected = module.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match the architecture: missing keys {missing}, "
                               f"unexpected keys {unexpected}")
-    wrong = [f"{k}: {list(state[k].shape)} != {list(v.shape)}"
-             for k, v in expected.items() if state[k].shape != v.shape]
+    wrong = [f"{k}: {shapes[k]} != {list(v.shape)}" for k, v in expected.items() if shapes[k] != list(v.shape)]
     if wrong:
         raise CheckpointError(f"{path}: tensor shapes do not match the config: {'; '.join(wrong)}")
+
+
+def check_digest(path: Path, sha256: str | None) -> None:
+    """With `sha256` (from the config), the file must have that digest: a truncated, corrupted or swapped file is
+    refused."""
+    try:
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise CheckpointError(f"{path}: its sha256 is not the one config.json records (corrupt, truncated or "
+                                  "replaced); copy or download the model folder again")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: weights file missing") from exc
+
+
+def load_weights(path: Path, module: nn.Module, sha256: str | None = None) -> None:
+    """Load a `.safetensors` file into `module` strictly, checked against its digest (`check_digest`); any
+    mismatch names the file and the keys."""
+    check_digest(path, sha256)
+    check_weights(path, module)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a valid .safetensors file (corrupt, truncated or pickled?): {exc}") from exc
     module.load_state_dict(state, strict=True)
 
 
@@ -194,15 +213,21 @@ class Checkpointable(nn.Module):
         if arch is None or not issubclass(arch, cls):
             raise CheckpointError(f"{path}: unknown class_name {config.get('class_name')!r}; known: {known}")
         hyperparameters = checked_hyperparameters(arch.config_class, config.get("hyperparameters"), path)
-        try:
-            net = arch(arch.config_class(**hyperparameters))
+        try:  # on the meta device first: the weight files' shapes are checked before memory is spent on the config
+            with torch.device("meta"):
+                shell = arch(arch.config_class(**hyperparameters))
         except Exception as exc:  # a value of the right type can still be impossible (e.g. a negative width)
             raise CheckpointError(f"{path}: the hyperparameters do not build a {arch.__name__}: {exc}") from exc
         parts = arch.serving_parts if serving else ()
         digests = config.get("sha256")
         if digests is not None and not isinstance(digests, dict):
             raise CheckpointError(f"{path}: 'sha256' must map weight files to their hex digests")
-        net.load_parts(folder, parts, digests)
+        for part in parts or tuple(arch.weight_files):
+            file = folder / arch.weight_files[part]
+            check_digest(file, (digests or {}).get(file.name))
+            check_weights(file, shell.part(part))
+        net = arch(arch.config_class(**hyperparameters))
+        net.load_parts(folder, parts)  # digests checked above
         for part in set(arch.weight_files) - set(parts or arch.weight_files):
             setattr(net, part, None)
         return net.eval().requires_grad_(False), config

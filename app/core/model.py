@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from app.core.nets import SyntheticNet
 from app.errors import CheckpointError
 
 NEIGHBOURS_FILE = "neighbours.png"  # evaluation's nearest-training-neighbour grid, shown on the card
+# Class names become folder and file names in exports: letters, digits and ' _.+()-', at most 100 characters,
+# starting with a letter or digit and not ending with a space or dot (so never '..', '/' or a drive letter).
+CLASS_NAME = re.compile(r"^\w(?:[\w .+()-]{0,98}[\w+()-])?$")
 
 
 @dataclass
@@ -61,5 +65,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
     names = config.get("class_names")
     if not isinstance(names, list) or len(names) != net.cfg.num_classes:
         raise CheckpointError(f"{folder / 'config.json'}: class_names must list {net.cfg.num_classes} names")
+    bad = [name for name in names if not isinstance(name, str) or not CLASS_NAME.fullmatch(name)]
+    if bad or len(set(names)) != len(names):
+        raise CheckpointError(f"{folder / 'config.json'}: class_names must be distinct names of 1-100 letters, digits, "
+                              f"spaces and '_.+()-' (they name folders in exports); not {(bad or names)[0]!r}")
     card = read_json(folder / "card.json") if (folder / "card.json").is_file() else {}
     return SyntheticModel(name or folder.name, folder, config, net.to(device), card, config_hash(folder))

@@ -94,6 +94,11 @@ def test_refuses_config_that_does_not_match_shapes(gan_copy: Path) -> None:
         (lambda c: c["hyperparameters"].update(embed_dim=-100), "do not build a ConditionalGAN"),
         (lambda c: c["hyperparameters"].update(latent_scale=0.0), r"latent_scale must be in \(0, 4\]"),
         (lambda c: c.update(class_names=["a"]), "class_names"),
+        (lambda c: c["class_names"].__setitem__(0, "../../escaped"), "not '../../escaped'"),  # a folder in exports
+        (lambda c: c["class_names"].__setitem__(0, 7), "not 7"),
+        (lambda c: c["class_names"].__setitem__(0, c["class_names"][1]), "must be distinct"),
+        # checked against the weights' headers on the meta device: nothing near the 10^11 floats is allocated
+        (lambda c: c["hyperparameters"].update(g_channels=100_000), "shapes do not match"),
     ],
 )
 def test_refuses_bad_config(gan_copy: Path, edit, message: str) -> None:
