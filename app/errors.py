@@ -74,7 +74,11 @@ class PayloadTooLargeError(InvalidInputError):
 
 
 class RangeNotSatisfiableError(InvalidInputError):
-    """A download asked for a byte range outside the file (HTTP 416)."""
+    """A download asked for a byte range outside the file (HTTP 416, with the file's `size`)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class SlowRequestError(InvalidInputError):

@@ -63,6 +63,8 @@ def status_and_headers(exc: SynthgenError) -> tuple[int, dict[str, str] | None]:
         return status, {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, MissingApiKeyError):
         return status, {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, RangeNotSatisfiableError):
+        return status, {"Content-Range": f"bytes */{exc.size}"}
     return status, None
 
 

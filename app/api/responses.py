@@ -67,22 +67,41 @@ async def samples_response(samples: Samples, output: OutputFormat) -> Response:
     return Response(await _encode(samples, _grid, samples), media_type="image/png", headers=headers)
 
 
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The `[start, stop)` one `Range` header asks for (`bytes=START-`, `bytes=START-END` or the last N bytes,
+    `bytes=-N`), or None to send the whole file: no header, or one this server ignores as RFC 9110 allows (another
+    unit, several ranges, bad syntax). A range that starts past the end is refused (416)."""
+    match = _RANGE.fullmatch((header or "").strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if size == 0:
+        raise RangeNotSatisfiableError(f"cannot serve {header!r}: the file is empty", size)
+    if not first:  # a suffix: the last N bytes
+        if int(last) == 0:
+            raise RangeNotSatisfiableError(f"cannot serve {header!r}: it asks for no bytes", size)
+        return max(size - int(last), 0), size
+    if last and int(last) < int(first):
+        return None  # invalid, so ignored
+    if int(first) >= size:
+        raise RangeNotSatisfiableError(f"cannot serve {header!r} of a {size}-byte file; ask for 'bytes=START-', "
+                                       "'bytes=START-END' or 'bytes=-N' within it", size)
+    return int(first), min(size, int(last) + 1) if last else size
 
 
 def open_file_response(handle: IO[bytes], size: int, media_type: str, filename: str, range_header: str | None
                        ) -> StreamingResponse:
-    """Stream an already opened file (whole, or one `Range: bytes=START-[END]`): once opened, deleting the file
+    """Stream an already opened file (whole, or the one range `byte_range` reads): once opened, deleting the file
     cannot truncate the answer. The handle is closed when the answer ends or the client goes away."""
-    start, stop, status = 0, size, 200
-    if range_header:
-        match = _RANGE.fullmatch(range_header.strip())
-        if not match or int(match.group(1)) >= size or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            handle.close()
-            raise RangeNotSatisfiableError(f"cannot serve {range_header!r} of a {size}-byte file; ask for "
-                                           "'bytes=START-' or 'bytes=START-END' within it")
-        start, status = int(match.group(1)), 206
-        stop = min(size, int(match.group(2)) + 1) if match.group(2) else size
+    try:
+        span = byte_range(range_header, size)
+    except RangeNotSatisfiableError:
+        handle.close()
+        raise
+    (start, stop), status = span or (0, size), 206 if span else 200
     headers = {"Content-Length": str(stop - start), "Accept-Ranges": "bytes",
                "Content-Disposition": f'attachment; filename="{filename}"'}
     if status == 206:

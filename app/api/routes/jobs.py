@@ -119,8 +119,9 @@ async def get_dataset_job(job_id: JobId, store: StoreDep, caller: CallerDep) -> 
 
 @router.get("/{job_id}/result", summary="Download a job's archive", response_class=StreamingResponse,
             description="The finished archive of a zip, parquet or npz job (a tar job's shards are in its `files`). "
-                        "Supports `Range: bytes=START-[END]` so a broken download resumes. A download that started is "
-                        "served whole even if the job is deleted or expires meanwhile.",
+                        "Supports `Range: bytes=START-[END]` (or `bytes=-N`, the last N bytes) so a broken download "
+                        "resumes. A download that started is served whole even if the job is deleted or expires "
+                        "meanwhile.",
             responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
                                          for t in MEDIA_TYPES.values()}, "description": "the archive"},
                        206: {"description": "a range"}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},

@@ -33,6 +33,10 @@ async def test_job_lifecycle_and_range_download(models_dir: Path, database_url: 
         # a broken download resumes with Range
         tail = await client.get(done["result_url"], headers={"Range": "bytes=1000-"})
         assert tail.status_code == 206 and whole.content[:1000] + tail.content == whole.content
+        last = await client.get(done["result_url"], headers={"Range": "bytes=-100"})
+        assert last.status_code == 206 and last.content == whole.content[-100:]
+        beyond = await client.get(done["result_url"], headers={"Range": f"bytes={len(whole.content)}-"})
+        assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(whole.content)}"
         # the same dataset as the streamed export
         streamed = await client.post("/v1/models/digits-gan/datasets", json={"per_class": 30, "seed": 4})
         with zipfile.ZipFile(io.BytesIO(streamed.content)) as a, zipfile.ZipFile(io.BytesIO(whole.content)) as b:
