@@ -108,7 +108,9 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _authenticate(request: Request, settings: Settings) -> Caller:
+def authenticate(request: Request, settings: Settings) -> Caller:
+    """The caller a request's API key names (401 without one, 403 for a wrong one; failures rate-limited per
+    address); everyone is an admin in open mode."""
     address = f"address:{request.client.host if request.client else 'unknown'}"
     if settings.open_access:
         return Caller("", "admin", address)
@@ -131,7 +133,7 @@ def _authenticate(request: Request, settings: Settings) -> Caller:
 async def require_api_key(request: Request, settings: SettingsDep) -> Caller:
     """With API keys configured, every /v1 route needs `Authorization: Bearer <key>` (401 without, 403 wrong; failed
     attempts are rate-limited per address); with a rate limit, each key (or client address) gets 429 beyond it."""
-    caller = _authenticate(request, settings)
+    caller = authenticate(request, settings)
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:
         limiter.take(caller.bucket)

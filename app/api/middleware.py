@@ -11,12 +11,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.deps import key_fingerprint
+from app.api.deps import authenticate
 from app.api.errors import send_error
 from app.engine.metrics import Metrics
-from app.errors import OverloadedError, PayloadTooLargeError, RateLimitedError, SlowRequestError
+from app.errors import AuthError, OverloadedError, PayloadTooLargeError, RateLimitedError, SlowRequestError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.access")
@@ -55,12 +56,10 @@ class UploadGate:
                 del self._by_client[client]
 
 
-def _client(headers: dict[str, str], scope: Scope) -> str:
-    """Whom an upload counts against: the API key sent (its fingerprint), else the client address."""
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token:
-        return "key:" + key_fingerprint(token)
-    return f"address:{scope['client'][0] if scope.get('client') else 'unknown'}"
+def _uploader(scope: Scope, settings: Settings) -> str:
+    """Whom an upload counts against: its API key, checked before a byte of the body is read (a made-up key gets
+    401/403, not a slot), else, in open mode, the client address."""
+    return authenticate(Request(scope), settings).bucket
 
 
 class RequestContextMiddleware:
@@ -92,7 +91,8 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            async with self.uploads.admit(_client(headers, scope)) if upload else contextlib.nullcontext():
+            admitted = self.uploads.admit(_uploader(scope, self.settings)) if upload else contextlib.nullcontext()
+            async with admitted:
                 body = await _read_body(receive, limit, headers.get("content-length", ""),
                                         self.settings.body_timeout_s)
                 if body is None:
@@ -108,7 +108,7 @@ class RequestContextMiddleware:
                     return await receive()
 
                 await self.app(scope, replay, send_with_id)
-        except (PayloadTooLargeError, SlowRequestError, OverloadedError) as exc:
+        except (PayloadTooLargeError, SlowRequestError, OverloadedError, AuthError) as exc:
             if not response_started:
                 await send_error(send_with_id, exc, request_id)
         finally:

@@ -261,3 +261,18 @@ async def test_form_numbers_and_booleans_are_strict(tmp_path: Path, field: tuple
         response = await client.post("/v1/augment", files={"dataset": ("d.zip", _flat_upload("7"))},
                                      data={"model": "mnist-cgan", field[0]: field[1]})
     assert response.status_code == 422 and field[0] in response.json()["detail"], response.text
+
+
+async def test_an_upload_is_authenticated_before_its_body_is_read(tmp_path: Path) -> None:
+    from tests.conftest import copy_shipped
+
+    upload = zip_bytes({f"{label}/{i}.png": png_bytes(np.zeros((28, 28), np.uint8)) for label in range(10)
+                        for i in range(5)})
+    assert len(upload) > 1024
+    async with serve(copy_shipped(tmp_path, "mnist-cgan"), api_keys="the-key-of-16-chars",
+                     max_upload_bytes=1024) as client:
+        answers = [await client.post("/v1/augment", files={"dataset": ("d.zip", upload)}, data={"model": "mnist-cgan"},
+                                     headers=headers) for headers in ({"Authorization": "Bearer made-up"}, {})]
+    # not 413 for the body over the limit: a made-up key neither holds an upload slot nor has its body read
+    assert [a.status_code for a in answers] == [403, 401], [a.text for a in answers]
+    assert answers[0].headers["x-request-id"] and "not valid" in answers[0].json()["detail"]
