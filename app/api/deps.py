@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -150,9 +151,20 @@ async def require_admin(caller: CallerDep) -> Caller:
     return caller
 
 
-async def require_json(request: Request) -> None:
-    """JSON routes refuse other content types with 415 (FastAPI would otherwise guess)."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaTypeError(f"send the body as JSON with 'Content-Type: application/json', not "
-                                        f"{content_type or 'no content type'!r}")
+def require_content_type(*allowed: str, how: str) -> Callable[[Request], Awaitable[None]]:
+    """A dependency refusing a body of another content type with 415, saying `how` to send it (FastAPI would
+    otherwise guess, and a JSON body on a form route would read as missing fields)."""
+
+    async def check(request: Request) -> None:
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() not in allowed:
+            raise UnsupportedMediaTypeError(f"send the body {how}, not {content_type or 'no content type'!r}")
+
+    return check
+
+
+require_json = require_content_type("application/json", how="as JSON with 'Content-Type: application/json'")
+require_multipart = require_content_type("multipart/form-data", how="as multipart/form-data with the file(s) as "
+                                         "parts (curl -F 'dataset=@data.zip', httpx files=...)")
+require_form = require_content_type("multipart/form-data", "application/x-www-form-urlencoded",
+                                    how="as multipart/form-data (curl -F 'dataset=@data.zip', httpx files=...)")

@@ -22,6 +22,7 @@ from app.api.deps import (
     WebhooksDep,
     WorkerDep,
     require_api_key,
+    require_form,
 )
 from app.api.schemas import ErrorPublic, FormBool, FormFloat, FormInt, TrainingPublic, TrainingsPublic
 from app.core.imagefolder import DecodedFolder, FolderLimits, decode_image_folder
@@ -95,7 +96,8 @@ def _decode_upload(data: bytes, settings: Settings, convert: bool) -> DecodedFol
         "the file and the fix: mixed sizes or colour modes (or send `convert=true`), unreadable files, classes "
         "with too few images, too many images or pixels."),
     responses={202: {"description": "the training, queued", "links": LINKS},
-               **{code: {"model": ErrorPublic} for code in (404, 409, 413, 429, 507)}},
+               **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
+    dependencies=[Depends(require_form)],
 )
 async def create_training(
     response: Response, settings: SettingsDep, store: StoreDep, worker: WorkerDep, caller: CallerDep,

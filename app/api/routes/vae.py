@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, File, Form, UploadFile
 from fastapi.responses import Response
 
-from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json, require_multipart
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, FormBool, FormInt, InterpolateRequest, OutputFormat
 from app.engine import vae
@@ -37,7 +37,7 @@ def _split_labels(labels: str | None) -> list[str | int] | None:
 @router.post("/{name}/reconstruct", summary="Reconstruct images", response_class=Response,
              description="Upload PNG/JPEG images; each is encoded and decoded (the posterior mean). `labels`: one "
                          "class for all or one per image, comma-separated; omitted → the best-fitting class.",
-             responses={**SAMPLE_RESPONSES, **ERRORS})
+             responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_multipart)])
 async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
                              files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                              labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
@@ -65,7 +65,7 @@ async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_e
 @router.post("/{name}/inpaint", summary="Fill missing pixels", response_class=Response,
              description="Upload an image and a mask of the same size (white = missing). The gaps are filled by "
                          "iterating encode/decode while the known pixels stay clamped.",
-             responses={**SAMPLE_RESPONSES, **ERRORS})
+             responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_multipart)])
 async def inpaint_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
                          image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
                          mask: Annotated[UploadFile, File(description="white where pixels are missing")],

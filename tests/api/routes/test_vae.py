@@ -41,3 +41,15 @@ async def test_vae_routes(models_dir: Path) -> None:
         junk = await client.post("/v1/models/digits-vae/reconstruct",
                                  files=[("files", ("a.png", b"nope", "image/png"))])
         assert junk.status_code == 422 and "not a readable" in junk.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/v1/models/digits-vae/reconstruct", "/v1/models/digits-vae/inpaint",
+                                  "/v1/trainings"])
+@pytest.mark.parametrize("body", [{"json": {"labels": "3"}}, {"data": {"labels": "3"}}, {"content": b"raw"}])
+async def test_upload_routes_want_multipart(models_dir: Path, path: str, body: dict) -> None:
+    async with serve(models_dir) as client:
+        response = await client.post(path, **body)
+    if path == "/v1/trainings" and "data" in body:  # a form without a file names an earlier upload: fields checked
+        assert response.status_code == 422 and "name: Field required" in response.json()["detail"], response.text
+    else:  # not 'dataset: Field required' or 'Expected UploadFile': how to send it
+        assert response.status_code == 415 and "multipart/form-data" in response.json()["detail"], response.text
