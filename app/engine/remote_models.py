@@ -52,5 +52,6 @@ def model_settings(settings: Settings) -> Settings:
     """Blocking. The settings to serve with: with SYNTHGEN_MODELS_URL, models_dir becomes the downloaded copy."""
     if not settings.models_url:
         return settings
-    cache = fetch_models(settings.models_url, s3_client(settings), settings.data_dir / "models")
+    # not data_dir/models: that folder holds the models trained through the API, which a fresh copy would replace
+    cache = fetch_models(settings.models_url, s3_client(settings), settings.data_dir / "store-models")
     return settings.model_copy(update={"models_dir": cache})

@@ -5,6 +5,7 @@ the local default, deletion. Model folders: downloaded at start and checked agai
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import boto3
@@ -85,11 +86,14 @@ async def test_models_are_read_from_the_store_and_verified(tiny_gan: Path, tmp_p
     s3.put_object(Bucket=bucket, Key="models/../escape/config.json", Body=b"{}")  # not <model>/<file>: skipped
     empty = tmp_path / "no-local-models"
     empty.mkdir()
+    trained = tmp_path / "data" / "models" / "mine" / "1"  # a model trained through the API: kept across starts
+    shutil.copytree(tiny_gan, trained)
     async with serve(empty, data_dir=tmp_path / "data", models_url=f"s3://{bucket}/models",
                      s3_endpoint_url=s3_settings["SYNTHGEN_S3_ENDPOINT_URL"]) as client:
         models = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
         assert models["digits-gan"]["status"] == "ready"
         assert models["tampered-gan"]["status"] == "failed" and "sha256" in models["tampered-gan"]["error"]
         assert (await client.post("/v1/models/digits-gan/generate", json={"n": 2})).status_code == 200
-    assert not (tmp_path / "escape").exists() and sorted(p.name for p in (tmp_path / "data" / "models").iterdir()) == [
-        "digits-gan", "tampered-gan"]
+    assert not (tmp_path / "escape").exists()
+    assert sorted(p.name for p in (tmp_path / "data" / "store-models").iterdir()) == ["digits-gan", "tampered-gan"]
+    assert (trained / "config.json").is_file()
