@@ -56,6 +56,8 @@ def test_the_scale_profile_runs_apart_on_postgresql_and_object_storage() -> None
         assert env["SYNTHGEN_RESULTS_URL"].startswith("s3://") and env["SYNTHGEN_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert "synthgen db upgrade" in services["setup"]["command"][-1]
     assert api["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+    # trainings: workers train on the API's uploads and promote models the API replicas serve, in the data volume
+    assert all("synthgen-data:/srv/synthgen/data" in service["volumes"] for service in (api, worker))
     assert "api-scale:8000" in (ROOT / "deploy" / "nginx.conf").read_text()
 
 

@@ -63,6 +63,11 @@ def test_references_resolve_and_pods_are_configured_for_production() -> None:
     assert "--no-jobs" in api["command"]
     for name in ("synthgen-api", "synthgen-worker"):
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        # trainings: the API stores uploads a worker trains on, and serves the models the worker promotes
+        volumes = {v["name"]: v for v in deployments[name]["spec"]["template"]["spec"]["volumes"]}
+        shared = {m["mountPath"] for m in container["volumeMounts"]
+                  if volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == "synthgen-trainings"}
+        assert shared == {"/data/datasets", "/data/trainings", "/data/models"}
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert {"name": "SYNTHGEN_REPLICA_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in \
             container["env"]  # every pod names its workers apart in the job store
