@@ -19,6 +19,7 @@ class FolderLimits:
     """What a training upload may hold."""
 
     max_pixels: int = MAX_IMAGE_PIXELS  # per image
+    pixels_setting: str = "SYNTHGEN_MAX_IMAGE_PIXELS"  # named in the message when an image is over max_pixels
     max_images: int = 1_000_000
     min_per_class: int = 1
 
@@ -64,7 +65,8 @@ def decode_image_folder(entries: dict[str, list[tuple[str, bytes]]], source: str
     decoded: list[tuple[str, Image.Image, int]] = []
     for label, class_name in enumerate(class_names):
         for file_name, data in sorted(entries[class_name]):
-            decoded.append((file_name, to_8_bit(decode_image(data, file_name, limits.max_pixels)), label))
+            image = decode_image(data, file_name, limits.max_pixels, limits.pixels_setting)
+            decoded.append((file_name, to_8_bit(image), label))
     sizes = Counter(image.size for _, image, _ in decoded)
     size = sizes.most_common(1)[0][0]
     colour = [_is_colour(image) for _, image, _ in decoded]

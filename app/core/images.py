@@ -32,17 +32,31 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode PNG/JPEG bytes, refusing corrupt files and decompression bombs before the pixels are read."""
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                 setting: str = "SYNTHGEN_MAX_IMAGE_PIXELS") -> Image.Image:
+    """Decode PNG/JPEG bytes, refusing corrupt files and decompression bombs before the pixels are read;
+    `setting` names the limit `max_pixels` comes from in the message."""
+    too_big = f"over the limit of {max_pixels} pixels ({setting}); send a smaller image"
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise DataError(f"{name}: {width}×{height} pixels is over the limit of {max_pixels}")
+            raise DataError(f"{name}: {width}×{height} pixels is {too_big}")
         if image.format not in ("PNG", "JPEG"):
             raise DataError(f"{name}: {image.format} images are not supported; use PNG or JPEG")
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow refused it in open(), before our check saw the size
+        raise DataError(f"{name}: {too_big}") from exc
+    except UnidentifiedImageError as exc:  # its message shows the buffer's repr, not the file
+        raise DataError(f"{name}: not a readable PNG/JPEG image") from exc
+    except ValueError as exc:
+        if "MAX_TEXT_CHUNK" in str(exc):  # a zTXt/iTXt/iCCP chunk decompressing past Pillow's bound
+            raise DataError(f"{name}: a text or colour-profile (zTXt, iTXt or iCCP) chunk decompresses to more "
+                            "than 1 MB; re-save the image without that metadata") from exc
+        raise DataError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
+    except (OSError, SyntaxError) as exc:
         raise DataError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
     return image
 
