@@ -57,6 +57,16 @@ def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) 
     return buffer.getvalue()
 
 
+def zip_with_unnamed_member(members: dict[str, bytes]) -> bytes:
+    """`members` plus one member whose name is "" (zipfile's writestr refuses that name as a str)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(zipfile.ZipInfo(""), b"x")
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
 async def wait_for_job(client: httpx.AsyncClient, job_id: str, states: tuple[str, ...] = ("succeeded", "failed"),
                        headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> dict:
     """Poll a job until it is in one of `states` (at most `timeout_s`)."""

@@ -18,7 +18,7 @@ from app.core.nets import Classifier
 from app.ml.datasets import load_dataset
 from app.ml.evaluation import predict
 from tests.conftest import MNIST, copy_shipped, serve
-from tests.helpers import png_bytes, png_metadata_bomb, zip_bytes
+from tests.helpers import png_bytes, png_metadata_bomb, zip_bytes, zip_with_unnamed_member
 
 pytestmark = pytest.mark.anyio
 
@@ -102,6 +102,7 @@ HOSTILE = {
     "huge image": (zip_bytes({"3/big.png": png_bytes(np.zeros((300, 300), np.uint8))}), 422, "over the limit of 10000"),
     "non-image": (zip_bytes({"3/notes.txt": b"hello"}), 422, "not an image"),
     "corrupt image": (zip_bytes({"3/x.png": b"\x89PNG\r\n\x1a\nbroken"}), 422, "not a readable PNG/JPEG"),
+    "empty member name": (zip_with_unnamed_member({"3/x.png": PNG}), 422, "a member has an empty name"),
     "metadata bomb": (zip_bytes({"3/x.png": png_metadata_bomb()}), 422, "3/x.png: a text or colour-profile"),
     "nested zip": (zip_bytes({"3/inner.zip": zip_bytes({"3/x.png": PNG})}), 422, "nested archives"),
     "empty class": (zip_bytes({"3/x.png": PNG, "4/": b""}), 422, "hold no images"),

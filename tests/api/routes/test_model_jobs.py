@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from app.ml.datasets import load_dataset
 from tests.conftest import ROOT, launch_server, serve, stop_server
-from tests.helpers import png_bytes, png_metadata_bomb, zip_bytes
+from tests.helpers import png_bytes, png_metadata_bomb, zip_bytes, zip_with_unnamed_member
 
 FASHION = ROOT.parent / "shared" / "datasets" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -138,6 +138,8 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
         (_folder(**{"b/red.png": png_bytes(_red())}), {}, 422, "b/red.png: colour, but 20 of 21 images are greyscale"),
         (_folder(per_class=3), {}, 422, "class 'a' has 3 image(s), fewer than the 10"),
         (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "a/broken.png: not a readable PNG/JPEG"),
+        (zip_with_unnamed_member({f"{c}/{i}.png": _grey() for c in "ab" for i in range(10)}), {}, 422,
+         "upload: a member has an empty name"),
         (_folder(**{"a/bomb.png": png_metadata_bomb()}), {}, 422, "a/bomb.png: a text or colour-profile"),
         (_folder(**{"a/big.png": _grey(200)}), {}, 422, "a/big.png: 200×200 pixels is over the limit of 16384 pixels "
          "(SYNTHGEN_MAX_TRAINING_PIXELS)"),
