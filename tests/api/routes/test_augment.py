@@ -79,6 +79,16 @@ async def test_flat_upload_with_labels_csv(shipped: Path) -> None:
     assert [(r["class_name"], r["source"]) for r in rows] == [("4", "original"), ("4", "augmented")]
 
 
+async def test_bad_labels_csv_rows_get_422_naming_the_row(shipped: Path) -> None:
+    blank = png_bytes(np.zeros((28, 28), np.uint8))
+    async with serve(shipped) as client:
+        for csv_text, message in ((b"class_name,file_name\n7\n", "labels.csv row 2: no file_name"),
+                                  (b"file_name,class_name\nx.png\n", "labels.csv row 2: no class_name")):
+            response = await client.post("/v1/augment", data={"model": "mnist-cgan"}, files={
+                "dataset": ("d.zip", zip_bytes({"x.png": blank, "labels.csv": csv_text}))})
+            assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
 def _symlink_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
