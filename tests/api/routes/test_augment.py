@@ -145,4 +145,9 @@ async def test_bad_augmentations_json(shipped: Path) -> None:
     async with serve(shipped) as client:
         response = await client.post("/v1/augment", files={"dataset": ("d.zip", zip_bytes({"3/x.png": PNG}))},
                                      data={"model": "mnist-cgan", "augmentations": '{"rotation": 400}'})
-    assert response.status_code == 422 and "rotation" in response.json()["detail"]
+        assert response.status_code == 422 and "rotation" in response.json()["detail"]
+        for text, message in (("{", "augmentations: Invalid JSON"), ("[]", "augmentations: Input should be")):
+            response = await client.post("/v1/augment", files={"dataset": ("d.zip", zip_bytes({"3/x.png": PNG}))},
+                                         data={"model": "mnist-cgan", "augmentations": text})
+            assert response.status_code == 422 and response.json()["detail"].startswith(message), response.text
+            assert "augmentations: augmentations" not in response.json()["detail"]
