@@ -168,6 +168,15 @@ async def test_bad_uploads_are_refused_naming_the_file_and_the_fix(models_dir: P
 
 
 @pytest.mark.anyio
+async def test_the_decoded_size_of_an_upload_is_bounded(models_dir: Path) -> None:
+    async with serve(models_dir, run_jobs=False, max_training_decoded_bytes=1024) as client:
+        answer = await _submit(client, _folder(), name="mine", arch="gan")  # 20 images of 8 × 8 grey: 1280 bytes
+    assert answer.status_code == 422, answer.text
+    assert "more than the limit of 1024 bytes" in answer.json()["detail"]
+    assert "SYNTHGEN_MAX_TRAINING_DECODED_BYTES" in answer.json()["detail"]
+
+
+@pytest.mark.anyio
 async def test_convert_normalises_and_trainings_are_bounded_per_key(models_dir: Path) -> None:
     keys = {"api_keys": ["user-key-0123456789", "other-key-0123456789"]}
     alice, bob = ({"Authorization": f"Bearer {k}"} for k in keys["api_keys"])
