@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     max_concurrent_trainings: int = Field(1, ge=1, le=16, description="trainings one worker runs at once")
     max_training_images: int = Field(60_000, ge=10, description="most images in one training upload")
     max_training_pixels: int = Field(128 * 128, ge=64, description="largest image of a training upload, in pixels")
+    max_training_decoded_bytes: int = Field(512 * 1_048_576, ge=1024, description="most bytes a training upload's "
+                                            "images may decode to (width × height × channels, summed from their "
+                                            "headers before decoding)")
     min_images_per_class: int = Field(10, ge=1, description="fewer images in a class refuse the training upload")
     max_training_epochs: int = Field(1000, ge=1, description="most epochs a training may ask for")
     training_threads: int = Field(1, ge=1, le=256, description="CPU threads of a training process (the rest stay "

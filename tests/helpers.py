@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import struct
 import time
 import zipfile
+import zlib
 
 import httpx
 import numpy as np
@@ -33,9 +35,33 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_metadata_bomb(kind: bytes = b"zTXt", size: int = 2_000_000, width: int = 8, height: int = 8) -> bytes:
+    """A valid grey PNG with a zTXt or iCCP chunk that decompresses to `size` bytes (a few kB on the wire)."""
+    keyword = b"Comment" if kind == b"zTXt" else b"profile"
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = b"".join(b"\x00" + bytes(width) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(kind, keyword + b"\x00\x00" + zlib.compress(b"A" * size, 9))
+            + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+
+
 def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def zip_with_unnamed_member(members: dict[str, bytes]) -> bytes:
+    """`members` plus one member whose name is "" (zipfile's writestr refuses that name as a str)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(zipfile.ZipInfo(""), b"x")
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()

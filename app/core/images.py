@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -32,18 +34,48 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode PNG/JPEG bytes, refusing corrupt files and decompression bombs before the pixels are read."""
+def _too_big(max_pixels: int, setting: str) -> str:
+    return f"over the limit of {max_pixels} pixels ({setting}); send a smaller image"
+
+
+@contextmanager
+def _reading(name: str, max_pixels: int, setting: str) -> Iterator[None]:
+    """Pillow's errors while reading `name` → a DataError naming the file, without Pillow's internals."""
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise DataError(f"{name}: {width}×{height} pixels is over the limit of {max_pixels}")
-        if image.format not in ("PNG", "JPEG"):
-            raise DataError(f"{name}: {image.format} images are not supported; use PNG or JPEG")
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        yield
+    except Image.DecompressionBombError as exc:  # Pillow refused it in open(), before our check saw the size
+        raise DataError(f"{name}: {_too_big(max_pixels, setting)}") from exc
+    except UnidentifiedImageError as exc:  # its message shows the buffer's repr, not the file
+        raise DataError(f"{name}: not a readable PNG/JPEG image") from exc
+    except ValueError as exc:
+        if "MAX_TEXT_CHUNK" in str(exc):  # a zTXt/iTXt/iCCP chunk decompressing past Pillow's bound
+            raise DataError(f"{name}: a text or colour-profile (zTXt, iTXt or iCCP) chunk decompresses to more "
+                            "than 1 MB; re-save the image without that metadata") from exc
         raise DataError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
+    except (OSError, SyntaxError) as exc:
+        raise DataError(f"{name}: not a readable PNG/JPEG image ({exc})") from exc
+
+
+def open_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+               setting: str = "SYNTHGEN_MAX_IMAGE_PIXELS") -> Image.Image:
+    """Open PNG/JPEG bytes and check their header (size, format) without decoding the pixels; `setting` names the
+    limit `max_pixels` comes from in the message."""
+    with _reading(name, max_pixels, setting):
+        image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DataError(f"{name}: {width}×{height} pixels is {_too_big(max_pixels, setting)}")
+    if image.format not in ("PNG", "JPEG"):
+        raise DataError(f"{name}: {image.format} images are not supported; use PNG or JPEG")
+    return image
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                 setting: str = "SYNTHGEN_MAX_IMAGE_PIXELS") -> Image.Image:
+    """Decode PNG/JPEG bytes, refusing corrupt files and decompression bombs before the pixels are read."""
+    image = open_image(data, name, max_pixels, setting)
+    with _reading(name, max_pixels, setting):
+        image.load()
     return image
 
 

@@ -78,7 +78,12 @@ def read_zip(source: str | Path | IO[bytes], limits: ZipLimits | None = None, na
             raise DataError(f"{label}: {len(members)} members is over the limit of {limits.max_files}")
         kept = []
         for info in members:
+            if not info.filename:
+                raise DataError(f"{label}: a member has an empty name; re-create the zip with a standard tool "
+                                "(zip -r, or your file manager's compress)")
             parts = PurePosixPath(info.filename).parts
+            if not parts:  # ".", "./": the archive's root itself, like the hidden entries skipped below
+                continue
             if (info.filename.startswith(("/", "\\")) or ".." in parts or "\\" in info.filename
                     or (parts and ":" in parts[0])):
                 raise DataError(f"{label}: unsafe member name {info.filename!r} (absolute or with '..')")
@@ -93,9 +98,10 @@ def read_zip(source: str | Path | IO[bytes], limits: ZipLimits | None = None, na
             kept.append((info, parts))
         depths = {len(parts) for info, parts in kept if parts[-1].lower().endswith(IMAGE_SUFFIXES)}
         # One folder around everything is a wrapper (not a class) when the images sit below class folders in it,
-        # or beside a labels.csv in it.
+        # or beside a labels.csv in it. Decided over files only: `zip -r` lists the folder `top/` itself first.
         firsts = {parts[0] for _, parts in kept}
-        wrapped = len(firsts) == 1 and len(next(iter(kept))[1]) > 1 if kept else False
+        files = [parts for info, parts in kept if not info.is_dir()]
+        wrapped = len(firsts) == 1 and bool(files) and all(len(parts) > 1 for parts in files)
         flat_csv = any(len(parts) == 2 and parts[1] == "labels.csv" for _, parts in kept)
         top = 1 if wrapped and depths and (min(depths) >= 3 or flat_csv) else 0
         budget = limits.max_bytes

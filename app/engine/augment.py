@@ -100,14 +100,23 @@ def _flat_labels(extras: dict[str, bytes], files: list[tuple[str, bytes]]) -> di
     if "labels.csv" not in extras:
         raise DataError("the upload has images at its top level but no labels.csv; use class folders "
                         "<class>/<image>.png or add labels.csv with file_name and class_name columns")
+    mapping: dict[str, str] = {}
     try:
-        rows = list(csv.DictReader(io.StringIO(extras["labels.csv"].decode("utf-8"))))
+        reader = csv.DictReader(io.StringIO(extras["labels.csv"].decode("utf-8")))
+        header = reader.fieldnames or []
+        column = "class_name" if "class_name" in header else "label"
+        if "file_name" not in header or column not in header:
+            raise DataError("labels.csv needs a header with file_name and class_name (or label) columns")
+        for row in reader:
+            file_name, class_name = row["file_name"], row[column]  # None when the row is short
+            if not file_name or not class_name:
+                raise DataError(f"labels.csv row {reader.line_num}: no {'file_name' if not file_name else column}; "
+                                f"every row needs a file_name and a {column}")
+            mapping[file_name.split("/")[-1]] = class_name
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"labels.csv is not readable UTF-8 CSV ({exc})") from exc
-    column = "class_name" if rows and "class_name" in rows[0] else "label"
-    if not rows or "file_name" not in rows[0] or column not in rows[0]:
-        raise DataError("labels.csv needs a header with file_name and class_name (or label) columns")
-    mapping = {row["file_name"].split("/")[-1]: str(row[column]) for row in rows}
+    if not mapping:
+        raise DataError(f"labels.csv has a header but no rows; add a row with each image's file_name and {column}")
     missing = [name for name, _ in files if _base(name) not in mapping]
     if missing:
         raise DataError(f"labels.csv does not label {len(missing)} image(s), e.g. {missing[0]!r}")

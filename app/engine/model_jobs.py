@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import shutil
@@ -58,16 +57,15 @@ def save_dataset(settings: Settings, owner: str, folder: DecodedFolder) -> str:
     images uploaded twice are kept once."""
     digest = hashlib.sha256()
     digest.update(repr((folder.images.shape, folder.class_names)).encode())
-    digest.update(folder.images.tobytes())
+    digest.update(np.ascontiguousarray(folder.images).data)  # hashed and written in place: no copy of the images
     digest.update(folder.labels.astype("<i8").tobytes())
     dataset_id = digest.hexdigest()[:DATASET_ID_LENGTH]
     path = _datasets_dir(settings, owner) / f"{dataset_id}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez(buffer, images=folder.images, labels=folder.labels, class_names=np.array(folder.class_names))
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(buffer.getvalue())
+        with tmp.open("wb") as file:
+            np.savez(file, images=folder.images, labels=folder.labels, class_names=np.array(folder.class_names))
         tmp.replace(path)
     return dataset_id
 

@@ -35,6 +35,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, e
     _, h, w, c = images.shape
     model = Classifier(ClassifierConfig(h, w, c, num_classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch_size = max(1, min(batch_size, len(images)))  # fewer images than a batch: one batch of all, not no steps
     steps = epochs * max(1, len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     x, y = to_model_range(images).to(device), torch.from_numpy(labels.astype(np.int64)).to(device)

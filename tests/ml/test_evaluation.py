@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.nets import Classifier
+from app.core.nets import Classifier, ClassifierConfig
 from app.ml.datasets import load_dataset
 from app.ml.evaluation import (
     density_coverage,
@@ -30,6 +30,16 @@ def digits_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndar
     noise = np.random.default_rng(0).integers(0, 256, val.images.shape, dtype=np.uint8)
     features = [predict(classifier, images)[1] for images in (train.images, val.images, noise)]
     return *features, noise
+
+
+def test_the_classifier_trains_on_fewer_images_than_a_batch() -> None:
+    digits = load_dataset("digits")
+    images, labels = digits.images[:100], digits.labels[:100]
+    trained = train_classifier(images, labels, 10, epochs=30, seed=0)
+    torch.manual_seed(0)  # the initial weights train_classifier drew for seed 0
+    untrained = Classifier(ClassifierConfig(*images.shape[1:], 10))
+    assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), untrained.state_dict().values()))
+    assert float((predict(trained, images)[0].argmax(1).numpy() == labels).mean()) > 0.5  # it learned, not noise
 
 
 def test_frechet_distance_real_vs_real_is_small(digits_features) -> None:

@@ -49,7 +49,9 @@ async def augment_dataset(
     try:
         spec = AugmentSpec(**AugmentationsRequest.model_validate_json(augmentations).model_dump())
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'augmentations'}: {e['msg']}" for e in exc.errors())
+        # an error about the whole value (invalid JSON, not an object) has no location to name
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]
+                             for e in exc.errors())
         raise InvalidInputError(f"augmentations: {problems}") from None
     request = AugmentRequest(spec, copies_per_image, target_per_class, seed, include_originals, convert)
     served = repository.acquire(model)

@@ -78,8 +78,9 @@ def _decode_upload(data: bytes, settings: Settings, convert: bool) -> DecodedFol
     for class_name in entries:
         if class_name:
             check_class_name(class_name)
-    limits = FolderLimits(max_pixels=settings.max_training_pixels, max_images=settings.max_training_images,
-                          min_per_class=settings.min_images_per_class)
+    limits = FolderLimits(max_pixels=settings.max_training_pixels, pixels_setting="SYNTHGEN_MAX_TRAINING_PIXELS",
+                          max_images=settings.max_training_images, min_per_class=settings.min_images_per_class,
+                          max_decoded_bytes=settings.max_training_decoded_bytes)
     return decode_image_folder(entries, "upload", limits, convert)
 
 

@@ -18,7 +18,7 @@ from app.core.nets import Classifier
 from app.ml.datasets import load_dataset
 from app.ml.evaluation import predict
 from tests.conftest import MNIST, copy_shipped, serve
-from tests.helpers import png_bytes, zip_bytes
+from tests.helpers import png_bytes, png_metadata_bomb, zip_bytes, zip_with_unnamed_member
 
 pytestmark = pytest.mark.anyio
 
@@ -79,6 +79,16 @@ async def test_flat_upload_with_labels_csv(shipped: Path) -> None:
     assert [(r["class_name"], r["source"]) for r in rows] == [("4", "original"), ("4", "augmented")]
 
 
+async def test_bad_labels_csv_rows_get_422_naming_the_row(shipped: Path) -> None:
+    blank = png_bytes(np.zeros((28, 28), np.uint8))
+    async with serve(shipped) as client:
+        for csv_text, message in ((b"class_name,file_name\n7\n", "labels.csv row 2: no file_name"),
+                                  (b"file_name,class_name\nx.png\n", "labels.csv row 2: no class_name")):
+            response = await client.post("/v1/augment", data={"model": "mnist-cgan"}, files={
+                "dataset": ("d.zip", zip_bytes({"x.png": blank, "labels.csv": csv_text}))})
+            assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
 def _symlink_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -102,6 +112,8 @@ HOSTILE = {
     "huge image": (zip_bytes({"3/big.png": png_bytes(np.zeros((300, 300), np.uint8))}), 422, "over the limit of 10000"),
     "non-image": (zip_bytes({"3/notes.txt": b"hello"}), 422, "not an image"),
     "corrupt image": (zip_bytes({"3/x.png": b"\x89PNG\r\n\x1a\nbroken"}), 422, "not a readable PNG/JPEG"),
+    "empty member name": (zip_with_unnamed_member({"3/x.png": PNG}), 422, "a member has an empty name"),
+    "metadata bomb": (zip_bytes({"3/x.png": png_metadata_bomb()}), 422, "3/x.png: a text or colour-profile"),
     "nested zip": (zip_bytes({"3/inner.zip": zip_bytes({"3/x.png": PNG})}), 422, "nested archives"),
     "empty class": (zip_bytes({"3/x.png": PNG, "4/": b""}), 422, "hold no images"),
     "not a zip": (b"PK\x03\x04 this is not really a zip", 422, "not a readable zip"),
@@ -133,4 +145,9 @@ async def test_bad_augmentations_json(shipped: Path) -> None:
     async with serve(shipped) as client:
         response = await client.post("/v1/augment", files={"dataset": ("d.zip", zip_bytes({"3/x.png": PNG}))},
                                      data={"model": "mnist-cgan", "augmentations": '{"rotation": 400}'})
-    assert response.status_code == 422 and "rotation" in response.json()["detail"]
+        assert response.status_code == 422 and "rotation" in response.json()["detail"]
+        for text, message in (("{", "augmentations: Invalid JSON"), ("[]", "augmentations: Input should be")):
+            response = await client.post("/v1/augment", files={"dataset": ("d.zip", zip_bytes({"3/x.png": PNG}))},
+                                         data={"model": "mnist-cgan", "augmentations": text})
+            assert response.status_code == 422 and response.json()["detail"].startswith(message), response.text
+            assert "augmentations: augmentations" not in response.json()["detail"]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from app.ml.datasets import load_dataset
 from tests.conftest import ROOT, launch_server, serve, stop_server
-from tests.helpers import png_bytes, zip_bytes
+from tests.helpers import png_bytes, png_metadata_bomb, zip_bytes, zip_with_unnamed_member
 
 FASHION = ROOT.parent / "shared" / "datasets" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
@@ -138,6 +138,11 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
         (_folder(**{"b/red.png": png_bytes(_red())}), {}, 422, "b/red.png: colour, but 20 of 21 images are greyscale"),
         (_folder(per_class=3), {}, 422, "class 'a' has 3 image(s), fewer than the 10"),
         (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "a/broken.png: not a readable PNG/JPEG"),
+        (zip_with_unnamed_member({f"{c}/{i}.png": _grey() for c in "ab" for i in range(10)}), {}, 422,
+         "upload: a member has an empty name"),
+        (_folder(**{"a/bomb.png": png_metadata_bomb()}), {}, 422, "a/bomb.png: a text or colour-profile"),
+        (_folder(**{"a/big.png": _grey(200)}), {}, 422, "a/big.png: 200×200 pixels is over the limit of 16384 pixels "
+         "(SYNTHGEN_MAX_TRAINING_PIXELS)"),
         (_folder(), {"hyperparameters": '{"colour": 1}'}, 422, "unknown gan hyper-parameter(s) ['colour']"),
         (_folder(), {"hyperparameters": '{"latent_scale": 2}'}, 422, "unknown gan hyper-parameter(s) ['latent_scale']"),
         (_folder(), {"hyperparameters": '{"g_channels": 1024}'}, 422, "over the 5,000,000 a model may have"),
@@ -163,6 +168,15 @@ async def test_bad_uploads_are_refused_naming_the_file_and_the_fix(models_dir: P
         answer = await _submit(client, archive, **{"name": "mine", "arch": "gan", **fields})
         assert answer.status_code == status, answer.text
         assert message in answer.json()["detail"]
+
+
+@pytest.mark.anyio
+async def test_the_decoded_size_of_an_upload_is_bounded(models_dir: Path) -> None:
+    async with serve(models_dir, run_jobs=False, max_training_decoded_bytes=1024) as client:
+        answer = await _submit(client, _folder(), name="mine", arch="gan")  # 20 images of 8 × 8 grey: 1280 bytes
+    assert answer.status_code == 422, answer.text
+    assert "more than the limit of 1024 bytes" in answer.json()["detail"]
+    assert "SYNTHGEN_MAX_TRAINING_DECODED_BYTES" in answer.json()["detail"]
 
 
 @pytest.mark.anyio

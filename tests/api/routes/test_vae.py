@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import serve
-from tests.helpers import npz_arrays, png_bytes
+from tests.helpers import npz_arrays, png_bytes, png_metadata_bomb
 
 pytestmark = pytest.mark.anyio
 
@@ -53,3 +53,15 @@ async def test_upload_routes_want_multipart(models_dir: Path, path: str, body: d
         assert response.status_code == 422 and "name: Field required" in response.json()["detail"], response.text
     else:  # not 'dataset: Field required' or 'Expected UploadFile': how to send it
         assert response.status_code == 415 and "multipart/form-data" in response.json()["detail"], response.text
+
+
+async def test_metadata_bombs_get_422_naming_the_file(models_dir: Path) -> None:
+    bomb, plain = png_metadata_bomb(b"zTXt"), png_bytes(np.zeros((8, 8), np.uint8))
+    async with serve(models_dir) as client:
+        recon = await client.post("/v1/models/digits-vae/reconstruct",
+                                  files=[("files", ("bomb.png", png_metadata_bomb(b"iCCP"), "image/png"))])
+        inpaint = await client.post("/v1/models/digits-vae/inpaint", files={"image": ("x.png", plain, "image/png"),
+                                                                           "mask": ("m.png", bomb, "image/png")})
+    for answer, name in ((recon, "bomb.png"), (inpaint, "m.png")):
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith(f"{name}: a text or colour-profile")
