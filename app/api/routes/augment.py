@@ -9,14 +9,14 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key
+from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_multipart
 from app.api.schemas import AugmentationsRequest, ErrorPublic, FormBool, FormInt
 from app.core.sampling import MAX_SEED
 from app.engine.augment import AugmentRequest, AugmentSpec, check_request, parse_upload, stream_augmented, zip_limits
 from app.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1", tags=["datasets"], dependencies=[Depends(require_api_key)])
-ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 422)}
+ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415, 422)}
 
 
 @router.post(
@@ -33,6 +33,7 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 422
     response_class=StreamingResponse,
     responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                      "description": "the augmented dataset"}, **ERRORS},
+    dependencies=[Depends(require_multipart)],
 )
 async def augment_dataset(
     repository: RepositoryDep,

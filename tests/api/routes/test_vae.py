@@ -44,7 +44,7 @@ async def test_vae_routes(models_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/models/digits-vae/reconstruct", "/v1/models/digits-vae/inpaint",
-                                  "/v1/trainings"])
+                                  "/v1/augment", "/v1/trainings"])
 @pytest.mark.parametrize("body", [{"json": {"labels": "3"}}, {"data": {"labels": "3"}}, {"content": b"raw"}])
 async def test_upload_routes_want_multipart(models_dir: Path, path: str, body: dict) -> None:
     async with serve(models_dir) as client:
