@@ -53,7 +53,7 @@ def _writer(output: str, served: ServedModel, plan: SamplePlan, shard_size: int 
     model, name = served.model, export_name(served.model.name, plan.seed)
     if output == "tar":
         size = shard_size or len(plan)
-        return WebDatasetShards(model.class_names, plan.seed, model.name, name, size, first_shard=start // size)
+        return WebDatasetShards(model.class_names, plan.seed, model.name, name, size, start=start)
     writer = (ImageFolderZip if output == "zip" else ParquetExport)(model.class_names, plan.seed)
     return _OneFile(writer, f"{name}.{output}")
 
@@ -62,8 +62,9 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
                         shard_size: int | None = None, start: int = 0) -> AsyncIterator[tuple[str, bytes]]:
     """The export's files as `(file name, bytes)` pieces in order, chunk by chunk (a forward pass each); the next
     chunk is generated while the last one is encoded. A tar is one WebDataset shard, or with `shard_size` shards of
-    that many samples and a `manifest.json` sidecar; `start` (a multiple of `shard_size`) resumes those shards at
-    that sample. With filters, each slot keeps its first passing candidate and the manifest counts the rejections."""
+    that many samples and a `manifest.json` sidecar; `start` (a multiple of `shard_size`, or the end of the plan)
+    resumes those shards at that sample. With filters, each slot keeps its first passing candidate and the manifest
+    counts the rejections."""
     model, spec, report, chunk = served.model, plan.filters, FilterReport(), settings.max_batch_size
     generate = sampler(served, plan.seed, plan.truncation, settings.request_timeout_s, wait_when_full=True)
 

@@ -355,4 +355,4 @@ class JobWorker:
         if shard_size and resumable(job):
             state = writer.state()
             shards = sum(name.endswith(".tar") for name in state["files"])
-            await self._update(job.id, persist=True, checkpoint={**state, "next": shards * shard_size})
+            await self._update(job.id, persist=True, checkpoint={**state, "next": min(shards * shard_size, job.total)})

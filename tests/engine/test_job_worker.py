@@ -1,0 +1,128 @@
+"""Job workers against the job store, without the API: a job resumed after its last shard, a worker that died after
+committing, a stalled worker finishing after a takeover, and the bytes reserved for a result."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.core.nets.gan import ConditionalGAN, GanConfig
+from app.engine import results
+from app.engine.jobs import JobWorker, estimate_bytes, plan_for
+from app.engine.jobstore import Job, JobStore
+from app.engine.metrics import Metrics
+from app.engine.repository import ModelRepository
+from app.engine.schema import JOBS
+from app.engine.states import JobState
+from app.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+class Jobs:
+    """A job store, a repository with one tiny untrained GAN (8×8, three classes) and helpers to run workers."""
+
+    def __init__(self, root: Path, settings: Settings, repository: ModelRepository, store: JobStore) -> None:
+        self.root, self.settings, self.repository, self.store = root, settings, repository, store
+
+    @property
+    def results(self) -> Path:
+        return self.root / "data" / "results"
+
+    def submit(self, request: dict[str, Any], output: str) -> Job:
+        request = {"format": output, "seed": 7, **request}
+        model = self.repository.get("tiny").model
+        plan = plan_for(model, request, self.settings)
+        return self.store.create("tiny", request, len(plan), output, reserved_bytes=estimate_bytes(plan, model, output))
+
+    def worker(self, name: str) -> tuple[JobWorker, asyncio.Task[None]]:
+        worker = JobWorker(self.store, self.repository, self.settings, name)
+        return worker, asyncio.create_task(worker.run())
+
+    async def wait(self, job_id: str, until: Any = lambda job: job.state in (JobState.SUCCEEDED, JobState.FAILED),
+                   timeout_s: float = 30) -> Job:
+        deadline = time.monotonic() + timeout_s
+        while not until(job := self.store.get(job_id)):
+            assert time.monotonic() < deadline, job
+            await asyncio.sleep(0.01)
+        return job
+
+    async def run(self, job: Job, name: str = "w:1") -> Job:
+        worker, task = self.worker(name)
+        try:
+            return await self.wait(job.id)
+        finally:
+            task.cancel()
+            await worker.close()
+
+    def expire_lease(self, job_id: str) -> None:
+        """The holder's lease runs out (it died, or stalled past it)."""
+        with self.store.engine.begin() as db:
+            db.execute(JOBS.update().where(JOBS.c.id == job_id).values(lease_until=0))
+
+    def files(self, job: Job) -> dict[str, bytes]:
+        return {path.name: path.read_bytes() for path in sorted((self.results / job.id).iterdir())}
+
+
+def save_tiny_gan(folder: Path, class_names: list[str]) -> None:
+    torch.manual_seed(0)
+    config = GanConfig(height=8, width=8, channels=1, num_classes=len(class_names), latent_dim=8, g_channels=4,
+                       d_channels=4, embed_dim=4)
+    ConditionalGAN(config).eval().save_pretrained(folder, class_names=class_names)
+
+
+@pytest.fixture
+def class_names() -> list[str]:
+    """The tiny model's classes (a test may parametrize them)."""
+    return ["a", "b", "c"]
+
+
+@pytest.fixture
+async def jobs(tmp_path: Path, class_names: list[str]) -> AsyncIterator[Jobs]:
+    save_tiny_gan(tmp_path / "models" / "tiny", class_names)
+    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", device="cpu", max_batch_size=4,
+                        max_batch_wait_ms=1, job_lease_s=30)
+    with ThreadPoolExecutor(1) as executor, ThreadPoolExecutor(2) as cpu:
+        repository = ModelRepository(settings, torch.device("cpu"), executor, cpu, Metrics())
+        await repository.load_all()
+        store = JobStore(settings.data_dir)
+        try:
+            yield Jobs(tmp_path, settings, repository, store)
+        finally:
+            await repository.close()
+            store.close()
+
+
+async def test_a_job_stopped_after_its_last_shard_resumes_with_the_same_manifest(
+        jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    request = {"n": 10, "shard_size": 4}  # the last shard is short
+    reference = await jobs.run(jobs.submit(request, "tar"))
+    job = jobs.submit(request, "tar")
+    opened, release = asyncio.Event(), threading.Event()
+    loop, open_file = asyncio.get_running_loop(), results.LocalWriter.open
+
+    def stall_at_the_manifest(self: results.LocalWriter, name: str) -> None:
+        open_file(self, name)
+        if name == "manifest.json":
+            loop.call_soon_threadsafe(opened.set)
+            release.wait(10)
+
+    monkeypatch.setattr(results.LocalWriter, "open", stall_at_the_manifest)
+    worker, task = jobs.worker("one:1")
+    await opened.wait()
+    task.cancel()
+    await worker.close()  # a stopping worker hands the job back with its checkpoint
+    release.set()
+    monkeypatch.setattr(results.LocalWriter, "open", open_file)
+    assert jobs.store.get(job.id).checkpoint["next"] == 10
+    resumed = await jobs.run(job, "two:1")
+    assert resumed.state == JobState.SUCCEEDED and resumed.done == 10
+    assert jobs.files(resumed) == jobs.files(reference)  # the manifest too: "count": 10
