@@ -39,18 +39,36 @@ log = logging.getLogger("synthgen.jobs")
 MAX_ATTEMPTS = 3
 
 
-def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str) -> int:
-    """An upper bound of an archive's size, reserved against the quotas: a PNG is at most its raw rows (plus a
-    filter byte each) and some overhead; a zip adds headers and a row of labels.csv and metadata.parquet per sample,
-    Parquet its row, a tar a 512-byte header and padding per member (png, cls, json); plus the manifest with the
-    model's card."""
+def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str, shard_size: int | None = None,
+                   batch: int = 1) -> int:
+    """An upper bound of a result's size, reserved against the quotas (a job whose result passes it fails). A PNG
+    is at most its raw rows (plus a filter byte each) and some overhead. A zip adds per sample its member name in
+    two headers and a row of labels.csv and of metadata.parquet; Parquet its row, and per row group (`batch`
+    samples) page headers and the image column's min and max statistics (in the page and the footer); a tar a
+    512-byte header and padding per member (png, cls, json), and per shard an end marker, padded to tarfile's
+    10240-byte records. Plus the manifest with the model's card, and the class names in cards and schemas."""
     height, width, channels = model.image_shape
+    n = len(plan)
     if output == "npz":
-        return len(plan) * (height * width * channels + 16) + 65_536
+        return n * (height * width * channels + 16) + 65_536
     raw = (width * channels + 1) * height
     png = raw + raw // 1024 + 128  # zlib's worst case (stored blocks) plus the PNG chunks
-    per_sample = {"zip": png + 400, "parquet": png + 200}.get(output, png + 512 + 3 * 512 + 2 * 512)
-    return len(plan) * per_sample + len(json.dumps(model.card)) + 65_536
+    names = model.class_names or ["samples"]
+    longest = max(len(name.encode()) for name in names)
+    index = max(8, len(str(n)))
+    member = longest + index + 5  # <class>/<index>.png
+    total = 2 * len(json.dumps(model.card, indent=2)) + 8 * sum(len(json.dumps(name)) + 16 for name in names) + 65_536
+    if output == "zip":  # headers: local 30, central 46, data descriptor 24; labels.csv's fields may be quoted
+        row = member + 2 * longest + 2 * index + len(str(plan.seed)) + 8
+        return total + n * (png + 100 + 2 * member + row + (member + longest + 64))
+    if output == "parquet":
+        return total + n * (png + longest + 2 * index + 64) + -(-n // batch) * (4 * png + 4 * longest + 2048)
+    text = len(json.dumps({"class_name": max(names, key=lambda name: len(json.dumps(name))), "index": n,
+                           "label": len(names), "model": model.name, "seed": plan.seed}))
+    per_sample = 3 * 512 + (png + 511) + 512 + -(-text // 512) * 512
+    full, rest = divmod(n, shard_size or max(n, 1))
+    shard_bytes = [-(-(size * per_sample + 1024) // 10240) * 10240 for size in (shard_size or n, rest)]
+    return total + full * shard_bytes[0] + (shard_bytes[1] if rest else 0)
 
 
 def _failure(exc: Exception) -> str:

@@ -41,7 +41,8 @@ class Jobs:
         request = {"format": output, "seed": 7, **request}
         model = self.repository.get("tiny").model
         plan = plan_for(model, request, self.settings)
-        return self.store.create("tiny", request, len(plan), output, reserved_bytes=estimate_bytes(plan, model, output))
+        reserved = estimate_bytes(plan, model, output, request.get("shard_size"), self.settings.max_batch_size)
+        return self.store.create("tiny", request, len(plan), output, reserved_bytes=reserved)
 
     def worker(self, name: str) -> tuple[JobWorker, asyncio.Task[None]]:
         worker = JobWorker(self.store, self.repository, self.settings, name)
@@ -126,3 +127,14 @@ async def test_a_job_stopped_after_its_last_shard_resumes_with_the_same_manifest
     resumed = await jobs.run(job, "two:1")
     assert resumed.state == JobState.SUCCEEDED and resumed.done == 10
     assert jobs.files(resumed) == jobs.files(reference)  # the manifest too: "count": 10
+
+
+@pytest.mark.parametrize("class_names", [["é" + "a" * 99, "b" * 100, "c" * 100]])
+@pytest.mark.parametrize(("output", "request_"), [("zip", {"n": 1500}), ("parquet", {"n": 600}),
+                                                  ("tar", {"n": 60, "shard_size": 2})])
+async def test_the_bytes_reserved_bound_the_result(jobs: Jobs, output: str, request_: dict[str, Any]) -> None:
+    """Long class names and small images (the per-sample overhead counts), small shards (each padded to a tar
+    record) and row groups of 4 samples (each with its statistics)."""
+    job = await jobs.run(jobs.submit(request_, output))
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.result_bytes <= job.reserved_bytes < 3 * job.result_bytes
