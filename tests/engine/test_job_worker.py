@@ -1,5 +1,6 @@
 """Job workers against the job store, without the API: a job resumed after its last shard, a worker that died after
-committing, a stalled worker finishing after a takeover, and the bytes reserved for a result."""
+committing, a stalled worker finishing after a takeover, the bytes reserved for a result, and a training promoted
+again after a crash."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from app.engine import results
 from app.engine.jobs import JobWorker, estimate_bytes, plan_for
 from app.engine.jobstore import Job, JobStore
 from app.engine.metrics import Metrics
+from app.engine.model_jobs import promote
 from app.engine.repository import ModelRepository
 from app.engine.schema import JOBS
 from app.engine.states import JobState
@@ -138,3 +140,18 @@ async def test_the_bytes_reserved_bound_the_result(jobs: Jobs, output: str, requ
     job = await jobs.run(jobs.submit(request_, output))
     assert job.state == JobState.SUCCEEDED, job.error
     assert job.result_bytes <= job.reserved_bytes < 3 * job.result_bytes
+
+
+def test_a_training_promoted_again_after_a_crash_keeps_its_one_version(tmp_path: Path) -> None:
+    """The worker died after promote() but before recording the version: the next one promotes again."""
+    save_tiny_gan(tmp_path / "stage", ["a", "b", "c"])
+    settings = Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", device="cpu")
+    store = JobStore(settings.data_dir)
+    try:
+        job, other = (store.create("mine", {}, 1, "model", kind="training") for _ in range(2))
+        assert promote(settings, job, tmp_path / "stage") == 1
+        assert promote(settings, job, tmp_path / "stage") == 1
+        assert promote(settings, other, tmp_path / "stage") == 2  # another training is another version
+        assert sorted(p.name for p in (settings.data_dir / "models" / "mine").iterdir()) == ["1", "2"]
+    finally:
+        store.close()
