@@ -32,7 +32,7 @@ from app.engine.plans import SamplePlan, plan_samples
 from app.engine.repository import ModelRepository
 from app.engine.results import LocalResults, ResultWriter
 from app.engine.states import JobState
-from app.errors import QualityGateError, QuotaExceededError, SynthgenError
+from app.errors import NotFoundError, QualityGateError, QuotaExceededError, SynthgenError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.jobs")
@@ -232,7 +232,7 @@ class JobWorker:
         writer: ResultWriter | None = None
         started = time.monotonic()
         try:
-            writer = await asyncio.to_thread(storage.writer, job.id, checkpoint)
+            writer = await asyncio.to_thread(storage.writer, job.id, checkpoint, job.attempts)
             async with self.repository.serving(job.model) as served:
                 plan = plan_for(served.model, job.request, self.settings)
                 shard_size = job.request.get("shard_size") if job.format == "tar" else None
@@ -257,7 +257,8 @@ class JobWorker:
                         reported = time.monotonic()
                 if current is not None:
                     await asyncio.to_thread(writer.close_file)
-            await asyncio.to_thread(writer.commit)  # only a complete result appears under its final name
+            if not await self._commit(job, writer):  # only a complete result appears under its final name
+                return
             try:
                 recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),
                                               finished_at=time.time(), result_bytes=written, checkpoint=None)
@@ -265,7 +266,7 @@ class JobWorker:
                 await asyncio.to_thread(writer.uncommit)
                 raise
             if not recorded:
-                await asyncio.to_thread(storage.delete, job.id)  # deleted or taken over meanwhile
+                await self._lost(job.id)
                 return
             if self.metrics is not None:
                 self.metrics.job_samples.labels(self.id).inc(len(plan) - checkpoint["next"])
@@ -283,13 +284,35 @@ class JobWorker:
             self._forget(job.id)
 
     async def _fail(self, job_id: str, exc: Exception, writer: ResultWriter | None = None, **fields: Any) -> None:
-        """Record a failure on the job (a partial result removed) and announce it."""
-        if writer is not None:
+        """Record a failure on the job (a partial result removed) and announce it. A worker that no longer holds
+        the job (deleted, or taken over after it stalled) removes only its own attempt's files."""
+        recorded = await self._update(job_id, persist=True, state=JobState.FAILED, error=_failure(exc),
+                                      finished_at=time.time(), **fields)
+        log.log(logging.ERROR if recorded else logging.WARNING, "job %s %s: %s", job_id,
+                "failed" if recorded else "stopped (no longer this worker's)", exc)
+        if writer is not None and recorded:
+            await asyncio.to_thread(self.store.storage.delete, job_id)
+        elif writer is not None:
             await asyncio.to_thread(writer.abort)
-        log.error("job %s failed: %s", job_id, exc)
-        await self._update(job_id, persist=True, state=JobState.FAILED, error=_failure(exc), finished_at=time.time(),
-                           **fields)
-        await self._notify(job_id)
+        if recorded:
+            await self._notify(job_id)
+
+    async def _commit(self, job: Job, writer: ResultWriter) -> bool:
+        """Commit the result if this worker still holds the job, renewing its lease first so that no other worker
+        takes the job over meanwhile; one that lost it removes only its own attempt's files."""
+        if not await self._update(job.id, persist=True, lease_until=time.time() + self.lease_s):
+            await asyncio.to_thread(writer.abort)
+            return False
+        await asyncio.to_thread(writer.commit)
+        return True
+
+    async def _lost(self, job_id: str) -> None:
+        """After committing a job this worker no longer holds: the files go if the job was deleted, and stay for the
+        worker that took it over otherwise."""
+        try:
+            await asyncio.to_thread(self.store.get, job_id)
+        except NotFoundError:
+            await asyncio.to_thread(self.store.storage.delete, job_id)
 
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
@@ -303,7 +326,7 @@ class JobWorker:
         writer = None
         started = time.monotonic()
         try:
-            writer = await asyncio.to_thread(self.store.storage.writer, job.id, None)
+            writer = await asyncio.to_thread(self.store.storage.writer, job.id, None, job.attempts)
             async with self.repository.serving(job.model) as served:
                 plan = plan_for(served.model, job.request, self.settings)
                 shard_size = job.request["shard_size"]
@@ -319,11 +342,12 @@ class JobWorker:
             if size > job.reserved_bytes:
                 raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for it; "
                                          "the partial result was removed")
-            await asyncio.to_thread(writer.commit)
+            if not await self._commit(job, writer):
+                return
             recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),
                                           finished_at=time.time(), result_bytes=size, checkpoint=None)
             if not recorded:
-                await asyncio.to_thread(self.store.storage.delete, job.id)
+                await self._lost(job.id)
                 return
             if self.metrics is not None:
                 self.metrics.job_samples.labels(self.id).inc(len(plan))

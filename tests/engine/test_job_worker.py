@@ -155,3 +155,90 @@ def test_a_training_promoted_again_after_a_crash_keeps_its_one_version(tmp_path:
         assert sorted(p.name for p in (settings.data_dir / "models" / "mine").iterdir()) == ["1", "2"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("output", "request_"), [("zip", {"n": 20}), ("tar", {"n": 20, "shard_size": 8})])
+async def test_a_job_whose_worker_died_after_committing_is_finished_by_another(
+        jobs: Jobs, output: str, request_: dict[str, Any]) -> None:
+    reference = await jobs.run(jobs.submit(request_, output))
+    job = jobs.submit(request_, output)
+    dead, task = jobs.worker("dead:1")
+    update = dead._update
+
+    async def die_before_recording(job_id: str, persist: bool = False, **fields: Any) -> bool:
+        if fields.get("state") == JobState.SUCCEEDED:
+            await asyncio.Event().wait()  # the process is gone from here on
+        return await update(job_id, persist, **fields)
+
+    dead._update = die_before_recording  # type: ignore[method-assign]
+    await jobs.wait(job.id, lambda _: (jobs.results / job.id).is_dir())  # committed
+    task.cancel()  # no more renewals
+    jobs.expire_lease(job.id)
+    done = await jobs.run(job, "next:1")
+    for stuck in list(dead._tasks.values()):
+        stuck.cancel()
+        await asyncio.wait({stuck})
+    assert done.state == JobState.SUCCEEDED and done.replica == "next:1", done.error
+    assert jobs.files(done) == jobs.files(reference)
+    assert sorted(path.name for path in jobs.results.iterdir()) == sorted([reference.id, job.id])
+
+
+@pytest.mark.parametrize("stall", ["in the commit", "before the commit"])
+@pytest.mark.parametrize("first", ["stalled", "new owner"])
+async def test_a_stalled_worker_finishing_after_a_takeover_leaves_the_new_owners_result_alone(
+        jobs: Jobs, monkeypatch: pytest.MonkeyPatch, stall: str, first: str) -> None:
+    """The stalled worker (e.g. a database outage longer than its lease) goes on after the job was taken over,
+    before the new owner finished, or after."""
+    request = {"n": 24, "shard_size": 4}
+    reference = await jobs.run(jobs.submit(request, "tar"))
+    job = jobs.submit(request, "tar")
+    loop, stalled_at, release_stalled, release_new = asyncio.get_running_loop(), asyncio.Event(), threading.Event(), \
+        threading.Event()
+    writers: list[results.LocalWriter] = []
+    open_file, commit = results.LocalWriter.open, results.LocalWriter.commit
+
+    def gated_open(self: results.LocalWriter, name: str) -> None:
+        if self not in writers:
+            writers.append(self)
+        if writers.index(self) == 1 and name == "manifest.json" and first == "stalled":
+            release_new.wait(10)
+        open_file(self, name)
+
+    def gated_commit(self: results.LocalWriter) -> None:
+        if writers.index(self) == 0:
+            loop.call_soon_threadsafe(stalled_at.set)
+            release_stalled.wait(10)
+        commit(self)
+
+    monkeypatch.setattr(results.LocalWriter, "open", gated_open)
+    stalled, stalled_task = jobs.worker("stalled:1")
+    if stall == "in the commit":
+        monkeypatch.setattr(results.LocalWriter, "commit", gated_commit)
+    else:
+        checked_commit = stalled._commit
+
+        async def stall_before_committing(*args: Any) -> bool:
+            stalled_at.set()
+            await asyncio.to_thread(release_stalled.wait, 10)
+            return await checked_commit(*args)
+
+        stalled._commit = stall_before_committing  # type: ignore[method-assign]
+    await asyncio.wait_for(stalled_at.wait(), 10)
+    running = stalled._tasks[job.id]
+    jobs.expire_lease(job.id)
+    new_owner, new_task = jobs.worker("next:1")
+    await jobs.wait(job.id, lambda job: job.replica == "next:1")
+    if first == "new owner":
+        await jobs.wait(job.id)
+    release_stalled.set()
+    await asyncio.wait({running}, timeout=10)
+    release_new.set()
+    try:
+        done = await jobs.wait(job.id)
+    finally:
+        for worker, task in ((stalled, stalled_task), (new_owner, new_task)):
+            task.cancel()
+            await worker.close()
+    assert done.state == JobState.SUCCEEDED and done.replica == "next:1", done.error
+    assert jobs.files(done) == jobs.files(reference)
+    assert sorted(path.name for path in jobs.results.iterdir()) == sorted([reference.id, job.id])
