@@ -238,7 +238,13 @@ class JobWorker:
                 shard_size = job.request.get("shard_size") if job.format == "tar" else None
                 written, done, reported = sum(checkpoint["files"].values()), checkpoint["next"], time.monotonic()
                 current: str | None = None
-                stream = stream_export(served, plan, job.format, self.settings, shard_size, start=checkpoint["next"])
+
+                def advanced(samples: int) -> None:  # a chunk's pieces may be many (one per shard it fills)
+                    nonlocal done
+                    done = samples
+
+                stream = stream_export(served, plan, job.format, self.settings, shard_size, start=checkpoint["next"],
+                                       progress=advanced)
                 async for name, data in stream:
                     written += len(data)
                     if written > job.reserved_bytes:
@@ -251,7 +257,6 @@ class JobWorker:
                         await asyncio.to_thread(writer.open, name)
                         current = name
                     await asyncio.to_thread(writer.write, data)
-                    done = min(done + self.settings.max_batch_size, len(plan))
                     if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                         await self._update(job.id, done=done)
                         reported = time.monotonic()

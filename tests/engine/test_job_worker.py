@@ -242,3 +242,29 @@ async def test_a_stalled_worker_finishing_after_a_takeover_leaves_the_new_owners
     assert done.state == JobState.SUCCEEDED and done.replica == "next:1", done.error
     assert jobs.files(done) == jobs.files(reference)
     assert sorted(path.name for path in jobs.results.iterdir()) == sorted([reference.id, job.id])
+
+
+async def test_progress_never_runs_ahead_of_the_shards_written(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 4 samples in shards of 2: a chunk's pieces are two shards, counted once."""
+    job = jobs.submit({"n": 32, "shard_size": 2}, "tar")
+    opened: list[str] = []
+    open_file = results.LocalWriter.open
+
+    def remember(self: results.LocalWriter, name: str) -> None:
+        opened.append(name)
+        open_file(self, name)
+
+    monkeypatch.setattr(results.LocalWriter, "open", remember)
+    monkeypatch.setattr(JobWorker, "PROGRESS_EVERY_S", 0)
+    reports: list[tuple[str, int]] = []
+    update = JobWorker._update
+
+    async def spy(self: JobWorker, job_id: str, persist: bool = False, **fields: Any) -> bool:
+        if "done" in fields and "state" not in fields:
+            reports.append((opened[-1], fields["done"]))
+        return await update(self, job_id, persist, **fields)
+
+    monkeypatch.setattr(JobWorker, "_update", spy)
+    assert (await jobs.run(job)).state == JobState.SUCCEEDED
+    shards = [(int(name[-10:-4]), done) for name, done in reports if name.endswith(".tar")]
+    assert shards and all(done <= 2 * (shard + 1) for shard, done in shards)
