@@ -154,13 +154,14 @@ class WebDatasetShards:
     manifest is a sidecar file. `add` and `finish` return `(file name, bytes)` pieces in order."""
 
     def __init__(self, class_names: list[str], seed: int, model: str, prefix: str, shard_size: int,
-                 first_shard: int = 0) -> None:
-        """`first_shard` > 0 resumes: the samples of the shards before it were written by an earlier run."""
+                 start: int = 0) -> None:
+        """`start` > 0 resumes at that sample (a multiple of `shard_size`, or the end of the dataset): the shards
+        before it were written by an earlier run."""
         self.class_names, self.seed, self.model = class_names, seed, model
         self.prefix, self.shard_size = prefix, shard_size
         self._sink = ByteSink()
         self._tar: tarfile.TarFile | None = None
-        self._shard, self._in_shard, self._count = first_shard - 1, 0, first_shard * shard_size
+        self._shard, self._in_shard, self._count = -(-start // shard_size) - 1, 0, start
 
     @property
     def shard_name(self) -> str:

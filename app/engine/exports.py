@@ -5,7 +5,7 @@ same bytes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -53,17 +53,19 @@ def _writer(output: str, served: ServedModel, plan: SamplePlan, shard_size: int 
     model, name = served.model, export_name(served.model.name, plan.seed)
     if output == "tar":
         size = shard_size or len(plan)
-        return WebDatasetShards(model.class_names, plan.seed, model.name, name, size, first_shard=start // size)
+        return WebDatasetShards(model.class_names, plan.seed, model.name, name, size, start=start)
     writer = (ImageFolderZip if output == "zip" else ParquetExport)(model.class_names, plan.seed)
     return _OneFile(writer, f"{name}.{output}")
 
 
 async def stream_export(served: ServedModel, plan: SamplePlan, output: str, settings: Settings,
-                        shard_size: int | None = None, start: int = 0) -> AsyncIterator[tuple[str, bytes]]:
+                        shard_size: int | None = None, start: int = 0,
+                        progress: Callable[[int], None] | None = None) -> AsyncIterator[tuple[str, bytes]]:
     """The export's files as `(file name, bytes)` pieces in order, chunk by chunk (a forward pass each); the next
     chunk is generated while the last one is encoded. A tar is one WebDataset shard, or with `shard_size` shards of
-    that many samples and a `manifest.json` sidecar; `start` (a multiple of `shard_size`) resumes those shards at
-    that sample. With filters, each slot keeps its first passing candidate and the manifest counts the rejections."""
+    that many samples and a `manifest.json` sidecar; `start` (a multiple of `shard_size`, or the end of the plan)
+    resumes those shards at that sample. With filters, each slot keeps its first passing candidate and the manifest
+    counts the rejections. `progress` is told the samples done after each chunk's pieces."""
     model, spec, report, chunk = served.model, plan.filters, FilterReport(), settings.max_batch_size
     generate = sampler(served, plan.seed, plan.truncation, settings.request_timeout_s, wait_when_full=True)
 
@@ -89,6 +91,8 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
                 pending = produce(starts[position + 1])
             for piece in await served.on_cpu(writer.add, images, labels, indices.tolist()):
                 yield piece
+            if progress is not None:
+                progress(min(starts[position] + chunk, len(plan)))
         manifest = build_manifest(model, plan, output, report.rejected)
         for piece in await served.on_cpu(writer.finish, manifest if output != "tar" or shard_size else None):
             yield piece

@@ -32,25 +32,43 @@ from app.engine.plans import SamplePlan, plan_samples
 from app.engine.repository import ModelRepository
 from app.engine.results import LocalResults, ResultWriter
 from app.engine.states import JobState
-from app.errors import QualityGateError, QuotaExceededError, SynthgenError
+from app.errors import NotFoundError, QualityGateError, QuotaExceededError, SynthgenError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.jobs")
 MAX_ATTEMPTS = 3
 
 
-def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str) -> int:
-    """An upper bound of an archive's size, reserved against the quotas: a PNG is at most its raw rows (plus a
-    filter byte each) and some overhead; a zip adds headers and a row of labels.csv and metadata.parquet per sample,
-    Parquet its row, a tar a 512-byte header and padding per member (png, cls, json); plus the manifest with the
-    model's card."""
+def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str, shard_size: int | None = None,
+                   batch: int = 1) -> int:
+    """An upper bound of a result's size, reserved against the quotas (a job whose result passes it fails). A PNG
+    is at most its raw rows (plus a filter byte each) and some overhead. A zip adds per sample its member name in
+    two headers and a row of labels.csv and of metadata.parquet; Parquet its row, and per row group (`batch`
+    samples) page headers and the image column's min and max statistics (in the page and the footer); a tar a
+    512-byte header and padding per member (png, cls, json), and per shard an end marker, padded to tarfile's
+    10240-byte records. Plus the manifest with the model's card, and the class names in cards and schemas."""
     height, width, channels = model.image_shape
+    n = len(plan)
     if output == "npz":
-        return len(plan) * (height * width * channels + 16) + 65_536
+        return n * (height * width * channels + 16) + 65_536
     raw = (width * channels + 1) * height
     png = raw + raw // 1024 + 128  # zlib's worst case (stored blocks) plus the PNG chunks
-    per_sample = {"zip": png + 400, "parquet": png + 200}.get(output, png + 512 + 3 * 512 + 2 * 512)
-    return len(plan) * per_sample + len(json.dumps(model.card)) + 65_536
+    names = model.class_names or ["samples"]
+    longest = max(len(name.encode()) for name in names)
+    index = max(8, len(str(n)))
+    member = longest + index + 5  # <class>/<index>.png
+    total = 2 * len(json.dumps(model.card, indent=2)) + 8 * sum(len(json.dumps(name)) + 16 for name in names) + 65_536
+    if output == "zip":  # headers: local 30, central 46, data descriptor 24; labels.csv's fields may be quoted
+        row = member + 2 * longest + 2 * index + len(str(plan.seed)) + 8
+        return total + n * (png + 100 + 2 * member + row + (member + longest + 64))
+    if output == "parquet":
+        return total + n * (png + longest + 2 * index + 64) + -(-n // batch) * (4 * png + 4 * longest + 2048)
+    text = len(json.dumps({"class_name": max(names, key=lambda name: len(json.dumps(name))), "index": n,
+                           "label": len(names), "model": model.name, "seed": plan.seed}))
+    per_sample = 3 * 512 + (png + 511) + 512 + -(-text // 512) * 512
+    full, rest = divmod(n, shard_size or max(n, 1))
+    shard_bytes = [-(-(size * per_sample + 1024) // 10240) * 10240 for size in (shard_size or n, rest)]
+    return total + full * shard_bytes[0] + (shard_bytes[1] if rest else 0)
 
 
 def _failure(exc: Exception) -> str:
@@ -214,13 +232,19 @@ class JobWorker:
         writer: ResultWriter | None = None
         started = time.monotonic()
         try:
-            writer = await asyncio.to_thread(storage.writer, job.id, checkpoint)
+            writer = await asyncio.to_thread(storage.writer, job.id, checkpoint, job.attempts)
             async with self.repository.serving(job.model) as served:
                 plan = plan_for(served.model, job.request, self.settings)
                 shard_size = job.request.get("shard_size") if job.format == "tar" else None
                 written, done, reported = sum(checkpoint["files"].values()), checkpoint["next"], time.monotonic()
                 current: str | None = None
-                stream = stream_export(served, plan, job.format, self.settings, shard_size, start=checkpoint["next"])
+
+                def advanced(samples: int) -> None:  # a chunk's pieces may be many (one per shard it fills)
+                    nonlocal done
+                    done = samples
+
+                stream = stream_export(served, plan, job.format, self.settings, shard_size, start=checkpoint["next"],
+                                       progress=advanced)
                 async for name, data in stream:
                     written += len(data)
                     if written > job.reserved_bytes:
@@ -233,13 +257,13 @@ class JobWorker:
                         await asyncio.to_thread(writer.open, name)
                         current = name
                     await asyncio.to_thread(writer.write, data)
-                    done = min(done + self.settings.max_batch_size, len(plan))
                     if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                         await self._update(job.id, done=done)
                         reported = time.monotonic()
                 if current is not None:
                     await asyncio.to_thread(writer.close_file)
-            await asyncio.to_thread(writer.commit)  # only a complete result appears under its final name
+            if not await self._commit(job, writer):  # only a complete result appears under its final name
+                return
             try:
                 recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),
                                               finished_at=time.time(), result_bytes=written, checkpoint=None)
@@ -247,7 +271,7 @@ class JobWorker:
                 await asyncio.to_thread(writer.uncommit)
                 raise
             if not recorded:
-                await asyncio.to_thread(storage.delete, job.id)  # deleted or taken over meanwhile
+                await self._lost(job.id)
                 return
             if self.metrics is not None:
                 self.metrics.job_samples.labels(self.id).inc(len(plan) - checkpoint["next"])
@@ -265,13 +289,35 @@ class JobWorker:
             self._forget(job.id)
 
     async def _fail(self, job_id: str, exc: Exception, writer: ResultWriter | None = None, **fields: Any) -> None:
-        """Record a failure on the job (a partial result removed) and announce it."""
-        if writer is not None:
+        """Record a failure on the job (a partial result removed) and announce it. A worker that no longer holds
+        the job (deleted, or taken over after it stalled) removes only its own attempt's files."""
+        recorded = await self._update(job_id, persist=True, state=JobState.FAILED, error=_failure(exc),
+                                      finished_at=time.time(), **fields)
+        log.log(logging.ERROR if recorded else logging.WARNING, "job %s %s: %s", job_id,
+                "failed" if recorded else "stopped (no longer this worker's)", exc)
+        if writer is not None and recorded:
+            await asyncio.to_thread(self.store.storage.delete, job_id)
+        elif writer is not None:
             await asyncio.to_thread(writer.abort)
-        log.error("job %s failed: %s", job_id, exc)
-        await self._update(job_id, persist=True, state=JobState.FAILED, error=_failure(exc), finished_at=time.time(),
-                           **fields)
-        await self._notify(job_id)
+        if recorded:
+            await self._notify(job_id)
+
+    async def _commit(self, job: Job, writer: ResultWriter) -> bool:
+        """Commit the result if this worker still holds the job, renewing its lease first so that no other worker
+        takes the job over meanwhile; one that lost it removes only its own attempt's files."""
+        if not await self._update(job.id, persist=True, lease_until=time.time() + self.lease_s):
+            await asyncio.to_thread(writer.abort)
+            return False
+        await asyncio.to_thread(writer.commit)
+        return True
+
+    async def _lost(self, job_id: str) -> None:
+        """After committing a job this worker no longer holds: the files go if the job was deleted, and stay for the
+        worker that took it over otherwise."""
+        try:
+            await asyncio.to_thread(self.store.get, job_id)
+        except NotFoundError:
+            await asyncio.to_thread(self.store.storage.delete, job_id)
 
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
@@ -285,7 +331,7 @@ class JobWorker:
         writer = None
         started = time.monotonic()
         try:
-            writer = await asyncio.to_thread(self.store.storage.writer, job.id, None)
+            writer = await asyncio.to_thread(self.store.storage.writer, job.id, None, job.attempts)
             async with self.repository.serving(job.model) as served:
                 plan = plan_for(served.model, job.request, self.settings)
                 shard_size = job.request["shard_size"]
@@ -301,11 +347,12 @@ class JobWorker:
             if size > job.reserved_bytes:
                 raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for it; "
                                          "the partial result was removed")
-            await asyncio.to_thread(writer.commit)
+            if not await self._commit(job, writer):
+                return
             recorded = await self._update(job.id, persist=True, state=JobState.SUCCEEDED, done=len(plan),
                                           finished_at=time.time(), result_bytes=size, checkpoint=None)
             if not recorded:
-                await asyncio.to_thread(self.store.storage.delete, job.id)
+                await self._lost(job.id)
                 return
             if self.metrics is not None:
                 self.metrics.job_samples.labels(self.id).inc(len(plan))
@@ -355,4 +402,4 @@ class JobWorker:
         if shard_size and resumable(job):
             state = writer.state()
             shards = sum(name.endswith(".tar") for name in state["files"])
-            await self._update(job.id, persist=True, checkpoint={**state, "next": shards * shard_size})
+            await self._update(job.id, persist=True, checkpoint={**state, "next": min(shards * shard_size, job.total)})

@@ -311,9 +311,14 @@ def _latest_version(root: Path) -> int:
 
 def promote(settings: Settings, job: Job, folder: Path) -> int:
     """Copy a trained model folder to `<name>/<next version>/` of the trained models (renamed into place whole);
-    returns the version."""
+    returns the version. Idempotent: a version this job promoted already (its worker died before recording it) is
+    returned as it is."""
     root = trained_models_dir(settings) / job.model
     root.mkdir(parents=True, exist_ok=True)
+    for version in (p for p in root.iterdir() if p.name.isdigit()):
+        with contextlib.suppress(CheckpointError):  # a version folder without a readable config is not this job's
+            if read_json(version / "config.json").get("training_job") == job.id:
+                return int(version.name)
     staging = root / f".staging-{job.id}"
     shutil.rmtree(staging, ignore_errors=True)
     grids = sorted((folder / "samples").glob("epoch_*.png"))

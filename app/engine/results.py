@@ -2,12 +2,13 @@
 (`SYNTHGEN_RESULTS_URL=s3://bucket/prefix`).
 
 Either way nothing appears under a result's final name until the whole result is complete: locally the files are
-written into `<job>.part/` and the folder renamed; in S3 every file is a multipart upload completed only when the job
-commits. A writer's `state()` (the files written so far, and in S3 their pending uploads) goes into the job's
-checkpoint, so a worker taking the job over resumes the same uploads."""
+written into a folder of the attempt's own, `<job>.part/<attempt>/`, and that folder renamed; in S3 every file is a
+multipart upload completed only when the job commits. A writer's `state()` (the files written so far, and in S3
+their pending uploads) goes into the job's checkpoint, so a worker taking the job over resumes from them."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -43,8 +44,8 @@ class LocalResults:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def writer(self, job_id: str, resume: dict[str, Any] | None = None) -> LocalWriter:
-        return LocalWriter(self.root / f"{job_id}.part", self.root / job_id, resume)
+    def writer(self, job_id: str, resume: dict[str, Any] | None = None, attempt: int = 0) -> LocalWriter:
+        return LocalWriter(self.root / f"{job_id}.part", attempt, self.root / job_id, resume)
 
     def files(self, job_id: str) -> list[tuple[str, int]]:
         try:
@@ -68,18 +69,38 @@ class LocalResults:
 
 
 class LocalWriter:
-    def __init__(self, part: Path, final: Path, resume: dict[str, Any] | None) -> None:
-        self.part, self.final = part, final
+    """Writes into a folder of its own, `<job>.part/<attempt>/`, so that a worker whose job was taken over (it
+    stalled past its lease) never writes into the new owner's files. A worker taking a job over starts from the
+    checkpointed files an earlier attempt left: in its folder, or in the result folder if it died between committing
+    and recording the job; the other attempts' folders are removed."""
+
+    def __init__(self, parts: Path, attempt: int, final: Path, resume: dict[str, Any] | None) -> None:
+        self.parts, self.part, self.final = parts, parts / str(attempt), final
         self.files: dict[str, int] = dict((resume or {}).get("files", {}))
-        part.mkdir(parents=True, exist_ok=True)
-        for entry in os.scandir(part):  # keep exactly the checkpointed files (a partial one is written again)
-            if self.files.get(entry.name) != entry.stat().st_size:
-                os.unlink(entry.path)
-        missing = set(self.files) - {entry.name for entry in os.scandir(part)}
-        if missing:
-            raise FileNotFoundError(f"checkpointed files are gone: {sorted(missing)}")
+        parts.mkdir(parents=True, exist_ok=True)
+        self._set_aside()
+        shutil.rmtree(self.part, ignore_errors=True)
+        self.part.mkdir()
+        folders = [parts, *(entry for entry in parts.iterdir() if entry.is_dir() and entry != self.part)]
+        for name, size in self.files.items():
+            found = next((folder / name for folder in folders
+                          if (folder / name).is_file() and (folder / name).stat().st_size == size), None)
+            if found is None:
+                raise FileNotFoundError(f"checkpointed file {name!r} is gone")
+            try:
+                os.link(found, self.part / name)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(found, self.part / name)
+        for entry in folders[1:]:
+            shutil.rmtree(entry, ignore_errors=True)
         self._handle: IO[bytes] | None = None
         self._name = ""
+
+    def _set_aside(self) -> None:
+        """A result folder an earlier attempt committed but never recorded goes among the attempts' folders."""
+        if self.final.exists():
+            shutil.rmtree(self.parts / "committed", ignore_errors=True)
+            self.final.replace(self.parts / "committed")
 
     def open(self, name: str) -> None:
         self._handle, self._name = (self.part / name).open("wb"), name
@@ -99,16 +120,22 @@ class LocalWriter:
         return {"files": dict(self.files)}
 
     def commit(self) -> None:
+        self._set_aside()
         self.part.replace(self.final)
+        shutil.rmtree(self.parts, ignore_errors=True)
 
     def uncommit(self) -> None:
         """Back to the part folder (the job could not be recorded as done)."""
+        self.parts.mkdir(exist_ok=True)
         self.final.replace(self.part)
 
     def abort(self) -> None:
+        """Remove this attempt's files (only: another worker may have taken the job over)."""
         if self._handle is not None:
             self._handle.close()
         shutil.rmtree(self.part, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the job's part folder too, unless another attempt writes there
+            self.parts.rmdir()
 
 
 class S3Results:
@@ -121,7 +148,7 @@ class S3Results:
     def key(self, job_id: str, name: str = "") -> str:
         return "/".join(filter(None, (self.prefix, job_id, name)))
 
-    def writer(self, job_id: str, resume: dict[str, Any] | None = None) -> S3Writer:
+    def writer(self, job_id: str, resume: dict[str, Any] | None = None, attempt: int = 0) -> S3Writer:
         return S3Writer(self, job_id, resume)
 
     def files(self, job_id: str) -> list[tuple[str, int]]:
@@ -160,6 +187,7 @@ class S3Writer:
         self.files: dict[str, int] = dict(resume.get("files", {}))
         self.uploads: dict[str, dict[str, Any]] = {name: upload for name, upload in resume.get("uploads", {}).items()
                                                    if name in self.files}
+        self._resumed = set(self.uploads)
         client, bucket = store.client, store.bucket
         pending = client.list_multipart_uploads(Bucket=bucket, Prefix=store.key(job_id) + "/").get("Uploads", [])
         kept = {upload["upload_id"] for upload in self.uploads.values()}
@@ -199,17 +227,35 @@ class S3Writer:
         return {"files": dict(self.files), "uploads": {name: self.uploads[name] for name in self.files}}
 
     def commit(self) -> None:
+        client, bucket = self.store.client, self.store.bucket
         for name in self.files:
-            upload = self.uploads[name]
-            self.store.client.complete_multipart_upload(
-                Bucket=self.store.bucket, Key=self.store.key(self.job_id, name), UploadId=upload["upload_id"],
-                MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in upload["parts"]]})
+            upload, key = self.uploads[name], self.store.key(self.job_id, name)
+            parts = [{"PartNumber": number, "ETag": etag} for number, etag in upload["parts"]]
+            try:
+                client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["upload_id"],
+                                                 MultipartUpload={"Parts": parts})
+            except client.exceptions.ClientError as exc:  # completed by an attempt that died before recording the job
+                code = exc.response.get("Error", {}).get("Code")
+                if code != "NoSuchUpload" or self._size_of(key) != self.files[name]:
+                    raise
+
+    def _size_of(self, key: str) -> int | None:
+        try:
+            return self.store.client.head_object(Bucket=self.store.bucket, Key=key)["ContentLength"]
+        except self.store.client.exceptions.ClientError:
+            return None
 
     def uncommit(self) -> None:
         """The job could not be recorded as done: its objects stay for the worker that takes it over to replace."""
 
     def abort(self) -> None:
-        self.store.delete(self.job_id)
+        """Abort the uploads this writer began (only: the checkpointed ones are a worker's taking the job over)."""
+        for name, upload in self.uploads.items():
+            if name not in self._resumed:
+                with contextlib.suppress(self.store.client.exceptions.ClientError):
+                    self.store.client.abort_multipart_upload(Bucket=self.store.bucket,
+                                                             Key=self.store.key(self.job_id, name),
+                                                             UploadId=upload["upload_id"])
 
 
 class S3Reader(io.RawIOBase):

@@ -48,7 +48,7 @@ def encode_shard(class_names: list[str], model_name: str, plan: SamplePlan, shar
     """Encode a shard's samples into its tar in `out` (written aside, then renamed); returns its name, size and
     sha256."""
     prefix = export_name(model_name, plan.seed)
-    writer = WebDatasetShards(class_names, plan.seed, model_name, prefix, shard_size, first_shard=shard.number)
+    writer = WebDatasetShards(class_names, plan.seed, model_name, prefix, shard_size, start=shard.start)
     pieces = writer.add(images, labels, range(shard.start, shard.stop)) + writer.finish(None)
     data = b"".join(piece for _, piece in pieces)
     name = f"{prefix}-{shard.number:06d}.tar"

@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 from app.engine.results import S3Results
 from tests.conftest import serve
@@ -40,6 +41,32 @@ def test_nothing_is_visible_before_the_commit(s3_settings: dict[str, str]) -> No
     assert sorted(store.files("job1")) == [("a.tar", 9 * 1024 * 1024), ("manifest.json", 2)]
     store.delete("job1")
     assert store.files("job1") == []
+
+
+def test_a_takeover_keeps_the_other_attempts_uploads_and_completes_what_was_completed(
+        s3_settings: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    store = S3Results(s3_settings["SYNTHGEN_RESULTS_URL"],
+                      boto3.client("s3", endpoint_url=s3_settings["SYNTHGEN_S3_ENDPOINT_URL"]))
+    first = store.writer("job2")
+    first.open("a.tar")
+    first.write(b"a" * 10)
+    first.close_file()
+    lost = store.writer("job2", first.state())  # took the job over, then lost it: drops only its own upload
+    lost.open("b.tar")
+    lost.write(b"b")
+    lost.close_file()
+    lost.abort()
+    pending = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.key("job2") + "/")["Uploads"]
+    assert [upload["Key"].rsplit("/", 1)[1] for upload in pending] == ["a.tar"]
+    store.writer("job2", first.state()).commit()  # then died before the job was recorded as done
+
+    def no_such_upload(**kwargs: object) -> None:  # what MinIO answers for an upload completed already
+        raise ClientError({"Error": {"Code": "NoSuchUpload", "Message": "gone"}}, "CompleteMultipartUpload")
+
+    monkeypatch.setattr(store.client, "complete_multipart_upload", no_such_upload)
+    store.writer("job2", first.state()).commit()  # the worker taking it over completes it again
+    assert store.files("job2") == [("a.tar", 10)]
+    store.delete("job2")
 
 
 async def test_results_in_s3_are_the_same_bytes_and_downloadable(models_dir: Path, tmp_path: Path,

@@ -90,9 +90,9 @@ async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=E
     if body.format == "tar" and math.ceil(len(plan) / body.shard_size) > MAX_SHARDS:
         raise InvalidInputError(f"{len(plan)} samples in shards of {body.shard_size} would make more than "
                                 f"{MAX_SHARDS} shards; raise shard_size")
+    reserved = estimate_bytes(plan, model, body.format, body.shard_size, settings.max_batch_size)
     job = await asyncio.to_thread(store.create, model.name, {**body.model_dump(), "seed": plan.seed}, len(plan),
-                                  body.format, caller.owner, estimate_bytes(plan, model, body.format),
-                                  JobLimits.from_settings(settings))
+                                  body.format, caller.owner, reserved, JobLimits.from_settings(settings))
     if worker is not None:
         worker.wake()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
