@@ -102,6 +102,25 @@ def load_dataset(spec: str) -> ImageDataset:
     return dataset.subset(index)
 
 
+def load_training_data(spec: str, class_names: list[str], fingerprint: str | None) -> ImageDataset:
+    """The data `spec` names as a model saw it in training (labels under the model's `class_names`: an IDX file
+    names its classes by index), refused unless it is that data (pixels, labels and names): split differently, other
+    data would put training images among the "validation" images that scores are measured on."""
+    dataset = load_dataset(spec).aligned_to(class_names)
+    if dataset.class_names != class_names and len(dataset.class_names) == len(class_names):
+        dataset = ImageDataset(dataset.images, dataset.labels, list(class_names))
+    if fingerprint is not None and dataset.fingerprint() != fingerprint:
+        raise DataError(f"{spec!r} is not the data this model was trained on (its fingerprint differs from the one in "
+                        "config.json's training_data); pass the training data SPEC recorded there")
+    return dataset
+
+
+def shared_images(a: ImageDataset, b: ImageDataset) -> int:
+    """How many images of `b` are pixel-identical to an image of `a`."""
+    seen = {image.tobytes() for image in a.images}
+    return sum(image.tobytes() in seen for image in b.images)
+
+
 def _load_whole(spec: str) -> ImageDataset:
     if spec == "digits":
         return load_sklearn_digits()

@@ -23,8 +23,9 @@ from torch import nn
 from app.core.checkpoint import read_json, write_json
 from app.core.model import load_model
 from app.core.sampling import per_class_labels, sample
+from app.errors import DataError
 from app.ml.card import update_card
-from app.ml.datasets import load_dataset
+from app.ml.datasets import load_dataset, load_training_data, shared_images
 
 BATCH = 128
 
@@ -133,12 +134,18 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
     started = time.perf_counter()
     model = load_model(folder, "cpu")
     training = model.config["training_data"]
-    real, _ = load_dataset(data_spec).split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
+    data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
+    real, _ = data.split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
     test = load_dataset(test_spec).aligned_to(model.class_names)
+    overlap = shared_images(data, test)
+    if overlap > len(test) // 100:  # a few duplicates happen in real data; more means the test set was trained on
+        raise DataError(f"{overlap} of the {len(test)} test images are pixel-identical to images of the training data "
+                        f"{data_spec!r}; pass real images never used for training or selection")
     synthetic = sample(model, sample_seed, per_class_labels(model.num_classes, per_class))
     report = tstr_report((real.images, real.labels), synthetic, (test.images, test.labels), model.num_classes,
                          list(seeds))
-    report["protocol"].update(data=data_spec, test_data=test_spec, per_class=per_class, sample_seed=sample_seed,
+    report["protocol"].update(data=data_spec, test_data=test_spec, test_images_in_training_data=overlap,
+                              per_class=per_class, sample_seed=sample_seed,
                               latent_scale=model.net.cfg.latent_scale, seconds=round(time.perf_counter() - started, 1))
     update_card(folder, protocol=report)
     return report
@@ -164,7 +171,8 @@ def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = 
     started = time.perf_counter()
     model = load_model(folder, "cpu")
     training = model.config["training_data"]
-    _, val = load_dataset(data_spec).split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
+    data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
+    _, val = data.split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
     labels = per_class_labels(model.num_classes, per_class)
     figures = {}
     for scale in scales:

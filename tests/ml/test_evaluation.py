@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from app.core.nets import Classifier, ClassifierConfig
-from app.ml.datasets import load_dataset
+from app.errors import DataError
+from app.ml.datasets import load_dataset, load_training_data
 from app.ml.evaluation import (
     density_coverage,
     evaluate,
     expected_calibration_error,
     frechet_distance,
+    manifold_metrics,
     memorisation_rate,
     memorisation_threshold,
     precision_recall,
@@ -111,6 +113,34 @@ def test_evaluate_writes_card_and_evaluator(tiny_vae: Path, tmp_path: Path) -> N
     assert set(card["per_class"]) == {str(i) for i in range(10)}
     assert {"tstr_recall", "frechet_distance", "label_agreement"} <= set(card["per_class"]["3"])
     assert 0 <= card["privacy"]["dcr_share_closer_to_train"] <= 1 and card["privacy"]["identical_to_training"] == 0
-    assert card["calibration"]["temperature"] > 0 and card["calibration"]["ece_after"] >= 0
+    calibration = card["calibration"]  # a temperature that does not calibrate the held-out half better is not kept
+    assert calibration["temperature"] in (1.0, calibration["fitted_temperature"])
+    assert calibration["ece_after"] <= calibration["ece_before"]
+    steps = card["evaluation"]["classifier_steps"]  # arms compared at matched steps
+    assert steps["tstr"] == steps["real"] and steps["real_matched"] == steps["augmented"] > steps["real"]
+    assert np.isclose(metrics["augmentation_gain"], metrics["augmented_accuracy"] - metrics["real_matched_accuracy"],
+                      atol=2e-6)
+    assert metrics["frechet_distance_at_val_n"] > 0 and metrics["sliced_wasserstein_at_val_n"] > 0
     evaluator = Classifier.from_pretrained(tiny_vae)[0]
     assert evaluator(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_manifold_metrics_see_every_class_of_class_ordered_samples() -> None:
+    # 10 classes of 1,000 rows each: samples in class order (as they are drawn), the real rows shuffled (as a random
+    # split leaves them); a prefix of 5,000 samples holds classes 0-4 only and halves a perfect generator's recall
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 8, generator=gen) * 10
+    real, fake = (centres.repeat_interleave(1000, 0) + torch.randn(10_000, 8, generator=gen) for _ in range(2))
+    real = real[torch.randperm(len(real), generator=gen)]
+    assert precision_recall(real[:5000], fake[:5000])[1] < 0.6  # the prefix this replaces
+    figures = manifold_metrics(real, fake, seed=0)
+    assert figures["n"] == 5000 and figures["recall"] > 0.8 and figures["coverage"] > 0.9, figures
+
+
+def test_scores_refuse_data_other_than_the_training_data() -> None:
+    digits = load_dataset("digits")
+    named = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    trained_on = type(digits)(digits.images, digits.labels, named).fingerprint()  # trained with --class-names
+    assert load_training_data("digits", named, trained_on).class_names == named  # renamed to the model's names
+    with pytest.raises(DataError, match="not the data this model was trained on"):
+        load_training_data("digits#0:1000", named, trained_on)

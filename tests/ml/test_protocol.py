@@ -69,3 +69,17 @@ def test_the_chosen_scale_is_the_one_nearest_1_within_a_standard_error_of_the_be
     figures[2.5] = Figure([0.95, 0.95])
     assert nearest_one_within_standard_error(figures) == 2.5  # no spread, no margin
     assert nearest_one_within_standard_error({0.8: Figure([0.9]), 1.2: Figure([0.9])}) == 0.8  # a tie in distance
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["tune", "--data", "digits#0:1000"], "not the data this model was trained on"),
+    (["protocol", "--data", "digits#0:1000", "--test-data", "digits#1000:1200"], "not the data this model was trained"),
+    (["protocol", "--data", "digits", "--test-data", "digits#0:200"], "200 of the 200 test images are pixel-identical"),
+])
+def test_scores_are_refused_on_data_that_would_flatter(tiny_gan: Path, tmp_path: Path, capsys, args: list[str],
+                                                       message: str) -> None:
+    # other data split "as in training" puts training images among the validation images; test images that the
+    # model trained on are no test
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    assert main([args[0], "--model", str(folder), *args[1:], "--seeds", "0"]) == 2
+    assert message in capsys.readouterr().err
