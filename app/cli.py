@@ -66,14 +66,27 @@ def _apply_process_options(args: argparse.Namespace) -> None:
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
 
 
+def _hyperparameters(text: str | None) -> dict[str, object]:
+    """--hparams: a JSON object."""
+    if not text:
+        return {}
+    try:
+        hyperparameters = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"--hparams is not valid JSON ({exc}); e.g. '{{\"latent_dim\": 32}}'") from exc
+    if not isinstance(hyperparameters, dict):
+        raise InvalidInputError(f"--hparams must be a JSON object of hyper-parameters, not {text}")
+    return hyperparameters
+
+
 def _train(args: argparse.Namespace) -> None:
     from app.ml.training import TrainOptions, train
 
+    hyperparameters = _hyperparameters(args.hparams)
     _apply_process_options(args)
-    hyperparameters = json.loads(args.hparams) if args.hparams else {}
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
-                                 lr=args.lr if args.lr else (2e-4 if args.arch == "gan" else 1e-3),
+                                 lr=args.lr if args.lr is not None else (2e-4 if args.arch == "gan" else 1e-3),
                                  val_fraction=args.val_fraction, hyperparameters=hyperparameters,
                                  class_names=args.class_names.split(",") if args.class_names else None,
                                  progress=not args.quiet,

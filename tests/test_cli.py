@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from app.cli import main
 from app.ml.datasets import load_dataset
+from tests.conftest import TINY_GAN
 
 
 def _generate(model: Path, out: Path, *args: str) -> int:
@@ -79,3 +81,61 @@ def test_dataset_command_is_the_clients(server: tuple[str, int], tmp_path: Path)
     assert main(["dataset", "--server", url, "--model", "digits-gan", "--per-class", "2", "--seed", "1",
                  "--out", str(tmp_path / "d.zip")]) == 0
     assert load_dataset(str(tmp_path / "d.zip")).labels.tolist() == [i // 2 for i in range(20)]
+
+
+def _train(out: Path, *args: str) -> int:
+    return main(["train", "--arch", "gan", "--data", "digits", "--out", str(out), "--epochs", "1", "--device", "cpu",
+                 "--quiet", *args])
+
+
+@pytest.fixture(scope="module")
+def cli_gan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of a tiny GAN trained by the command line with class_weight 0.5, to resume."""
+    out = tmp_path_factory.mktemp("cli") / "gan"
+    assert _train(out, "--hparams", json.dumps({**TINY_GAN, "class_weight": 0.5})) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hparams", "{bad"], "--hparams is not valid JSON"),
+        (["--hparams", "[1, 2]"], "--hparams must be a JSON object"),
+        (["--hparams", '{"latent_dim": -3}'], "latent_dim = -3 is out of range"),
+        (["--hparams", '{"g_channels": 0}'], "leave a layer empty"),
+        (["--hparams", '{"g_channels": 4000}'], "parameters, over the"),
+        (["--lr", "0"], "--lr must be greater than 0"),
+        (["--lr", "nan"], "--lr must be greater than 0"),
+        (["--class-names", "a,a,b,c,d,e,f,g,h,i"], "class name 'a' (label 1)"),
+        (["--class-names", "../evil,a,b,c,d,e,f,g,h,i"], "class name '../evil' (label 0)"),
+    ],
+)
+def test_bad_training_arguments_exit_cleanly(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    assert _train(tmp_path / "m", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_resume_keeps_the_runs_hyperparameters(cli_gan: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gan"
+    shutil.copytree(cli_gan, out)
+    assert _train(out, "--hparams", '{"class_weight": 1.0}', "--resume", "--epochs", "2") == 2
+    assert "--hparams differs: class_weight=1.0 (the run has 0.5)" in capsys.readouterr().err
+    assert _train(out, "--resume", "--epochs", "2") == 0
+    assert json.loads((out / "config.json").read_text())["hyperparameters"]["class_weight"] == 0.5
+    assert json.loads((out / "card.json").read_text())["training"]["epochs_done"] == 2
+
+
+def test_resume_on_other_data_or_a_changed_config_exits_cleanly(cli_gan: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gan"
+    shutil.copytree(cli_gan, out)
+    small = tmp_path / "small.npz"
+    np.savez(small, images=np.zeros((40, 4, 4), np.uint8), labels=np.arange(40) % 10)
+    assert main(["train", "--arch", "gan", "--data", str(small), "--out", str(out), "--epochs", "2", "--device",
+                 "cpu", "--quiet", "--resume"]) == 2
+    assert "was trained on data with height 8 (this data: 4), width 8 (this data: 4)" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    config["hyperparameters"]["latent_dim"] = 8  # no longer the shapes the training state holds
+    (out / "config.json").write_text(json.dumps(config))
+    assert _train(out, "--resume", "--epochs", "2") == 2
+    assert "does not match the networks being resumed" in capsys.readouterr().err
