@@ -98,9 +98,10 @@ def _generate(args: argparse.Namespace) -> None:
     from app.core.device import resolve_device
     from app.core.model import load_model
     from app.core.sampling import sample
-    from app.engine.archives import write_output
+    from app.engine.archives import check_output, write_output
     from app.engine.plans import build_manifest, plan_samples
 
+    check_output(Path(args.out))
     model = load_model(args.model, resolve_device(args.device))
     plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
                         truncation=args.truncation, max_samples=sys.maxsize, scope="the command line")
@@ -112,13 +113,16 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from app.core.model import load_model
+    from app.engine.archives import check_output_dir
     from app.engine.plans import plan_samples
     from app.engine.shards import shards_of, write_manifest, write_shard
 
+    out = Path(args.out)
+    check_output_dir(out)
     model = load_model(args.model, "cpu")
     plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
                         max_samples=sys.maxsize, scope="the command line")
-    out = Path(args.out)
+    shards = shards_of(plan, args.shard_size)  # checks the shard size before anything is written
     if args.ray:
         from app.engine.ray_export import export_on_ray
 
@@ -126,7 +130,7 @@ def _export(args: argparse.Namespace) -> None:
                                 args.gpus_per_actor, args.cpus_per_actor)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        written = [write_shard(model, plan, shard, args.shard_size, out) for shard in shards_of(plan, args.shard_size)]
+        written = [write_shard(model, plan, shard, args.shard_size, out) for shard in shards]
         summary = {"shards": len(written), "samples": len(plan), "manifest": str(write_manifest(model, plan, written,
                                                                                                  out))}
     print(json.dumps(summary, sort_keys=True))
@@ -332,4 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except SynthgenError as exc:
         print(f"synthgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # what the checks up front cannot foresee: a full disk, a file system that refuses writes
+        print(f"synthgen {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -63,6 +63,10 @@ def test_zip_and_directory_layout(tiny_gan: Path, tmp_path: Path) -> None:
         (["--n", "3", "--per-class", "2"], "exactly one of"),
         (["--n", "0"], "at least 1"),
         (["--per-class", "2", "--label", "1"], "label goes with n"),
+        (["--n", "3", "--truncation", "nan"], "truncation must be in (0, 4], not nan"),
+        (["--n", "3", "--truncation", "-1"], "truncation must be in (0, 4]"),
+        (["--n", "3", "--seed", "-1"], "seed must be in 0..9007199254740991, not -1"),
+        (["--n", "3", "--seed", "99999999999999999999"], "seed must be in 0..9007199254740991"),
     ],
 )
 def test_bad_arguments_exit_cleanly(tiny_gan: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
@@ -139,3 +143,47 @@ def test_resume_on_other_data_or_a_changed_config_exits_cleanly(cli_gan: Path, t
     (out / "config.json").write_text(json.dumps(config))
     assert _train(out, "--resume", "--epochs", "2") == 2
     assert "does not match the networks being resumed" in capsys.readouterr().err
+
+
+def test_out_of_the_wrong_kind_exits_cleanly_before_sampling(tiny_gan: Path, tmp_path: Path, capsys,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_sampling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sampled before --out was checked")
+
+    monkeypatch.setattr("app.core.sampling.sample", no_sampling)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.zip").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("x")
+    for out, message in [("foo.txt", "use a .npz, .zip"), ("file", "file: is a file"),
+                         ("dir.zip", "dir.zip: is a directory"), ("file/sub.npz", "is a file, not a directory"),
+                         ("full", "the directory is not empty")]:
+        assert _generate(tiny_gan, tmp_path / out, "--n", "2") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"synthgen generate: error: --out {tmp_path / out}") and message in err
+
+
+def test_out_that_cannot_be_written_exits_cleanly(tiny_gan: Path, capsys) -> None:
+    assert _generate(tiny_gan, Path("/proc/synthgen-test.npz"), "--n", "2") == 2
+    assert "synthgen generate: error: --out /proc/synthgen-test.npz" in capsys.readouterr().err
+
+
+def test_train_and_export_refuse_a_file_as_out(tiny_gan: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    assert _train(tmp_path / "file") == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["export", "--model", str(tiny_gan), "--n", "2", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_export_refuses_a_shard_size_below_one(tiny_gan: Path, tmp_path: Path, capsys, size: str) -> None:
+    assert main(["export", "--model", str(tiny_gan), "--n", "2", "--shard-size", size, "--out",
+                 str(tmp_path / "shards")]) == 2
+    assert f"the shard size must be at least 1 sample, not {size}" in capsys.readouterr().err
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_export_refuses_a_negative_seed(tiny_gan: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", "--model", str(tiny_gan), "--n", "2", "--seed", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert "seed must be in 0.." in capsys.readouterr().err

@@ -30,6 +30,7 @@ from app.core.nets.gan import Discriminator
 from app.core.nets.vae import Encoder, MixturePrior
 from app.core.recipes import NOT_TRAINING_FIELDS, check_hyperparameters, validation_warnings
 from app.core.sampling import draw_latents, per_class_labels
+from app.engine.archives import check_output_dir
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
 from app.ml.datasets import ImageDataset, load_dataset
@@ -459,6 +460,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if not options.lr > 0:
         raise InvalidInputError(f"--lr must be greater than 0, not {options.lr}")
     out = Path(options.out)
+    check_output_dir(out)
     if (out / "config.json").exists() and not options.resume:
         raise InvalidInputError(f"{out} already holds a model; pass --resume to continue it or choose another --out")
     if options.resume and not (out / STATE_FILE).exists():
