@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from app import __version__
 from app.core.allocator import tune_allocator
@@ -15,6 +16,8 @@ from app.errors import InvalidInputError, SynthgenError
 
 if TYPE_CHECKING:
     from app.settings import Settings
+
+Number = TypeVar("Number", int, float)
 
 
 def _exit_with_parent() -> None:
@@ -32,6 +35,17 @@ def _exit_with_parent() -> None:
         os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port to listen on, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65_535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def _process_options(parser: argparse.ArgumentParser) -> None:
@@ -136,9 +150,24 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps(summary, sort_keys=True))
 
 
+def _numbers(option: str, text: str, kind: Callable[[str], Number]) -> tuple[Number, ...]:
+    """A comma-separated list of numbers (`--scales`, `--seeds`), at least one."""
+    try:
+        numbers = tuple(kind(item) for item in text.split(","))
+    except ValueError as exc:
+        raise InvalidInputError(f"{option} takes comma-separated numbers, not {text!r}: {exc}") from exc
+    return numbers
+
+
+def _check_per_class(per_class: int) -> None:
+    if per_class < 1:
+        raise InvalidInputError(f"--per-class must be at least 1, not {per_class}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from app.ml.evaluation import evaluate
 
+    _check_per_class(args.per_class)
     _apply_process_options(args)
     card = evaluate(Path(args.model), args.data, test_spec=args.test_data, per_class=args.per_class, seed=args.seed,
                     device=args.device, progress=not args.quiet)
@@ -148,15 +177,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from app.ml.protocol import tune_latent_scale
 
-    try:
-        scales = tuple(float(scale) for scale in args.scales.split(","))
-        seeds = tuple(int(seed) for seed in args.seeds.split(","))
-    except ValueError as exc:
-        raise InvalidInputError(f"--scales and --seeds take comma-separated numbers: {exc}") from exc
+    scales, seeds = _numbers("--scales", args.scales, float), _numbers("--seeds", args.seeds, int)
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
-    if args.per_class < 1:
-        raise InvalidInputError(f"--per-class must be at least 1, not {args.per_class}")
+    _check_per_class(args.per_class)
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds)
     for scale, figure in sampling["validation_tstr"].items():
         print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}")
@@ -166,7 +190,8 @@ def _tune(args: argparse.Namespace) -> None:
 def _protocol(args: argparse.Namespace) -> None:
     from app.ml.protocol import run_protocol
 
-    seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    seeds = _numbers("--seeds", args.seeds, int)
+    _check_per_class(args.per_class)
     report = run_protocol(Path(args.model), args.data, args.test_data, args.per_class, seeds)
     for arm, figure in report.items():
         if "mean" in figure:
@@ -183,7 +208,9 @@ def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     try:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid settings: {exc}") from exc
+        # without the values pydantic would quote: a refused database URL may hold a password
+        errors = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        raise InvalidInputError(f"invalid settings: {errors}") from exc
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -204,11 +231,19 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
+    import sqlalchemy as sa
+
     from app.engine.schema import create_engine, database_url, upgrade
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(create_engine(database_url(settings.database_url, settings.data_dir)))
+    engine = create_engine(database_url(settings.database_url, settings.data_dir))
+    try:
+        upgrade(engine)
+    except sa.exc.OperationalError as exc:  # unreachable, refused, wrong password, no such database
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise SynthgenError(f"cannot use the jobs database {engine.url.render_as_string(hide_password=True)}: "
+                            f"{reason}") from exc
     print("the jobs database schema is up to date")
 
 
@@ -291,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     serve.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
     serve.add_argument("--no-jobs", action="store_true", help="leave jobs to `synthgen worker` processes "
@@ -301,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run dataset jobs from the shared jobs database, nothing else")
     worker.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     worker.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
-    worker.add_argument("--metrics-port", type=int, default=None,
+    worker.add_argument("--metrics-port", type=_port, default=None,
                         help="serve Prometheus metrics on this port (it answers once the models are loaded)")
     worker.set_defaults(run=_worker)
 

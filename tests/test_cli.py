@@ -187,3 +187,56 @@ def test_export_refuses_a_shard_size_below_one(tiny_gan: Path, tmp_path: Path, c
 def test_export_refuses_a_negative_seed(tiny_gan: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", "--model", str(tiny_gan), "--n", "2", "--seed", "-1", "--out", str(tmp_path / "s")]) == 2
     assert "seed must be in 0.." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["protocol", "--data", "digits", "--test-data", "digits", "--per-class", "-3"],
+        ["evaluate", "--data", "digits", "--per-class", "0"],
+        ["tune", "--data", "digits", "--per-class", "0"],
+    ],
+)
+def test_per_class_below_one_is_refused_up_front(tiny_gan: Path, capsys, args: list[str]) -> None:
+    card = (tiny_gan / "card.json").read_bytes()
+    assert main([*args, "--model", str(tiny_gan)]) == 2
+    assert "--per-class must be at least 1" in capsys.readouterr().err
+    assert (tiny_gan / "card.json").read_bytes() == card
+
+
+@pytest.mark.parametrize(("command", "seeds"), [("protocol", "a,b"), ("protocol", ""), ("tune", "1,x")])
+def test_seeds_that_are_not_numbers_exit_cleanly(tiny_gan: Path, capsys, command: str, seeds: str) -> None:
+    extra = ["--test-data", "digits"] if command == "protocol" else []
+    assert main([command, "--model", str(tiny_gan), "--data", "digits", *extra, "--seeds", seeds]) == 2
+    assert f"--seeds takes comma-separated numbers, not {seeds!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [(["serve", "--port", "99999"], "argument --port: 99999 is not a port"),
+                                               (["serve", "--port", "-1"], "argument --port: -1 is not a port"),
+                                               (["serve", "--port", "0"], "argument --port: 0 is not a port"),
+                                               (["serve", "--port", "http"], "'http' is not a port number"),
+                                               (["worker", "--metrics-port", "99999"], "argument --metrics-port")])
+def test_ports_outside_1_to_65535_are_refused(capsys, args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["garbage", "mysql://user:secret@host/db", "postgres://user:secret@host/db"])
+def test_database_urls_of_other_kinds_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                  url: str) -> None:
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SYNTHGEN_DATABASE_URL", url)
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "SYNTHGEN_DATABASE_URL must be sqlite:///PATH or postgresql://" in err and "secret" not in err
+
+
+def test_unreachable_database_exits_cleanly_without_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys) -> None:
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SYNTHGEN_DATABASE_URL", "postgresql://user:secret@127.0.0.1:1/db")
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "synthgen db: error: cannot use the jobs database postgresql+psycopg://user:***@127.0.0.1:1/db" in err
+    assert "secret" not in err
