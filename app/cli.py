@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from app import __version__
 from app.core.allocator import tune_allocator
@@ -15,6 +16,8 @@ from app.errors import InvalidInputError, SynthgenError
 
 if TYPE_CHECKING:
     from app.settings import Settings
+
+Number = TypeVar("Number", int, float)
 
 
 def _exit_with_parent() -> None:
@@ -32,6 +35,17 @@ def _exit_with_parent() -> None:
         os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port to listen on, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65_535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def _process_options(parser: argparse.ArgumentParser) -> None:
@@ -66,14 +80,27 @@ def _apply_process_options(args: argparse.Namespace) -> None:
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction)
 
 
+def _hyperparameters(text: str | None) -> dict[str, object]:
+    """--hparams: a JSON object."""
+    if not text:
+        return {}
+    try:
+        hyperparameters = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"--hparams is not valid JSON ({exc}); e.g. '{{\"latent_dim\": 32}}'") from exc
+    if not isinstance(hyperparameters, dict):
+        raise InvalidInputError(f"--hparams must be a JSON object of hyper-parameters, not {text}")
+    return hyperparameters
+
+
 def _train(args: argparse.Namespace) -> None:
     from app.ml.training import TrainOptions, train
 
+    hyperparameters = _hyperparameters(args.hparams)
     _apply_process_options(args)
-    hyperparameters = json.loads(args.hparams) if args.hparams else {}
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
-                                 lr=args.lr if args.lr else (2e-4 if args.arch == "gan" else 1e-3),
+                                 lr=args.lr if args.lr is not None else (2e-4 if args.arch == "gan" else 1e-3),
                                  val_fraction=args.val_fraction, hyperparameters=hyperparameters,
                                  class_names=args.class_names.split(",") if args.class_names else None,
                                  progress=not args.quiet,
@@ -85,9 +112,10 @@ def _generate(args: argparse.Namespace) -> None:
     from app.core.device import resolve_device
     from app.core.model import load_model
     from app.core.sampling import sample
-    from app.engine.archives import write_output
+    from app.engine.archives import check_output, write_output
     from app.engine.plans import build_manifest, plan_samples
 
+    check_output(Path(args.out))
     model = load_model(args.model, resolve_device(args.device))
     plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
                         truncation=args.truncation, max_samples=sys.maxsize, scope="the command line")
@@ -99,13 +127,16 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from app.core.model import load_model
+    from app.engine.archives import check_output_dir
     from app.engine.plans import plan_samples
     from app.engine.shards import shards_of, write_manifest, write_shard
 
+    out = Path(args.out)
+    check_output_dir(out)
     model = load_model(args.model, "cpu")
     plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
                         max_samples=sys.maxsize, scope="the command line")
-    out = Path(args.out)
+    shards = shards_of(plan, args.shard_size)  # checks the shard size before anything is written
     if args.ray:
         from app.engine.ray_export import export_on_ray
 
@@ -113,15 +144,30 @@ def _export(args: argparse.Namespace) -> None:
                                 args.gpus_per_actor, args.cpus_per_actor)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        written = [write_shard(model, plan, shard, args.shard_size, out) for shard in shards_of(plan, args.shard_size)]
+        written = [write_shard(model, plan, shard, args.shard_size, out) for shard in shards]
         summary = {"shards": len(written), "samples": len(plan), "manifest": str(write_manifest(model, plan, written,
                                                                                                  out))}
     print(json.dumps(summary, sort_keys=True))
 
 
+def _numbers(option: str, text: str, kind: Callable[[str], Number]) -> tuple[Number, ...]:
+    """A comma-separated list of numbers (`--scales`, `--seeds`), at least one."""
+    try:
+        numbers = tuple(kind(item) for item in text.split(","))
+    except ValueError as exc:
+        raise InvalidInputError(f"{option} takes comma-separated numbers, not {text!r}: {exc}") from exc
+    return numbers
+
+
+def _check_per_class(per_class: int) -> None:
+    if per_class < 1:
+        raise InvalidInputError(f"--per-class must be at least 1, not {per_class}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from app.ml.evaluation import evaluate
 
+    _check_per_class(args.per_class)
     _apply_process_options(args)
     card = evaluate(Path(args.model), args.data, test_spec=args.test_data, per_class=args.per_class, seed=args.seed,
                     device=args.device, progress=not args.quiet)
@@ -131,15 +177,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from app.ml.protocol import tune_latent_scale
 
-    try:
-        scales = tuple(float(scale) for scale in args.scales.split(","))
-        seeds = tuple(int(seed) for seed in args.seeds.split(","))
-    except ValueError as exc:
-        raise InvalidInputError(f"--scales and --seeds take comma-separated numbers: {exc}") from exc
+    scales, seeds = _numbers("--scales", args.scales, float), _numbers("--seeds", args.seeds, int)
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
-    if args.per_class < 1:
-        raise InvalidInputError(f"--per-class must be at least 1, not {args.per_class}")
+    _check_per_class(args.per_class)
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds)
     for scale, figure in sampling["validation_tstr"].items():
         print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}")
@@ -149,7 +190,8 @@ def _tune(args: argparse.Namespace) -> None:
 def _protocol(args: argparse.Namespace) -> None:
     from app.ml.protocol import run_protocol
 
-    seeds = tuple(int(seed) for seed in args.seeds.split(","))
+    seeds = _numbers("--seeds", args.seeds, int)
+    _check_per_class(args.per_class)
     report = run_protocol(Path(args.model), args.data, args.test_data, args.per_class, seeds)
     for arm, figure in report.items():
         if "mean" in figure:
@@ -166,7 +208,9 @@ def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     try:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid settings: {exc}") from exc
+        # without the values pydantic would quote: a refused database URL may hold a password
+        errors = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        raise InvalidInputError(f"invalid settings: {errors}") from exc
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -187,11 +231,19 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _db(args: argparse.Namespace) -> None:
+    import sqlalchemy as sa
+
     from app.engine.schema import create_engine, database_url, upgrade
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(create_engine(database_url(settings.database_url, settings.data_dir)))
+    engine = create_engine(database_url(settings.database_url, settings.data_dir))
+    try:
+        upgrade(engine)
+    except sa.exc.OperationalError as exc:  # unreachable, refused, wrong password, no such database
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise SynthgenError(f"cannot use the jobs database {engine.url.render_as_string(hide_password=True)}: "
+                            f"{reason}") from exc
     print("the jobs database schema is up to date")
 
 
@@ -274,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     serve.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
     serve.add_argument("--no-jobs", action="store_true", help="leave jobs to `synthgen worker` processes "
@@ -284,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run dataset jobs from the shared jobs database, nothing else")
     worker.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     worker.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
-    worker.add_argument("--metrics-port", type=int, default=None,
+    worker.add_argument("--metrics-port", type=_port, default=None,
                         help="serve Prometheus metrics on this port (it answers once the models are loaded)")
     worker.set_defaults(run=_worker)
 
@@ -319,4 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     except SynthgenError as exc:
         print(f"synthgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # what the checks up front cannot foresee: a full disk, a file system that refuses writes
+        print(f"synthgen {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0

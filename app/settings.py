@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DATABASE_URL = re.compile(r"^(sqlite|postgresql)(\+\w+)?://")
 
 
 class Settings(BaseSettings):
@@ -131,6 +132,14 @@ class Settings(BaseSettings):
     def _device(cls, value: str) -> str:
         if not _DEVICE.fullmatch(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and not _DATABASE_URL.match(value):  # the value may hold a password: show its scheme
+            raise ValueError("SYNTHGEN_DATABASE_URL must be sqlite:///PATH or postgresql://user:password@host/db "
+                             f"(a +driver may follow the scheme), not a URL starting {value.split(':', 1)[0]!r}")
         return value
 
     @field_validator("api_keys", "admin_api_keys", "cors_origins", "forwarded_allow_ips", "webhook_allow_hosts",

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from app.cli import main
 from app.ml.datasets import load_dataset
+from tests.conftest import TINY_GAN
 
 
 def _generate(model: Path, out: Path, *args: str) -> int:
@@ -61,6 +63,10 @@ def test_zip_and_directory_layout(tiny_gan: Path, tmp_path: Path) -> None:
         (["--n", "3", "--per-class", "2"], "exactly one of"),
         (["--n", "0"], "at least 1"),
         (["--per-class", "2", "--label", "1"], "label goes with n"),
+        (["--n", "3", "--truncation", "nan"], "truncation must be in (0, 4], not nan"),
+        (["--n", "3", "--truncation", "-1"], "truncation must be in (0, 4]"),
+        (["--n", "3", "--seed", "-1"], "seed must be in 0..9007199254740991, not -1"),
+        (["--n", "3", "--seed", "99999999999999999999"], "seed must be in 0..9007199254740991"),
     ],
 )
 def test_bad_arguments_exit_cleanly(tiny_gan: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
@@ -79,3 +85,158 @@ def test_dataset_command_is_the_clients(server: tuple[str, int], tmp_path: Path)
     assert main(["dataset", "--server", url, "--model", "digits-gan", "--per-class", "2", "--seed", "1",
                  "--out", str(tmp_path / "d.zip")]) == 0
     assert load_dataset(str(tmp_path / "d.zip")).labels.tolist() == [i // 2 for i in range(20)]
+
+
+def _train(out: Path, *args: str) -> int:
+    return main(["train", "--arch", "gan", "--data", "digits", "--out", str(out), "--epochs", "1", "--device", "cpu",
+                 "--quiet", *args])
+
+
+@pytest.fixture(scope="module")
+def cli_gan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of a tiny GAN trained by the command line with class_weight 0.5, to resume."""
+    out = tmp_path_factory.mktemp("cli") / "gan"
+    assert _train(out, "--hparams", json.dumps({**TINY_GAN, "class_weight": 0.5})) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hparams", "{bad"], "--hparams is not valid JSON"),
+        (["--hparams", "[1, 2]"], "--hparams must be a JSON object"),
+        (["--hparams", '{"latent_dim": -3}'], "latent_dim = -3 is out of range"),
+        (["--hparams", '{"g_channels": 0}'], "leave a layer empty"),
+        (["--hparams", '{"g_channels": 4000}'], "parameters, over the"),
+        (["--lr", "0"], "--lr must be greater than 0"),
+        (["--lr", "nan"], "--lr must be greater than 0"),
+        (["--class-names", "a,a,b,c,d,e,f,g,h,i"], "class name 'a' (label 1)"),
+        (["--class-names", "../evil,a,b,c,d,e,f,g,h,i"], "class name '../evil' (label 0)"),
+    ],
+)
+def test_bad_training_arguments_exit_cleanly(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    assert _train(tmp_path / "m", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_resume_keeps_the_runs_hyperparameters(cli_gan: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gan"
+    shutil.copytree(cli_gan, out)
+    assert _train(out, "--hparams", '{"class_weight": 1.0}', "--resume", "--epochs", "2") == 2
+    assert "--hparams differs: class_weight=1.0 (the run has 0.5)" in capsys.readouterr().err
+    assert _train(out, "--resume", "--epochs", "2") == 0
+    assert json.loads((out / "config.json").read_text())["hyperparameters"]["class_weight"] == 0.5
+    assert json.loads((out / "card.json").read_text())["training"]["epochs_done"] == 2
+
+
+def test_resume_on_other_data_or_a_changed_config_exits_cleanly(cli_gan: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gan"
+    shutil.copytree(cli_gan, out)
+    small = tmp_path / "small.npz"
+    np.savez(small, images=np.zeros((40, 4, 4), np.uint8), labels=np.arange(40) % 10)
+    assert main(["train", "--arch", "gan", "--data", str(small), "--out", str(out), "--epochs", "2", "--device",
+                 "cpu", "--quiet", "--resume"]) == 2
+    assert "was trained on data with height 8 (this data: 4), width 8 (this data: 4)" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    config["hyperparameters"]["latent_dim"] = 8  # no longer the shapes the training state holds
+    (out / "config.json").write_text(json.dumps(config))
+    assert _train(out, "--resume", "--epochs", "2") == 2
+    assert "does not match the networks being resumed" in capsys.readouterr().err
+
+
+def test_out_of_the_wrong_kind_exits_cleanly_before_sampling(tiny_gan: Path, tmp_path: Path, capsys,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_sampling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sampled before --out was checked")
+
+    monkeypatch.setattr("app.core.sampling.sample", no_sampling)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.zip").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("x")
+    for out, message in [("foo.txt", "use a .npz, .zip"), ("file", "file: is a file"),
+                         ("dir.zip", "dir.zip: is a directory"), ("file/sub.npz", "is a file, not a directory"),
+                         ("full", "the directory is not empty")]:
+        assert _generate(tiny_gan, tmp_path / out, "--n", "2") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"synthgen generate: error: --out {tmp_path / out}") and message in err
+
+
+def test_out_that_cannot_be_written_exits_cleanly(tiny_gan: Path, capsys) -> None:
+    assert _generate(tiny_gan, Path("/proc/synthgen-test.npz"), "--n", "2") == 2
+    assert "synthgen generate: error: --out /proc/synthgen-test.npz" in capsys.readouterr().err
+
+
+def test_train_and_export_refuse_a_file_as_out(tiny_gan: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    assert _train(tmp_path / "file") == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["export", "--model", str(tiny_gan), "--n", "2", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_export_refuses_a_shard_size_below_one(tiny_gan: Path, tmp_path: Path, capsys, size: str) -> None:
+    assert main(["export", "--model", str(tiny_gan), "--n", "2", "--shard-size", size, "--out",
+                 str(tmp_path / "shards")]) == 2
+    assert f"the shard size must be at least 1 sample, not {size}" in capsys.readouterr().err
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_export_refuses_a_negative_seed(tiny_gan: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", "--model", str(tiny_gan), "--n", "2", "--seed", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert "seed must be in 0.." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["protocol", "--data", "digits", "--test-data", "digits", "--per-class", "-3"],
+        ["evaluate", "--data", "digits", "--per-class", "0"],
+        ["tune", "--data", "digits", "--per-class", "0"],
+    ],
+)
+def test_per_class_below_one_is_refused_up_front(tiny_gan: Path, capsys, args: list[str]) -> None:
+    card = (tiny_gan / "card.json").read_bytes()
+    assert main([*args, "--model", str(tiny_gan)]) == 2
+    assert "--per-class must be at least 1" in capsys.readouterr().err
+    assert (tiny_gan / "card.json").read_bytes() == card
+
+
+@pytest.mark.parametrize(("command", "seeds"), [("protocol", "a,b"), ("protocol", ""), ("tune", "1,x")])
+def test_seeds_that_are_not_numbers_exit_cleanly(tiny_gan: Path, capsys, command: str, seeds: str) -> None:
+    extra = ["--test-data", "digits"] if command == "protocol" else []
+    assert main([command, "--model", str(tiny_gan), "--data", "digits", *extra, "--seeds", seeds]) == 2
+    assert f"--seeds takes comma-separated numbers, not {seeds!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [(["serve", "--port", "99999"], "argument --port: 99999 is not a port"),
+                                               (["serve", "--port", "-1"], "argument --port: -1 is not a port"),
+                                               (["serve", "--port", "0"], "argument --port: 0 is not a port"),
+                                               (["serve", "--port", "http"], "'http' is not a port number"),
+                                               (["worker", "--metrics-port", "99999"], "argument --metrics-port")])
+def test_ports_outside_1_to_65535_are_refused(capsys, args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["garbage", "mysql://user:secret@host/db", "postgres://user:secret@host/db"])
+def test_database_urls_of_other_kinds_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                  url: str) -> None:
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SYNTHGEN_DATABASE_URL", url)
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "SYNTHGEN_DATABASE_URL must be sqlite:///PATH or postgresql://" in err and "secret" not in err
+
+
+def test_unreachable_database_exits_cleanly_without_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys) -> None:
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SYNTHGEN_DATABASE_URL", "postgresql://user:secret@127.0.0.1:1/db")
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "synthgen db: error: cannot use the jobs database postgresql+psycopg://user:***@127.0.0.1:1/db" in err
+    assert "secret" not in err

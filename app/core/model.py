@@ -17,6 +17,18 @@ NEIGHBOURS_FILE = "neighbours.png"  # evaluation's nearest-training-neighbour gr
 # Class names become folder and file names in exports: letters, digits and ' _.+()-', at most 100 characters,
 # starting with a letter or digit and not ending with a space or dot (so never '..', '/' or a drive letter).
 CLASS_NAME = re.compile(r"^\w(?:[\w .+()-]{0,98}[\w+()-])?$")
+CLASS_NAME_RULE = "distinct names of 1-100 letters, digits, spaces and '_.+()-' (they name folders in exports)"
+
+
+def bad_class_name(names: list[Any]) -> int | None:
+    """The index of the first of `names` that `CLASS_NAME` refuses or that repeats an earlier one; None when all are
+    fine."""
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not CLASS_NAME.fullmatch(name) or name in seen:
+            return index
+        seen.add(name)
+    return None
 
 
 @dataclass
@@ -65,9 +77,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
     names = config.get("class_names")
     if not isinstance(names, list) or len(names) != net.cfg.num_classes:
         raise CheckpointError(f"{folder / 'config.json'}: class_names must list {net.cfg.num_classes} names")
-    bad = [name for name in names if not isinstance(name, str) or not CLASS_NAME.fullmatch(name)]
-    if bad or len(set(names)) != len(names):
-        raise CheckpointError(f"{folder / 'config.json'}: class_names must be distinct names of 1-100 letters, digits, "
-                              f"spaces and '_.+()-' (they name folders in exports); not {(bad or names)[0]!r}")
+    bad = bad_class_name(names)
+    if bad is not None:
+        raise CheckpointError(f"{folder / 'config.json'}: class_names must be {CLASS_NAME_RULE}; not {names[bad]!r}")
     card = read_json(folder / "card.json") if (folder / "card.json").is_file() else {}
     return SyntheticModel(name or folder.name, folder, config, net.to(device), card, config_hash(folder))

@@ -3,14 +3,25 @@ small dataset neither collapses nor is memorised and a large one is not trained 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from app.core.checkpoint import checked_hyperparameters
+from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
+from app.errors import CheckpointError, InvalidInputError
 
 GAN_STEPS = 3000  # optimizer steps a GAN gets, whatever the data size (fewer images: more epochs)
 VAE_STEPS = 2000
 SMALL = 2000  # fewer training images than this: small-data settings
 MIN_EPOCHS, MAX_EPOCHS = 10, 400
+MAX_MODEL_PARAMETERS = 5_000_000  # float32 weights of at most 20 MB, the size of a model folder
+NOT_TRAINING_FIELDS = {"height", "width", "channels", "num_classes", "latent_scale"}  # set by the data, or tuned after
 
 
 @dataclass(frozen=True)
@@ -57,3 +68,32 @@ def validation_warnings(n_val: int, classes: int) -> list[str]:
     return [f"the validation split holds {n_val} images ({per_class:.0f} per class): too few to judge the model "
             "closely (figures on it move by several points between runs); more images, or a larger validation "
             "fraction, give firmer figures"]
+
+
+def check_hyperparameters(arch: str, values: dict[str, Any], height: int, width: int, channels: int,
+                          classes: int) -> None:
+    """Refuse hyper-parameters of `arch` (gan or vae) that are unknown, out of range, of the wrong type, leave a
+    layer empty or make a model over `MAX_MODEL_PARAMETERS`, before anything is allocated (API trainings and
+    `synthgen train` alike)."""
+    config_class = GanConfig if arch == "gan" else VaeConfig
+    allowed = {f.name for f in dataclasses.fields(config_class)} - NOT_TRAINING_FIELDS
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown {arch} hyper-parameter(s) {unknown}; allowed: {sorted(allowed)}")
+    for name, value in values.items():
+        if isinstance(value, int | float) and not 0 <= value <= 100_000:
+            raise InvalidInputError(f"hyper-parameter {name} = {value} is out of range (0 to 100000)")
+    try:
+        checked_hyperparameters(config_class, values, Path("hyperparameters"))
+        config = config_class(height=height, width=width, channels=channels, num_classes=classes, **values)
+        with torch.device("meta"), warnings.catch_warnings():  # counts the parameters without allocating them
+            warnings.simplefilter("ignore")  # zero-element tensors: refused below
+            net = (ConditionalGAN if arch == "gan" else ConditionalVAE)(config)
+    except (CheckpointError, TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(f"bad {arch} hyper-parameters: {exc}") from exc
+    if any(p.numel() == 0 for p in net.parameters()):
+        raise InvalidInputError(f"these {arch} hyper-parameters leave a layer empty; sizes must be at least 1")
+    parameters = sum(p.numel() for p in net.parameters())
+    if parameters > MAX_MODEL_PARAMETERS:
+        raise InvalidInputError(f"these {arch} hyper-parameters make {parameters:,} parameters, over the "
+                                f"{MAX_MODEL_PARAMETERS:,} a model may have; use fewer channels or a smaller latent")

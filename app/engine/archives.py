@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import struct
 import tarfile
 import zipfile
@@ -209,10 +210,51 @@ class WebDatasetShards:
         return pieces
 
 
+OUTPUT_SUFFIXES = (".npz", ".zip", ".tar", ".parquet", ".png")
+
+
+def check_output_dir(path: Path, out: Path | None = None) -> None:
+    """`path` is, or can be made, a writable directory: the nearest part of it that exists is one. Errors name
+    `--out out` (default: `path`)."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise InvalidInputError(f"--out {out or path}: {part} is a file, not a directory; choose another path")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise InvalidInputError(f"--out {out or path}: {part} is not writable; choose another path")
+            return
+
+
+def check_output(path: Path) -> None:
+    """Refuse an `--out` that `write_output` could not write, before any sample is generated."""
+    if path.suffix not in ("", *OUTPUT_SUFFIXES):
+        raise InvalidInputError(f"--out {path}: use a .npz, .zip, .tar, .parquet or .png file, or a directory "
+                                "without a suffix")
+    if not path.suffix:
+        if path.exists() and not path.is_dir():
+            raise InvalidInputError(f"--out {path}: is a file; a path without a suffix names a directory to create")
+        if path.is_dir() and any(path.iterdir()):
+            raise InvalidInputError(f"--out {path}: the directory is not empty; choose a new one")
+        check_output_dir(path)
+        return
+    if path.is_dir():
+        raise InvalidInputError(f"--out {path}: is a directory; name a {path.suffix} file")
+    check_output_dir(path.parent, path)
+
+
 def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
                  manifest: dict[str, Any]) -> None:
     """Write samples to `path`: `.npz`, `.zip` (ImageFolder), `.tar` (one WebDataset shard), `.parquet`, a `.png`
     grid (a row per class when balanced), or an ImageFolder directory."""
+    check_output(path)
+    try:
+        _write_output(path, images, labels, class_names, seed, manifest)
+    except OSError as exc:  # what `check_output` cannot foresee: a full disk, a file system that refuses new files
+        raise InvalidInputError(f"--out {path}: cannot write it: {exc.strerror or exc}") from exc
+
+
+def _write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], seed: int,
+                  manifest: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".png":
         counts = np.bincount(labels)
@@ -231,16 +273,11 @@ def write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_names
         table = ParquetExport(class_names, seed)
         path.write_bytes(table.add(images, labels, range(len(images))) + table.finish(manifest))
         return
-    if path.suffix not in ("", ".zip"):
-        raise InvalidInputError(f"--out {path}: use a .npz, .zip, .tar, .parquet or .png file, or a directory "
-                                "without a suffix")
     archive = ImageFolderZip(class_names, seed)
     data = archive.add(images, labels, range(len(images))) + archive.finish(manifest)
     if path.suffix == ".zip":
         path.write_bytes(data)
         return
-    if path.exists() and any(path.iterdir()):
-        raise InvalidInputError(f"--out {path}: the directory is not empty; choose a new one")
     with zipfile.ZipFile(io.BytesIO(data)) as written:
         for name in written.namelist():
             target = path / name

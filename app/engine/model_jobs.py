@@ -11,28 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import sys
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from app.core.checkpoint import checked_hyperparameters, read_json, write_json
+from app.core.checkpoint import read_json, write_json
 from app.core.imagefolder import DecodedFolder
-from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
-from app.core.recipes import choose_recipe, validation_warnings
+from app.core.recipes import check_hyperparameters, choose_recipe, validation_warnings
 from app.engine.jobstore import TRAININGS_DIR, Job
 from app.engine.repository import trained_models_dir
-from app.errors import CheckpointError, ConflictError, DataError, InvalidInputError, NotFoundError
+from app.errors import ConflictError, DataError, InvalidInputError, NotFoundError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.trainings")
@@ -85,9 +81,7 @@ def load_dataset_file(path: Path) -> DecodedFolder:
         return DecodedFolder(archive["images"], archive["labels"], [str(n) for n in archive["class_names"]])
 
 
-MAX_MODEL_PARAMETERS = 5_000_000  # float32 weights of at most 20 MB, the size of a model folder
 ARCHS = ("gan", "vae")
-NOT_TRAINING_FIELDS = {"height", "width", "channels", "num_classes", "latent_scale"}  # set by the data, or tuned after
 
 
 def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -110,7 +104,7 @@ def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -
         if not isinstance(given, dict):
             raise InvalidInputError(f"hyperparameters.{name}: a JSON object of {name} hyper-parameters")
         settings["hyperparameters"].update(given)
-        _check_hyperparameters(name, settings["hyperparameters"], height, width, channels, len(folder.class_names))
+        check_hyperparameters(name, settings["hyperparameters"], height, width, channels, len(folder.class_names))
         n_val = round(n * settings["val_fraction"])
         if not 0 < n_val < n:
             raise InvalidInputError(f"a validation fraction of {settings['val_fraction']} leaves no training or no "
@@ -122,32 +116,6 @@ def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -
     any_recipe = next(iter(recipes.values()))
     warnings = validation_warnings(round(n * any_recipe["val_fraction"]), len(folder.class_names))
     return recipes, warnings + folder.conversions
-
-
-def _check_hyperparameters(arch: str, values: dict[str, Any], height: int, width: int, channels: int,
-                           classes: int) -> None:
-    config_class = GanConfig if arch == "gan" else VaeConfig
-    allowed = {f.name for f in dataclasses.fields(config_class)} - NOT_TRAINING_FIELDS
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise InvalidInputError(f"unknown {arch} hyper-parameter(s) {unknown}; allowed: {sorted(allowed)}")
-    for name, value in values.items():
-        if isinstance(value, int | float) and not 0 <= value <= 100_000:
-            raise InvalidInputError(f"hyper-parameter {name} = {value} is out of range (0 to 100000)")
-    try:
-        checked_hyperparameters(config_class, values, Path("hyperparameters"))
-        config = config_class(height=height, width=width, channels=channels, num_classes=classes, **values)
-        with torch.device("meta"), warnings.catch_warnings():  # counts the parameters without allocating them
-            warnings.simplefilter("ignore")  # zero-element tensors: refused below
-            net = (ConditionalGAN if arch == "gan" else ConditionalVAE)(config)
-    except (CheckpointError, TypeError, ValueError, RuntimeError) as exc:
-        raise InvalidInputError(f"bad {arch} hyper-parameters: {exc}") from exc
-    if any(p.numel() == 0 for p in net.parameters()):
-        raise InvalidInputError(f"these {arch} hyper-parameters leave a layer empty; sizes must be at least 1")
-    parameters = sum(p.numel() for p in net.parameters())
-    if parameters > MAX_MODEL_PARAMETERS:
-        raise InvalidInputError(f"these {arch} hyper-parameters make {parameters:,} parameters, over the "
-                                f"{MAX_MODEL_PARAMETERS:,} a model may have; use fewer channels or a smaller latent")
 
 
 def check_model_name(settings: Settings, models_dir: Path, name: str, owner: str) -> None:

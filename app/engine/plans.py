@@ -75,6 +75,10 @@ def plan_samples(model: SyntheticModel, max_samples: int, scope: str, *, per_cla
     random one."""
     if (per_class is None) == (n is None):
         raise InvalidInputError("give exactly one of per_class (a count, or counts by class name) or n")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"seed must be in 0..{MAX_SEED}, not {seed}")
+    if not 0 < truncation <= 4:  # NaN too
+        raise InvalidInputError(f"truncation must be in (0, 4], not {truncation}")
     if per_class is not None:
         if label is not None:
             raise InvalidInputError("label goes with n; with per_class, name the counts by class instead")

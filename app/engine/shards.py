@@ -18,6 +18,7 @@ from app.core.sampling import sample
 from app.engine.archives import WebDatasetShards
 from app.engine.exports import export_name
 from app.engine.plans import SamplePlan, build_manifest
+from app.errors import InvalidInputError
 
 BATCH = 256
 
@@ -32,6 +33,8 @@ class Shard:
 
 
 def shards_of(plan: SamplePlan, shard_size: int) -> list[Shard]:
+    if shard_size < 1:
+        raise InvalidInputError(f"the shard size must be at least 1 sample, not {shard_size}")
     return [Shard(k, k * shard_size, min((k + 1) * shard_size, len(plan)))
             for k in range(math.ceil(len(plan) / shard_size))]
 

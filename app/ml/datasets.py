@@ -41,9 +41,12 @@ class ImageDataset:
             raise DataError(f"{len(self.labels)} labels for {len(self.images)} images: the counts must match")
         if len(self.images) == 0:
             raise DataError("the dataset is empty")
-        if self.labels.min() < 0 or self.labels.max() >= max(len(self.class_names), 1):
-            raise DataError(f"labels must lie in 0..{len(self.class_names) - 1}, "
-                            f"got {self.labels.min()}..{self.labels.max()}")
+        if self.images.shape[-1] not in (1, 3):  # what the networks and PNG encoding take: grey or RGB
+            raise DataError(f"images must have 1 (grey) or 3 (RGB) channels, not {self.images.shape[-1]}")
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= max(len(self.class_names), 1):
+            raise DataError(f"labels must lie in 0..{max(len(self.class_names), 1) - 1} (one per class name), "
+                            f"got {low}..{high}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -92,6 +95,10 @@ def load_dataset(spec: str) -> ImageDataset:
     """Load the dataset a SPEC names (see the module docstring)."""
     match = _SLICES.match(spec)
     if not match:
+        head, hash_sign, tail = spec.rpartition("#")
+        if hash_sign and not Path(spec).exists() and (head == "digits" or Path(head).exists()):
+            raise DataError(f"{spec!r}: the slice #{tail} is not START:STOP (integers, either may be left out; several "
+                            "separated by commas, e.g. #0:1000,2000:)")
         return _load_whole(spec)
     dataset = _load_whole(match["path"])
     rows = np.arange(len(dataset))

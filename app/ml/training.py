@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -23,11 +24,13 @@ from tqdm import tqdm
 from app.core.checkpoint import read_json, utc_now, write_json
 from app.core.device import resolve_device
 from app.core.images import PIXEL_NORMALISATION, image_grid, to_uint8
+from app.core.model import CLASS_NAME_RULE, bad_class_name
 from app.core.nets import ConditionalGAN, ConditionalVAE, GanConfig, VaeConfig
 from app.core.nets.gan import Discriminator
 from app.core.nets.vae import Encoder, MixturePrior
-from app.core.recipes import validation_warnings
+from app.core.recipes import NOT_TRAINING_FIELDS, check_hyperparameters, validation_warnings
 from app.core.sampling import draw_latents, per_class_labels
+from app.engine.archives import check_output_dir
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
 from app.ml.datasets import ImageDataset, load_dataset
@@ -36,6 +39,7 @@ from app.ml.plots import labelled_grid, loss_plot
 STATE_FILE = "training_state.safetensors"  # everything --resume needs, in one file replaced atomically
 PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 1.0
+NETS = {"gan": ConditionalGAN, "vae": ConditionalVAE}
 
 
 @dataclass
@@ -339,16 +343,17 @@ def fit_prior(encoder: nn.Module, prior: MixturePrior, x: torch.Tensor, y: torch
 def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device: torch.device) -> Trainer:
     height, width, channels = dataset.shape
     common = {"height": height, "width": width, "channels": channels, "num_classes": len(dataset.class_names)}
+    if arch not in NETS:
+        raise InvalidInputError(f"unknown architecture {arch!r}; use gan or vae")
     if "latent_scale" in options.hyperparameters:  # training draws from N(0, I); the spread is tuned afterwards
         raise InvalidInputError("latent_scale is not a training option: train at 1, then choose it with synthgen tune")
+    check_hyperparameters(arch, options.hyperparameters, height, width, channels, len(dataset.class_names))
     try:
         if arch == "gan":
             return GanTrainer(GanConfig(**common, **options.hyperparameters), device, options.lr)
-        if arch == "vae":
-            return VaeTrainer(VaeConfig(**common, **options.hyperparameters), device, options.lr)
+        return VaeTrainer(VaeConfig(**common, **options.hyperparameters), device, options.lr)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"bad hyper-parameter for {arch}: {exc}") from exc
-    raise InvalidInputError(f"unknown architecture {arch!r}; use gan or vae")
 
 
 def _save(trainer: Trainer, out: Path, metadata: dict[str, Any], epoch: int, history: dict[str, list[float]],
@@ -372,10 +377,33 @@ def _save(trainer: Trainer, out: Path, metadata: dict[str, Any], epoch: int, his
                                "final_losses": last})
 
 
-def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int, dict[str, list[float]], float]:
-    held, wanted = read_json(out / "config.json").get("class_name"), type(trainer.net).__name__
+def _resumed_hyperparameters(options: TrainOptions, dataset: ImageDataset) -> dict[str, Any]:
+    """The hyper-parameters the run in `options.out` was started with (a resumed run must build the same networks):
+    the data must have the shape and classes it had, and hyper-parameters given again must agree."""
+    path = Path(options.out) / "config.json"
+    config = read_json(path)
+    held, wanted = config.get("class_name"), NETS[options.arch].__name__ if options.arch in NETS else options.arch
     if held != wanted:
-        raise CheckpointError(f"{out} holds a {held}, not a {wanted}; resume with the --arch it was trained with")
+        raise CheckpointError(f"{options.out} holds a {held}, not a {wanted}; resume with the --arch it was trained "
+                              "with")
+    saved = config.get("hyperparameters")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: no hyperparameters to resume with")
+    height, width, channels = dataset.shape
+    data = {"height": height, "width": width, "channels": channels, "num_classes": len(dataset.class_names)}
+    changed = [f"{key} {saved.get(key)} (this data: {value})" for key, value in data.items() if saved.get(key) != value]
+    if changed:
+        raise CheckpointError(f"{options.out} was trained on data with {', '.join(changed)}; resume with its --data")
+    kept = {key: value for key, value in saved.items() if key not in NOT_TRAINING_FIELDS}
+    clash = [f"{key}={value!r} (the run has {kept[key]!r})" if key in kept else f"{key}={value!r}"
+             for key, value in options.hyperparameters.items() if key not in kept or kept[key] != value]
+    if clash:
+        raise InvalidInputError(f"--resume continues {options.out} with the hyper-parameters it was started with; "
+                                f"--hparams differs: {', '.join(clash)}; leave --hparams out or start a new --out")
+    return kept
+
+
+def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int, dict[str, list[float]], float]:
     try:
         with safe_open(str(out / STATE_FILE), framework="pt") as handle:
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
@@ -384,13 +412,16 @@ def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int
             meta["history"])
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{out / STATE_FILE}: cannot resume from it ({exc})") from exc
-    trainer.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")}, strict=True)
-    for role, module in trainer.private().items():
-        module.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(role + ".")})
-    for prefix, optimizer in trainer.optimizers.items():
-        _load_optimizer(prefix, optimizer, state)
-    torch.set_rng_state(state["rng.torch"])
-    shuffle.set_state(state["rng.shuffle"])
+    try:
+        trainer.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")}, strict=True)
+        for role, module in trainer.private().items():
+            module.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(role + ".")})
+        for prefix, optimizer in trainer.optimizers.items():
+            _load_optimizer(prefix, optimizer, state)
+        torch.set_rng_state(state["rng.torch"])
+        shuffle.set_state(state["rng.shuffle"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{out / STATE_FILE}: does not match the networks being resumed: {exc}") from exc
     return epochs_done, history, elapsed
 
 
@@ -426,7 +457,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     """Train a model into `options.out`; returns the training summary written to its card."""
     if options.epochs < 1 or options.batch_size < 2:
         raise InvalidInputError("--epochs must be ≥ 1 and --batch-size ≥ 2")
+    if not options.lr > 0:
+        raise InvalidInputError(f"--lr must be greater than 0, not {options.lr}")
     out = Path(options.out)
+    check_output_dir(out)
     if (out / "config.json").exists() and not options.resume:
         raise InvalidInputError(f"{out} already holds a model; pass --resume to continue it or choose another --out")
     if options.resume and not (out / STATE_FILE).exists():
@@ -438,6 +472,12 @@ def train(options: TrainOptions) -> dict[str, Any]:
             raise InvalidInputError(f"--class-names names {len(options.class_names)} classes; the data has "
                                     f"{len(dataset.class_names)}")
         dataset = ImageDataset(dataset.images, dataset.labels, list(options.class_names))
+    bad = bad_class_name(dataset.class_names)
+    if bad is not None:
+        raise InvalidInputError(f"class name {dataset.class_names[bad]!r} (label {bad}): class names must be "
+                                f"{CLASS_NAME_RULE}; rename it (--class-names)")
+    if options.resume:
+        options = dataclasses.replace(options, hyperparameters=_resumed_hyperparameters(options, dataset))
     train_set, val_set = dataset.split(options.val_fraction)
     torch.manual_seed(options.seed)
     trainer = make_trainer(options.arch, dataset, options, device)

@@ -185,3 +185,14 @@ def test_aligned_to_renumbers_by_class_name() -> None:
     assert indices.aligned_to(["bag", "t-shirt", "trouser"]) is indices
     with pytest.raises(DataError, match="not the model's"):
         named.aligned_to(["cat", "dog", "bird"])
+
+
+def test_bad_slices_labels_and_channels_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="the slice #a:b is not START:STOP"):
+        load_dataset("digits#a:b")
+    np.savez(tmp_path / "negative.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.full(4, -1))
+    with pytest.raises(DataError, match=r"labels must lie in 0\.\.0 \(one per class name\), got -1\.\.-1"):
+        load_dataset(str(tmp_path / "negative.npz"))
+    np.savez(tmp_path / "five.npz", images=np.zeros((4, 8, 8, 5), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match="1 \\(grey\\) or 3 \\(RGB\\) channels, not 5"):
+        load_dataset(str(tmp_path / "five.npz"))
