@@ -28,7 +28,7 @@ from app.core.imagefolder import DecodedFolder
 from app.core.recipes import check_hyperparameters, choose_recipe, validation_warnings
 from app.engine.jobstore import TRAININGS_DIR, Job
 from app.engine.repository import trained_models_dir
-from app.errors import ConflictError, DataError, InvalidInputError, NotFoundError
+from app.errors import CheckpointError, ConflictError, DataError, InvalidInputError, NotFoundError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.trainings")
