@@ -7,6 +7,7 @@ import io
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -107,6 +108,76 @@ def test_retries_honour_retry_after_then_give_up(monkeypatch: pytest.MonkeyPatch
     with Client("http://test", transport=busy, max_retries=2) as client, pytest.raises(OverloadedError) as error:
         client.generate("m", n=1)
     assert error.value.detail == "busy" and error.value.request_id == "r3" and len(waits) == 4
+
+
+ARCHIVE = bytes(range(256)) * 40
+
+
+class FakeServer:
+    """Job `j1`, a succeeded zip job whose archive is `archive`, served with Range as synthgen serves it, and
+    /v1/augment; each path in `busy` first answers 503 (Retry-After: 0) that many times."""
+
+    def __init__(self, archive: bytes = ARCHIVE, result_bytes: int | None = None, **busy: int) -> None:
+        self.archive, self.result_bytes, self.requests = archive, result_bytes, []
+        self.busy = {"/v1/jobs/j1/result": busy.get("download", 0), "/v1/augment": busy.get("augment", 0)}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path = request.url.path
+        if self.busy.get(path):
+            self.busy[path] -= 1
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"detail": "busy"})
+        if path == "/v1/jobs/j1":
+            size = len(self.archive) if self.result_bytes is None else self.result_bytes
+            return httpx.Response(200, json={
+                "id": "j1", "state": "succeeded", "format": "zip", "result_url": "/v1/jobs/j1/result",
+                "result_bytes": size, "files": [{"name": "j1.zip", "bytes": size, "url": "/v1/jobs/j1/files/j1.zip"}]})
+        if path == "/v1/augment":
+            return httpx.Response(200, content=b"augmented")
+        start, size = int(request.headers.get("range", "bytes=0-")[6:-1]), len(self.archive)
+        if start >= size:
+            return httpx.Response(416, headers={"Content-Range": f"bytes */{size}"}, json={"detail": "past the end"})
+        if "range" not in request.headers:
+            return httpx.Response(200, content=self.archive)
+        return httpx.Response(206, content=self.archive[start:],
+                              headers={"Content-Range": f"bytes {start}-{size - 1}/{size}"})
+
+
+async def _do(client: Client | AsyncClient, method: str, *args: Any, **kwargs: Any) -> Any:
+    """`method` of either client, awaited for the async one."""
+    result = getattr(client, method)(*args, **kwargs)
+    return await result if isinstance(client, AsyncClient) else result
+
+
+async def _close(client: Client | AsyncClient) -> None:
+    await _do(client, "aclose" if isinstance(client, AsyncClient) else "close")
+
+
+def _client(kind: type[Client] | type[AsyncClient], server: FakeServer, max_retries: int = 3) -> Client | AsyncClient:
+    return kind("http://test", transport=httpx.MockTransport(server), max_retries=max_retries, backoff_s=0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+async def test_streamed_calls_are_retried(kind: type[Client] | type[AsyncClient], tmp_path: Path) -> None:
+    (tmp_path / "in.zip").write_bytes(b"the upload")
+    server = FakeServer(download=1, augment=2)
+    client = _client(kind, server)
+    out = await _do(client, "augment", tmp_path / "in.zip", tmp_path / "out.zip", "m", target_per_class=2)
+    assert out.read_bytes() == b"augmented"
+    uploads = [r for r in server.requests if r.url.path == "/v1/augment"]
+    assert len(uploads) == 3 and all(b"the upload" in r.content for r in uploads)  # the file sent whole each time
+    assert (await _do(client, "download", "j1", tmp_path / "r.zip", progress=False)).read_bytes() == ARCHIVE
+    assert [r.url.path for r in server.requests].count("/v1/jobs/j1/result") == 2
+    await _close(client)
+    # still busy after the retries: the typed error, and no empty file left behind
+    client = _client(kind, FakeServer(download=2, augment=2), max_retries=1)
+    with pytest.raises(OverloadedError):
+        await _do(client, "augment", tmp_path / "in.zip", tmp_path / "out2.zip", "m")
+    with pytest.raises(OverloadedError):
+        await _do(client, "download", "j1", tmp_path / "r2.zip", progress=False)
+    await _close(client)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zip", "out.zip", "r.zip"]
 
 
 def test_train_a_model_and_use_it(url: str, tmp_path: Path) -> None:
