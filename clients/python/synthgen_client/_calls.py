@@ -89,18 +89,31 @@ def dataset_request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     return {"format": path.suffix.lstrip(".") or "zip", **request}
 
 
-def part_path(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
+def part_path(path: Path, job_id: str) -> Path:
+    """Where a download of job `job_id`'s file to `path` collects its bytes: named after the job, so a part left by
+    another job's download is never resumed."""
+    return path.with_name(f"{path.name}.{job_id}.part")
 
 
-def resume_point(part: Path) -> int:
-    """Bytes already downloaded into the part file."""
-    return part.stat().st_size if part.exists() else 0
+def resume_point(part: Path, size: int | None) -> int:
+    """Bytes already downloaded into the part file; a part longer than the file's `size` is not its start, so it
+    is removed."""
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:
+        part.unlink()
+        return 0
+    return have
 
 
 def download(url: str, have: int) -> Call:
-    """The GET of a job's file from byte `have` on; a 416 means the part file is already whole."""
+    """The GET of a job's file from byte `have` on; a 416 is read by `whole_part`."""
     return Call("GET", url, headers={"Range": f"bytes={have}-"} if have else None, accept=(416,))
+
+
+def whole_part(response: httpx.Response, have: int, size: int | None) -> bool:
+    """Whether a 416 to `bytes=have-` means the part file is already whole: it has the file's size, the job's `size`
+    or, where the job lists none, the server's `Content-Range: bytes */SIZE`."""
+    return size in (None, have) and response.headers.get("content-range") == f"bytes */{have}"
 
 
 def augment(upload: IO[bytes], name: str, model: str, target_per_class: int, copies_per_image: int,

@@ -94,24 +94,30 @@ class AsyncClient:
 
     async def download(self, job_id: str, path: str | Path, progress: bool = False) -> Path:
         """Download a finished job's archive to `path` (a tar job's shards and manifest.json into the folder
-        `path`); an interrupted download resumes from `<file>.part` with Range."""
+        `path`); an interrupted download resumes from `<file>.<job id>.part` with Range."""
         path, job = Path(path), await self.job(job_id)
         if job["format"] != "tar":
-            return await self._download_file(job["result_url"], path, progress)
+            return await self._download_file(job["result_url"], path, job_id, job.get("result_bytes"), progress)
         path.mkdir(parents=True, exist_ok=True)
         for file in job["files"]:
-            await self._download_file(file["url"], path / file["name"], progress)
+            await self._download_file(file["url"], path / file["name"], job_id, file["bytes"], progress)
         return path
 
-    async def _download_file(self, url: str, path: Path, progress: bool) -> Path:
-        part = calls.part_path(path)
-        have = calls.resume_point(part)
-        async with aclosing(await self._send(calls.download(url, have), stream=True)) as response:
-            if response.status_code != 416:  # 416: the part file is already complete
-                have = have if response.status_code == 206 else 0
-                with part.open("ab" if have else "wb") as out:
-                    total = have + int(response.headers.get("content-length", 0))
-                    await self._stream_to(response, out, total, have, path.name, progress)
+    async def _download_file(self, url: str, path: Path, job_id: str, size: int | None, progress: bool) -> Path:
+        part = calls.part_path(path, job_id)
+        have = calls.resume_point(part, size)
+        if not have or have != size:  # else the part file is already whole
+            async with aclosing(await self._send(calls.download(url, have), stream=True)) as response:
+                if response.status_code == 416:
+                    if not calls.whole_part(response, have, size):
+                        part.unlink(missing_ok=True)
+                        await response.aread()
+                        raise error_for(response)
+                else:
+                    have = have if response.status_code == 206 else 0
+                    with part.open("ab" if have else "wb") as out:
+                        total = have + int(response.headers.get("content-length", 0))
+                        await self._stream_to(response, out, total, have, path.name, progress)
         part.replace(path)
         return path
 

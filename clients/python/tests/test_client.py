@@ -47,7 +47,7 @@ def test_dataset_job_download_resumes(url: str, tmp_path: Path) -> None:
         client.wait(job["id"], progress=False)
         assert job["id"] in [listed["id"] for listed in client.jobs(limit=10)]
         whole = client.download(job["id"], tmp_path / "whole.zip", progress=False).read_bytes()
-        (tmp_path / "r.zip.part").write_bytes(whole[:1000])
+        (tmp_path / f"r.zip.{job['id']}.part").write_bytes(whole[:1000])
         assert client.download(job["id"], tmp_path / "r.zip", progress=False).read_bytes() == whole
         client.delete_job(job["id"])
         with pytest.raises(NotFoundError):
@@ -114,11 +114,12 @@ ARCHIVE = bytes(range(256)) * 40
 
 
 class FakeServer:
-    """Job `j1`, a succeeded zip job whose archive is `archive`, served with Range as synthgen serves it, and
-    /v1/augment; each path in `busy` first answers 503 (Retry-After: 0) that many times."""
+    """Job `j1`, a succeeded zip job whose archive is `archive` (its listed `size`), served with Range as synthgen
+    serves it, and /v1/augment; `download` and `augment` first answer 503 (Retry-After: 0) that many times."""
 
-    def __init__(self, archive: bytes = ARCHIVE, result_bytes: int | None = None, **busy: int) -> None:
-        self.archive, self.result_bytes, self.requests = archive, result_bytes, []
+    def __init__(self, archive: bytes = ARCHIVE, **busy: int) -> None:
+        self.archive, self.requests = archive, []
+        self.size: int | None = len(archive)
         self.busy = {"/v1/jobs/j1/result": busy.get("download", 0), "/v1/augment": busy.get("augment", 0)}
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -128,10 +129,10 @@ class FakeServer:
             self.busy[path] -= 1
             return httpx.Response(503, headers={"Retry-After": "0"}, json={"detail": "busy"})
         if path == "/v1/jobs/j1":
-            size = len(self.archive) if self.result_bytes is None else self.result_bytes
             return httpx.Response(200, json={
                 "id": "j1", "state": "succeeded", "format": "zip", "result_url": "/v1/jobs/j1/result",
-                "result_bytes": size, "files": [{"name": "j1.zip", "bytes": size, "url": "/v1/jobs/j1/files/j1.zip"}]})
+                "result_bytes": self.size, "files": [{"name": "j1.zip", "bytes": self.size,
+                                                      "url": "/v1/jobs/j1/files/j1.zip"}]})
         if path == "/v1/augment":
             return httpx.Response(200, content=b"augmented")
         start, size = int(request.headers.get("range", "bytes=0-")[6:-1]), len(self.archive)
@@ -191,3 +192,36 @@ def test_train_a_model_and_use_it(url: str, tmp_path: Path) -> None:
         assert samples.shape == (3, 8, 8) and labels.tolist() == [7] * 3
         with pytest.raises(InvalidRequestError, match="unknown gan hyper-parameter"):
             client.train("client-digits", dataset_id=training["dataset_id"], hyperparameters={"colour": 1})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+async def test_download_resumes_only_its_own_part(kind: type[Client] | type[AsyncClient], tmp_path: Path) -> None:
+    server = FakeServer()
+    client = _client(kind, server)
+
+    async def download(name: str) -> bytes:
+        return (await _do(client, "download", "j1", tmp_path / name, progress=False)).read_bytes()
+
+    # another job's parts, shorter and longer than this file, are neither resumed nor taken as the result
+    (tmp_path / "a.zip.part").write_bytes(b"x" * 5000)
+    (tmp_path / "b.zip.part").write_bytes(b"x" * 20000)
+    assert await download("a.zip") == ARCHIVE and await download("b.zip") == ARCHIVE
+    # this job's part resumes with Range; one longer than the file is not its start, so it starts again
+    (tmp_path / "c.zip.j1.part").write_bytes(ARCHIVE[:1000])
+    (tmp_path / "d.zip.j1.part").write_bytes(ARCHIVE + b"junk")
+    assert await download("c.zip") == ARCHIVE and server.requests[-1].headers["range"] == "bytes=1000-"
+    assert await download("d.zip") == ARCHIVE and "range" not in server.requests[-1].headers
+    # a whole part is not fetched again; where the job lists no size, a 416 means whole only if the server's
+    # Content-Range gives the part's length
+    (tmp_path / "e.zip.j1.part").write_bytes(ARCHIVE)
+    fetched = len(server.requests)
+    assert await download("e.zip") == ARCHIVE and [r.url.path for r in server.requests[fetched:]] == ["/v1/jobs/j1"]
+    server.size = None
+    (tmp_path / "f.zip.j1.part").write_bytes(ARCHIVE)
+    (tmp_path / "g.zip.j1.part").write_bytes(ARCHIVE + b"junk")
+    assert await download("f.zip") == ARCHIVE
+    with pytest.raises(InvalidRequestError):
+        await download("g.zip")
+    assert not (tmp_path / "g.zip").exists() and not (tmp_path / "g.zip.j1.part").exists()
+    await _close(client)
