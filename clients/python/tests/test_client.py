@@ -89,6 +89,23 @@ def test_dataset_command(url: str, tmp_path: Path) -> None:
     assert main(["dataset", "--server", url, "--model", "digits-vae", "--out", str(tmp_path / "x.zip")]) == 2
 
 
+def test_dataset_command_checks_out_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "d.zip").mkdir()
+    (tmp_path / "t.tar").write_bytes(b"")
+    nowhere = "http://127.0.0.1:9"  # never asked: the bad --out is refused first
+    for out, problem in (("nodir/x.zip", "there is no folder"), ("d.zip", "is a folder"), ("t.tar", "is a file")):
+        assert main(["dataset", "--server", nowhere, "--model", "m", "--n", "1", "--out", str(tmp_path / out)]) == 2
+        assert problem in capsys.readouterr().err
+
+    def unwritable(*args: Any, **kwargs: Any) -> Path:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Client, "download_dataset", unwritable)
+    assert main(["dataset", "--server", nowhere, "--model", "m", "--n", "1", "--out", str(tmp_path / "x.zip")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
 def _npz() -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, images=np.zeros((1, 2, 2), np.uint8), labels=np.zeros(1, np.int64))
