@@ -7,7 +7,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import numpy as np
@@ -28,7 +28,14 @@ class Call:
     params: dict[str, Any] | None = None
     data: dict[str, str] | None = None  # multipart form fields, with `files`
     files: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+    accept: tuple[int, ...] = ()  # error statuses the caller reads itself instead of raising
     parse: Any = field(default=lambda response: response.json())
+
+    def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """The request, built anew for each try (an upload's file is read again from its start)."""
+        return http.build_request(self.method, self.path, json=self.json, params=self.params, data=self.data,
+                                  files=self.files, headers=self.headers)
 
 
 def retry_delay(response: httpx.Response, attempt: int, backoff_s: float) -> float:
@@ -82,21 +89,40 @@ def dataset_request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     return {"format": path.suffix.lstrip(".") or "zip", **request}
 
 
-def part_path(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
+def part_path(path: Path, job_id: str) -> Path:
+    """Where a download of job `job_id`'s file to `path` collects its bytes: named after the job, so a part left by
+    another job's download is never resumed."""
+    return path.with_name(f"{path.name}.{job_id}.part")
 
 
-def range_headers(part: Path) -> tuple[int, dict[str, str]]:
-    """Bytes already downloaded into the part file, and the Range header that asks for the rest."""
+def resume_point(part: Path, size: int | None) -> int:
+    """Bytes already downloaded into the part file; a part longer than the file's `size` is not its start, so it
+    is removed."""
     have = part.stat().st_size if part.exists() else 0
-    return have, ({"Range": f"bytes={have}-"} if have else {})
+    if size is not None and have > size:
+        part.unlink()
+        return 0
+    return have
 
 
-def augment_form(model: str, target_per_class: int, copies_per_image: int, augmentations: dict[str, float] | None,
-                 seed: int, convert: bool, include_originals: bool) -> dict[str, str]:
-    return {"model": model, "target_per_class": str(target_per_class), "copies_per_image": str(copies_per_image),
+def download(url: str, have: int) -> Call:
+    """The GET of a job's file from byte `have` on; a 416 is read by `whole_part`."""
+    return Call("GET", url, headers={"Range": f"bytes={have}-"} if have else None, accept=(416,))
+
+
+def whole_part(response: httpx.Response, have: int, size: int | None) -> bool:
+    """Whether a 416 to `bytes=have-` means the part file is already whole: it has the file's size, the job's `size`
+    or, where the job lists none, the server's `Content-Range: bytes */SIZE`."""
+    return size in (None, have) and response.headers.get("content-range") == f"bytes */{have}"
+
+
+def augment(upload: IO[bytes], name: str, model: str, target_per_class: int, copies_per_image: int,
+            augmentations: dict[str, float] | None, seed: int, convert: bool, include_originals: bool) -> Call:
+    """The upload of a dataset zip (an open file named `name`) to augment; its answer is the augmented zip."""
+    form = {"model": model, "target_per_class": str(target_per_class), "copies_per_image": str(copies_per_image),
             "augmentations": json.dumps(augmentations or {}), "seed": str(seed), "convert": str(convert).lower(),
             "include_originals": str(include_originals).lower()}
+    return Call("POST", "/v1/augment", data=form, files={"dataset": (name, upload)})
 
 
 def _form_value(value: Any) -> str:

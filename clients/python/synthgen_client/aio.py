@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,30 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self, call: calls.Call) -> Any:
+    async def _send(self, call: calls.Call, stream: bool = False) -> httpx.Response:
+        """`call`'s answer, sent again after a 429/503 up to `max_retries` times; an error answer raises its typed
+        error unless `call.accept` lists its status. The caller closes a streamed answer."""
         for attempt in range(self.max_retries + 1):
-            response = await self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                  data=call.data, files=call.files)
+            response = await self._http.send(call.request(self._http), stream=stream)
             if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
                 break
+            await response.aclose()
             await asyncio.sleep(calls.retry_delay(response, attempt, self.backoff_s))
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in call.accept:
+            await response.aread()
+            await response.aclose()
             raise error_for(response)
-        return call.parse(response)
+        return response
+
+    async def _run(self, call: calls.Call) -> Any:
+        return call.parse(await self._send(call))
+
+    async def _stream_to(self, response: httpx.Response, out: Any, total: int, initial: int, name: str,
+                         progress: bool) -> None:
+        with tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            async for chunk in response.aiter_bytes():
+                out.write(chunk)
+                bar.update(len(chunk))
 
     async def models(self) -> list[dict[str, Any]]:
         return await self._run(calls.models())
@@ -79,31 +94,30 @@ class AsyncClient:
 
     async def download(self, job_id: str, path: str | Path, progress: bool = False) -> Path:
         """Download a finished job's archive to `path` (a tar job's shards and manifest.json into the folder
-        `path`); an interrupted download resumes from `<file>.part` with Range."""
+        `path`); an interrupted download resumes from `<file>.<job id>.part` with Range."""
         path, job = Path(path), await self.job(job_id)
         if job["format"] != "tar":
-            return await self._download_file(job["result_url"], path, progress)
+            return await self._download_file(job["result_url"], path, job_id, job.get("result_bytes"), progress)
         path.mkdir(parents=True, exist_ok=True)
         for file in job["files"]:
-            await self._download_file(file["url"], path / file["name"], progress)
+            await self._download_file(file["url"], path / file["name"], job_id, file["bytes"], progress)
         return path
 
-    async def _download_file(self, url: str, path: Path, progress: bool) -> Path:
-        part = calls.part_path(path)
-        have, headers = calls.range_headers(part)
-        async with self._http.stream("GET", url, headers=headers) as response:
-            if response.status_code != 416:  # 416: the part file is already complete
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise error_for(response)
-                have = have if response.status_code == 206 else 0
-                total = have + int(response.headers.get("content-length", 0))
-                with part.open("ab" if have else "wb") as out, tqdm(
-                        total=total, initial=have, unit="B", unit_scale=True, desc=path.name,
-                        disable=not progress) as bar:
-                    async for chunk in response.aiter_bytes():
-                        out.write(chunk)
-                        bar.update(len(chunk))
+    async def _download_file(self, url: str, path: Path, job_id: str, size: int | None, progress: bool) -> Path:
+        part = calls.part_path(path, job_id)
+        have = calls.resume_point(part, size)
+        if not have or have != size:  # else the part file is already whole
+            async with aclosing(await self._send(calls.download(url, have), stream=True)) as response:
+                if response.status_code == 416:
+                    if not calls.whole_part(response, have, size):
+                        part.unlink(missing_ok=True)
+                        await response.aread()
+                        raise error_for(response)
+                else:
+                    have = have if response.status_code == 206 else 0
+                    with part.open("ab" if have else "wb") as out:
+                        total = have + int(response.headers.get("content-length", 0))
+                        await self._stream_to(response, out, total, have, path.name, progress)
         part.replace(path)
         return path
 
@@ -113,6 +127,19 @@ class AsyncClient:
         job = await self.submit_job(model, **calls.dataset_request(path, request))
         await self.wait(job["id"])
         return await self.download(job["id"], path)
+
+    async def augment(self, path_in: str | Path, path_out: str | Path, model: str, target_per_class: int = 0,
+                      copies_per_image: int = 0, augmentations: dict[str, float] | None = None, seed: int = 0,
+                      convert: bool = False, include_originals: bool = True, progress: bool = False) -> Path:
+        """Upload a dataset zip and save the augmented zip."""
+        path_in, path_out = Path(path_in), Path(path_out)
+        with path_in.open("rb") as upload:
+            call = calls.augment(upload, path_in.name, model, target_per_class, copies_per_image, augmentations, seed,
+                                 convert, include_originals)
+            async with aclosing(await self._send(call, stream=True)) as response:
+                with path_out.open("wb") as out:
+                    await self._stream_to(response, out, 0, 0, path_out.name, progress)
+        return path_out
 
     async def train(self, name: str, dataset: str | Path | None = None, dataset_id: str | None = None,
                     wait: bool = True, **options: Any) -> dict[str, Any]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import httpx
 
+from synthgen_client._calls import dataset_request
 from synthgen_client.errors import SynthgenError
 from synthgen_client.sync import Client
 
@@ -29,11 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why `--out` cannot take the dataset its suffix asks for (checked before the server does the work), or None."""
+    kind = dataset_request(out, {})["format"]
+    if kind == "tar":
+        if out.exists() and not out.is_dir():
+            return "it is a file, but a tar dataset is a folder of shards"
+    elif not out.parent.is_dir():
+        return f"there is no folder {out.parent} to write it in"
+    elif out.is_dir():
+        return f"it is a folder, but a {kind} dataset is one file"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     request = {key: value for key, value in (("per_class", args.per_class), ("n", args.n), ("label", args.label),
                                              ("seed", args.seed), ("min_confidence", args.min_confidence))
                if value is not None}
+    if problem := _out_problem(Path(args.out)):
+        print(f"synthgen dataset: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     try:
         with Client(args.server, api_key=args.api_key or os.environ.get("SYNTHGEN_API_KEY")) as client:
             path = client.download_dataset(args.model, args.out, max_similarity=args.max_similarity, **request)
@@ -42,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except httpx.TransportError as exc:
         print(f"synthgen dataset: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"synthgen dataset: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

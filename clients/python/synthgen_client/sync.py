@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,26 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, call: calls.Call) -> Any:
+    def _send(self, call: calls.Call, stream: bool = False) -> httpx.Response:
+        """`call`'s answer, sent again after a 429/503 up to `max_retries` times; an error answer raises its typed
+        error unless `call.accept` lists its status. The caller closes a streamed answer."""
         for attempt in range(self.max_retries + 1):
-            response = self._http.request(call.method, call.path, json=call.json, params=call.params,
-                            data=call.data, files=call.files)
+            response = self._http.send(call.request(self._http), stream=stream)
             if response.status_code not in calls.RETRY_STATUSES or attempt == self.max_retries:
                 break
+            response.close()
             time.sleep(calls.retry_delay(response, attempt, self.backoff_s))
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in call.accept:
+            response.read()
+            response.close()
             raise error_for(response)
-        return call.parse(response)
+        return response
+
+    def _run(self, call: calls.Call) -> Any:
+        return call.parse(self._send(call))
 
     def _stream_to(self, response: httpx.Response, out: Any, total: int, initial: int, name: str,
                    progress: bool) -> None:
-        if response.status_code >= 400:
-            response.read()
-            raise error_for(response)
         with tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
             for chunk in response.iter_bytes():
                 out.write(chunk)
@@ -92,24 +97,30 @@ class Client:
 
     def download(self, job_id: str, path: str | Path, progress: bool = True) -> Path:
         """Download a finished job's archive to `path` (a tar job's shards and manifest.json into the folder
-        `path`); an interrupted download resumes from `<file>.part` with Range."""
+        `path`); an interrupted download resumes from `<file>.<job id>.part` with Range."""
         path, job = Path(path), self.job(job_id)
         if job["format"] != "tar":
-            return self._download_file(job["result_url"], path, progress)
+            return self._download_file(job["result_url"], path, job_id, job.get("result_bytes"), progress)
         path.mkdir(parents=True, exist_ok=True)
         for file in job["files"]:
-            self._download_file(file["url"], path / file["name"], progress)
+            self._download_file(file["url"], path / file["name"], job_id, file["bytes"], progress)
         return path
 
-    def _download_file(self, url: str, path: Path, progress: bool) -> Path:
-        part = calls.part_path(path)
-        have, headers = calls.range_headers(part)
-        with self._http.stream("GET", url, headers=headers) as response:
-            if response.status_code != 416:  # 416: the part file is already complete
-                have = have if response.status_code == 206 else 0
-                with part.open("ab" if have else "wb") as out:
-                    total = have + int(response.headers.get("content-length", 0))
-                    self._stream_to(response, out, total, have, path.name, progress)
+    def _download_file(self, url: str, path: Path, job_id: str, size: int | None, progress: bool) -> Path:
+        part = calls.part_path(path, job_id)
+        have = calls.resume_point(part, size)
+        if not have or have != size:  # else the part file is already whole
+            with closing(self._send(calls.download(url, have), stream=True)) as response:
+                if response.status_code == 416:
+                    if not calls.whole_part(response, have, size):
+                        part.unlink(missing_ok=True)
+                        response.read()
+                        raise error_for(response)
+                else:
+                    have = have if response.status_code == 206 else 0
+                    with part.open("ab" if have else "wb") as out:
+                        total = have + int(response.headers.get("content-length", 0))
+                        self._stream_to(response, out, total, have, path.name, progress)
         part.replace(path)
         return path
 
@@ -125,13 +136,12 @@ class Client:
                 copies_per_image: int = 0, augmentations: dict[str, float] | None = None, seed: int = 0,
                 convert: bool = False, include_originals: bool = True, progress: bool = False) -> Path:
         """Upload a dataset zip and save the augmented zip."""
-        form = calls.augment_form(model, target_per_class, copies_per_image, augmentations, seed, convert,
-                                  include_originals)
-        path_out = Path(path_out)
-        with Path(path_in).open("rb") as upload, self._http.stream(
-                "POST", "/v1/augment", data=form, files={"dataset": (Path(path_in).name, upload)}) as response, \
-                path_out.open("wb") as out:
-            self._stream_to(response, out, 0, 0, path_out.name, progress)
+        path_in, path_out = Path(path_in), Path(path_out)
+        with path_in.open("rb") as upload:
+            call = calls.augment(upload, path_in.name, model, target_per_class, copies_per_image, augmentations, seed,
+                                 convert, include_originals)
+            with closing(self._send(call, stream=True)) as response, path_out.open("wb") as out:
+                self._stream_to(response, out, 0, 0, path_out.name, progress)
         return path_out
 
     def train(self, name: str, dataset: str | Path | None = None, dataset_id: str | None = None, wait: bool = True,
