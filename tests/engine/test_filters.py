@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,3 +117,21 @@ async def test_a_hopeless_request_reports_the_rounds_it_ran() -> None:
                    500, 20, FilterReport())
     assert "500 of 500 samples found no candidate passing the filters in 1 of at most 20 tries" in str(raised.value)
     assert "500 candidates tried" in str(raised.value)
+
+
+async def test_request_timeout_bounds_all_the_rounds_of_a_filtered_request(shipped: Path) -> None:
+    async with serve(shipped, request_timeout_s=0.5, filter_max_rounds=30) as client:
+        served = client.app.state.repository.entries["mnist-cvae"]  # type: ignore[attr-defined]
+        served.judge.threshold = 1e9  # nothing passes max_similarity, and a 2-sample request keeps trying
+        run_batch = served.batcher._run_batch
+
+        def slow(*args):  # type: ignore[no-untyped-def]
+            time.sleep(0.1)
+            return run_batch(*args)
+
+        served.batcher._run_batch = slow
+        started = time.monotonic()
+        response = await client.post("/v1/models/mnist-cvae/generate", json={"n": 2, "max_similarity": True})
+    assert response.status_code == 504, response.text
+    assert "waited over 0.5 s (SYNTHGEN_REQUEST_TIMEOUT_S)" in response.json()["detail"]
+    assert time.monotonic() - started < 1.5  # not 30 rounds × 0.1 s
