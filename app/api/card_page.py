@@ -47,8 +47,9 @@ def _image(png: bytes | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighbours_png: bytes | None) -> str:
-    """The HTML report of one model's card."""
+def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighbours_png: bytes | None,
+              samples_note: str | None = None) -> str:
+    """The HTML report of one model's card; `samples_note` says what a bounded sample grid leaves out."""
     sections = [f"<h1>{html.escape(name)}</h1>",
                 '<p class="note">synthgen model card; the JSON is at the same address without ?format=html.</p>']
     if card.get("protocol"):
@@ -67,7 +68,10 @@ def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighb
                      f'<p class="note">chosen: {_cell(sampling.get("latent_scale"))}</p>']
     if card.get("per_class"):
         sections += ["<h2>Per class</h2>", _per_class(card["per_class"])]
-    sections += ["<h2>Samples (seed 0, one row per class)</h2>", _image(samples_png, "sample grid"),
+    sections += ["<h2>Samples (seed 0, one row per class)</h2>"]
+    if samples_note:
+        sections.append(f'<p class="note">{html.escape(samples_note)}</p>')
+    sections += [_image(samples_png, "sample grid"),
                  "<h2>Nearest training neighbours</h2>",
                  '<p class="note">Per class, the samples closest to a training image, each beside that image.</p>',
                  _image(neighbours_png, "nearest-neighbour grid")]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from app.api.card_page import card_page
 from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
+from app.api.disconnect import unless_disconnected
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
 from app.engine.cards import card_images
 from app.engine.repository import ModelEntry, ModelRepository
@@ -57,14 +58,14 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: Mode
                         "neighbour grid.",
             responses={200: {"content": {"application/json": {}, "text/html": {}}}, 404: {"model": ErrorPublic},
                        409: {"model": ErrorPublic}})
-async def get_model_card(repository: RepositoryDep, name: ModelName,
+async def get_model_card(request: Request, repository: RepositoryDep, name: ModelName,
                          format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json"
                          ) -> Response:
     async with repository.serving(name) as served:
         if format == "json":
             return JSONResponse(served.model.card)
-        samples_png, neighbours_png = await card_images(served, repository.settings)
-    return HTMLResponse(card_page(name, served.model.card, samples_png, neighbours_png))
+        images = await unless_disconnected(request, card_images(served, repository.settings))
+    return HTMLResponse(card_page(name, served.model.card, images.samples_png, images.neighbours_png, images.note))
 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,
