@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "X-Seed"])
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Range"],
+                           expose_headers=["X-Request-ID", "X-Seed", "X-Rejected", "Retry-After", "Location",
+                                           "Content-Disposition", "Content-Range", "Accept-Ranges"])
     return app
