@@ -7,6 +7,8 @@ import base64
 import html
 from typing import Any
 
+from app.api.page_security import CARD_CSP
+
 STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border-bottom:1px solid #ddd;padding:.25rem .6rem;
 text-align:left}th{background:#f4f4f4}.bar{display:inline-block;height:.7rem;background:#4a7bd0;margin-right:.4rem}
@@ -75,5 +77,7 @@ def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighb
                  "<h2>Nearest training neighbours</h2>",
                  '<p class="note">Per class, the samples closest to a training image, each beside that image.</p>',
                  _image(neighbours_png, "nearest-neighbour grid")]
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(name)} · card</title>"
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f'<meta http-equiv="Content-Security-Policy" content="{CARD_CSP}">'
+            f"<title>{html.escape(name)} · card</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")

@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from app.api.card_page import card_page
 from app.api.deps import Caller, CallerDep, ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
 from app.api.disconnect import unless_disconnected
+from app.api.page_security import card_headers
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
 from app.engine.cards import card_images
 from app.engine.repository import ModelEntry, ModelRepository, visible
@@ -74,7 +75,8 @@ async def get_model_card(request: Request, repository: RepositoryDep, name: Mode
         if format == "json":
             return JSONResponse(served.model.card)
         images = await unless_disconnected(request, card_images(served, repository.settings))
-    return HTMLResponse(card_page(name, served.model.card, images.samples_png, images.neighbours_png, images.note))
+    return HTMLResponse(card_page(name, served.model.card, images.samples_png, images.neighbours_png, images.note),
+                        headers=card_headers())
 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,

@@ -169,3 +169,23 @@ async def test_html_card_stops_when_its_client_goes_away(models_dir: Path) -> No
         assert batcher.stats.samples < 80 and batcher.queued_samples == 0  # the grid's 10 × 8 samples stopped
         batcher._run_batch = run_batch
         assert (await client.get("/v1/models/digits-gan/card", params={"format": "html"})).status_code == 200
+
+
+async def test_html_pages_send_a_content_security_policy(models_dir: Path) -> None:
+    import base64
+    import hashlib
+    import re
+
+    async with serve(models_dir) as client:
+        card = await client.get("/v1/models/digits-gan/card", params={"format": "html"})
+        gallery = await client.get("/")
+    for page in (card, gallery):
+        assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert card.headers["content-security-policy"].startswith("default-src 'none'; img-src data:;")
+    # the same policy inside the page, for the gallery's copy opened from a blob: URL
+    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:;' in card.text
+    assert set(re.findall(r'<img[^>]* src="([a-z]+):', card.text)) == {"data"}  # what img-src data: allows
+    scripts = re.findall(r"<script>(.*?)</script>", gallery.text, flags=re.S)
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert len(scripts) == 1 and f"script-src 'sha256-{digest}';" in gallery.headers["content-security-policy"]
