@@ -22,6 +22,7 @@ from app.api.errors import install_error_handlers
 from app.api.fastlane import FastLane
 from app.api.logs import configure_logging
 from app.api.middleware import RequestContextMiddleware
+from app.api.page_security import gallery_headers
 from app.api.routes import augment, datasets, generate, health, jobs, model_jobs, models, vae
 from app.api.routes import webhooks as webhook_routes
 from app.core.device import resolve_device
@@ -123,9 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None, generate_unique_id_function=lambda route: route.name)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    gallery_security = gallery_headers((STATIC / "gallery" / "index.html").read_text())
+
     @app.get("/", include_in_schema=False)
     async def gallery() -> FileResponse:
-        return FileResponse(STATIC / "gallery" / "index.html")
+        return FileResponse(STATIC / "gallery" / "index.html", headers=gallery_security)
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
@@ -150,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "X-Seed"])
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Range"],
+                           expose_headers=["X-Request-ID", "X-Seed", "X-Rejected", "Retry-After", "Location",
+                                           "Content-Disposition", "Content-Range", "Accept-Ranges"])
     return app

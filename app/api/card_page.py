@@ -7,6 +7,8 @@ import base64
 import html
 from typing import Any
 
+from app.api.page_security import CARD_CSP
+
 STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border-bottom:1px solid #ddd;padding:.25rem .6rem;
 text-align:left}th{background:#f4f4f4}.bar{display:inline-block;height:.7rem;background:#4a7bd0;margin-right:.4rem}
@@ -47,8 +49,9 @@ def _image(png: bytes | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighbours_png: bytes | None) -> str:
-    """The HTML report of one model's card."""
+def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighbours_png: bytes | None,
+              samples_note: str | None = None) -> str:
+    """The HTML report of one model's card; `samples_note` says what a bounded sample grid leaves out."""
     sections = [f"<h1>{html.escape(name)}</h1>",
                 '<p class="note">synthgen model card; the JSON is at the same address without ?format=html.</p>']
     if card.get("protocol"):
@@ -67,9 +70,14 @@ def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighb
                      f'<p class="note">chosen: {_cell(sampling.get("latent_scale"))}</p>']
     if card.get("per_class"):
         sections += ["<h2>Per class</h2>", _per_class(card["per_class"])]
-    sections += ["<h2>Samples (seed 0, one row per class)</h2>", _image(samples_png, "sample grid"),
+    sections += ["<h2>Samples (seed 0, one row per class)</h2>"]
+    if samples_note:
+        sections.append(f'<p class="note">{html.escape(samples_note)}</p>')
+    sections += [_image(samples_png, "sample grid"),
                  "<h2>Nearest training neighbours</h2>",
                  '<p class="note">Per class, the samples closest to a training image, each beside that image.</p>',
                  _image(neighbours_png, "nearest-neighbour grid")]
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(name)} · card</title>"
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f'<meta http-equiv="Content-Security-Policy" content="{CARD_CSP}">'
+            f"<title>{html.escape(name)} · card</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")

@@ -104,6 +104,11 @@ class Caller:
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    @property
+    def models_of(self) -> str | None:
+        """Whose models trained through the API it may see and use: its own; every key's (None) for an admin."""
+        return None if self.is_admin else self.owner
+
 
 def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -54,8 +54,8 @@ class FastLane:
             return
         scope["route"], scope["path_params"] = self.route, {"name": match[1]}
         try:
-            await require_api_key(request, scope["app"].state.settings)
-            response = await generate.answer(request, body, match[1])
+            caller = await require_api_key(request, scope["app"].state.settings)
+            response = await generate.answer(request, body, match[1], caller)
         except SynthgenError as exc:
             response = synthgen_error_response(request, exc)
         await response(scope, replay, send)

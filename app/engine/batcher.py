@@ -240,8 +240,11 @@ class MicroBatcher:
                                                      "other requests are not affected, retrying may succeed"))
                 continue
             except BaseException:  # stopped, or the worker itself died: its batch must not wait forever
-                self._fail(slices, OverloadedError("the model's worker stopped while the request ran; retry",
-                                                   retry_after_s=1))
+                if self._closed:  # unloaded: retrying will not help (409, like the requests that still waited)
+                    self._fail(slices, ModelUnavailableError(f"{self._closed} while the request ran"))
+                else:
+                    self._fail(slices, OverloadedError("the model's worker stopped while the request ran; retry",
+                                                       retry_after_s=1))
                 raise
             self._last_batch_requests = len({id(s.pending) for s in slices})
             self.stats.forward_passes += 1

@@ -104,8 +104,9 @@ async def fill(generate: Generate, judge: Judge | None, executor: Executor, spec
     out_labels = np.zeros(len(slots), dtype=np.int64)
     out_indices = np.zeros(len(slots), dtype=np.int64)
     waiting = np.arange(len(slots))
-    tried = 0
+    tried = rounds = 0
     for attempt in range(max_rounds):
+        rounds = attempt + 1
         indices = [slots[i] + attempt * total for i in waiting]
         candidates, drawn = await generate(indices, [labels[i] for i in waiting])
         confident, novel = await asyncio.get_running_loop().run_in_executor(
@@ -124,9 +125,13 @@ async def fill(generate: Generate, judge: Judge | None, executor: Executor, spec
         tried += len(keep)
         accepted = len(slots) - len(waiting)
         # the acceptance rate so far predicts how many slots the rounds left cannot fill: stop early, not after
-        # burning every round on a request that cannot succeed
-        if len(waiting) * (1 - accepted / tried) ** (max_rounds - attempt - 1) >= HOPELESS:
+        # burning every round on a request that cannot succeed. Laplace-smoothed, so that a few rejected
+        # candidates (no evidence yet) do not read as an acceptance of 0 while thousands of them do.
+        acceptance = (accepted + 1) / (tried + 2)
+        if len(waiting) * (1 - acceptance) ** (max_rounds - rounds) >= HOPELESS:
             break
-    raise InvalidInputError(f"{len(waiting)} of {len(slots)} samples would find no candidate passing the filters in "
-                            f"{max_rounds} tries each (SYNTHGEN_FILTER_MAX_ROUNDS; {tried} candidates tried, rejected: "
-                            f"{report.rejected}); lower min_confidence or turn off max_similarity")
+    early = "; the acceptance so far says the rounds left would not fill them" if rounds < max_rounds else ""
+    raise InvalidInputError(f"{len(waiting)} of {len(slots)} samples found no candidate passing the filters in "
+                            f"{rounds} of at most {max_rounds} tries each (SYNTHGEN_FILTER_MAX_ROUNDS; {tried} "
+                            f"candidates tried, rejected: {report.rejected}{early}); lower min_confidence or turn "
+                            "off max_similarity")

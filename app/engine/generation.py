@@ -13,7 +13,7 @@ from app.core.sampling import draw_latents
 from app.engine.filters import FilterReport, fill
 from app.engine.plans import SamplePlan
 from app.engine.repository import ServedModel
-from app.errors import OverloadedError
+from app.errors import OverloadedError, RequestTimeoutError
 from app.settings import Settings
 
 
@@ -35,9 +35,11 @@ INLINE_SAMPLES = 64
 
 
 def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float, wait_when_full: bool = False):
-    """(indices, labels) → (uint8 images, labels) through the micro-batcher; with `wait_when_full`, a full queue
-    is waited out (for exports) instead of answered with 503."""
+    """(indices, labels) → (uint8 images, labels) through the micro-batcher. A request (the default) has one deadline,
+    `timeout_s` from now, for all its calls (a filtered request makes one per round); with `wait_when_full` (exports),
+    each call gets `timeout_s` and a full queue is waited out instead of answered with 503."""
     model = served.model
+    request_deadline = None if wait_when_full else time.monotonic() + timeout_s
 
     async def generate(indices: list[int] | range, labels: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
         args = (seed, indices, model.latent_dim, model.num_classes, labels)
@@ -48,8 +50,17 @@ def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float,
             z, drawn = await asyncio.to_thread(draw_latents, *args)
         delay, deadline = 0.05, time.monotonic() + timeout_s
         while True:
+            wait_s = timeout_s if request_deadline is None else request_deadline - time.monotonic()
             try:
-                return await served.batcher.submit(z, drawn, truncation, timeout_s), drawn.numpy()
+                if wait_s <= 0:
+                    raise RequestTimeoutError
+                return await served.batcher.submit(z, drawn, truncation, wait_s), drawn.numpy()
+            except RequestTimeoutError:
+                if request_deadline is None:
+                    raise
+                raise RequestTimeoutError(f"the request waited over {timeout_s:g} s (SYNTHGEN_REQUEST_TIMEOUT_S) "
+                                          "for the model; ask for fewer samples or looser filters, or retry "
+                                          "later") from None
             except OverloadedError:
                 if not wait_when_full or time.monotonic() > deadline:  # never wait forever (an unloaded model)
                     raise

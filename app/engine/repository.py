@@ -5,11 +5,15 @@ newest version, `name@version` pins one.
 
 Work holds a lease on the version it started with (`acquire`/`release`, or `serving`): a reload swaps in the new
 version for new work while the old one keeps its worker until its last lease is released, so running exports and
-jobs finish on the version they began with; an unload stops the worker at once and its work fails with 409."""
+jobs finish on the version they began with; an unload stops the worker at once and its work fails with 409.
+
+A version trained through the API belongs to the key that trained it (`trained_by` in its config): with `owner`,
+lookups treat another key's version as absent (404), as jobs do; the repository's own models are everyone's."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +54,20 @@ def trained_models_dir(settings: Settings) -> Path:
     return settings.data_dir / "models"
 
 
+def _trained_by(folder: Path) -> str | None:
+    """Who trained a version through the API (None: no one in particular, everyone may use it)."""
+    try:
+        owner = json.loads((folder / "config.json").read_text()).get("trained_by")
+    except (OSError, ValueError, AttributeError):
+        return "?"  # unreadable: no key's, so only admins see it (it cannot load anyway)
+    return owner if isinstance(owner, str) and owner else None
+
+
+def visible(entry: ModelEntry, owner: str | None) -> bool:
+    """Whether the key `owner` (None: an admin, who sees everything) may see and use the model."""
+    return owner is None or entry.owner is None or entry.owner == owner
+
+
 @dataclass(eq=False)
 class ServedModel:
     """One loaded version of a model: the model, its batcher, its filter judge, the device thread, and how many
@@ -77,6 +95,7 @@ class ModelEntry:
     status: ModelStatus = ModelStatus.UNLOADED
     error: str | None = None
     served: ServedModel | None = None
+    owner: str | None = None  # the key fingerprint that trained it through the API; None: everyone's
 
     @property
     def base_name(self) -> str:
@@ -127,16 +146,19 @@ class ModelRepository:
                 if versions:
                     self.latest[folder.name] = f"{folder.name}@{versions[-1]}"
         for name, folder in found:
-            self.entries.setdefault(name, ModelEntry(name, folder))
+            if name not in self.entries:
+                self.entries[name] = ModelEntry(name, folder, owner=_trained_by(folder) if "@" in name else None)
         return sorted(name for name, _ in found)
 
-    def get(self, name: str) -> ModelEntry:
+    def get(self, name: str, owner: str | None = None) -> ModelEntry:
+        """The model; with `owner`, only if that key may see it (another key's trained model is as absent as a
+        missing one)."""
         validate_model_name(name)
         entry = self.entries.get(self.latest.get(name, name))
         if entry is None:
             self.discover()
             entry = self.entries.get(self.latest.get(name, name))
-        if entry is None:
+        if entry is None or not visible(entry, owner):
             raise NotFoundError(f"no model named {name!r}; GET /v1/models lists them")
         return entry
 
@@ -146,17 +168,17 @@ class ModelRepository:
         return sorted(entry.version for entry in self.entries.values()
                       if entry.version is not None and entry.base_name == base)
 
-    def ready_model(self, name: str) -> ServedModel:
+    def ready_model(self, name: str, owner: str | None = None) -> ServedModel:
         """The model's current version if it serves, else 409 saying how to load it."""
-        entry = self.get(name)
+        entry = self.get(name, owner)
         if entry.status != ModelStatus.READY or entry.served is None:
             detail = f": {entry.error}" if entry.error else ""
             raise ConflictError(f"model {name!r} is {entry.status}{detail}; load it with POST /v1/models/{name}/load")
         return entry.served
 
-    def acquire(self, name: str) -> ServedModel:
+    def acquire(self, name: str, owner: str | None = None) -> ServedModel:
         """The current version, leased until `release`: a reload meanwhile does not take it away."""
-        served = self.ready_model(name)
+        served = self.ready_model(name, owner)
         served.leases += 1
         return served
 
@@ -166,8 +188,8 @@ class ModelRepository:
             await served.batcher.stop()
 
     @asynccontextmanager
-    async def serving(self, name: str) -> AsyncIterator[ServedModel]:
-        served = self.acquire(name)
+    async def serving(self, name: str, owner: str | None = None) -> AsyncIterator[ServedModel]:
+        served = self.acquire(name, owner)
         try:
             yield served
         finally:

@@ -83,6 +83,22 @@ def test_gallery_shows_a_grid_card_and_interpolation(server: tuple[str, int], br
     assert browser.find_element(By.ID, "error").text == ""
 
 
+def test_the_full_card_opens_from_the_gallery_under_its_policy(server: tuple[str, int], browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    url, _ = server
+    browser.get(url + "/")
+    assert _wait(lambda: _rendered(browser, browser.find_element(By.ID, "grid")))  # the gallery's script ran
+    gallery = browser.current_window_handle
+    browser.find_element(By.ID, "report").click()
+    _wait(lambda: len(browser.window_handles) == 2)
+    browser.switch_to.window(next(h for h in browser.window_handles if h != gallery))
+    assert _wait(lambda: browser.current_url.startswith("blob:"))
+    grid = _wait(lambda: browser.find_element(By.CSS_SELECTOR, "img[alt='sample grid']"))
+    assert _wait(lambda: _rendered(browser, grid))  # a data: image, allowed by the card's own policy
+    assert browser.find_element(By.TAG_NAME, "h1").text == "digits-gan"
+
+
 def test_gallery_shows_hostile_class_names_as_text(tmp_path, tiny_gan, browser) -> None:
     import json
 

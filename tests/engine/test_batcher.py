@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.engine.batcher import MicroBatcher
-from app.errors import ModelFailureError, OverloadedError, RequestTimeoutError
+from app.errors import ModelFailureError, ModelUnavailableError, OverloadedError, RequestTimeoutError
 
 pytestmark = pytest.mark.anyio
 
@@ -115,3 +115,13 @@ async def test_failure_fails_only_that_batch(make_batcher) -> None:
         await batcher.submit(*latents(2, -10))
     assert (await batcher.submit(*latents(2))).ravel().tolist() == [0, 1]
     assert batcher.running
+
+
+async def test_stopping_fails_the_running_batch_as_unavailable(make_batcher) -> None:
+    batcher = make_batcher(run=fake_forward(delay_s=0.3), max_batch_size=4)
+    running = asyncio.ensure_future(batcher.submit(*latents(4)))
+    await asyncio.sleep(0.05)
+    assert batcher.queued_samples == 0 and not running.done()  # the batch is in its 0.3 s forward pass
+    await batcher.stop("the model was unloaded")
+    with pytest.raises(ModelUnavailableError, match="the model was unloaded while the request ran"):
+        await running

@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ import pytest
 from app.core.model import load_model
 from app.core.nets import Classifier
 from app.core.sampling import sample
+from app.engine.filters import FilterReport, FilterSpec, fill
+from app.errors import InvalidInputError
 from app.ml.evaluation import predict
 from tests.conftest import copy_shipped, serve
 
@@ -73,10 +77,61 @@ async def test_unfillable_filters_fail_with_422_not_a_loop(shipped: Path) -> Non
         client.app.state.repository.entries["mnist-cvae"].judge.threshold = 1e9  # type: ignore[attr-defined]
         response = await client.post("/v1/models/mnist-cvae/generate", json={"n": 5, "max_similarity": True})
     assert response.status_code == 422
-    assert "would find no candidate passing the filters in 3 tries" in response.json()["detail"]
+    assert "found no candidate passing the filters in 1 of at most 3 tries" in response.json()["detail"]
 
 
 async def test_model_without_evaluator_refuses_filters(models_dir: Path) -> None:
     async with serve(models_dir) as client:
         response = await client.post("/v1/models/digits-gan/generate", json={"n": 2, "min_confidence": 0.5})
     assert response.status_code == 422 and "synthgen evaluate" in response.json()["detail"]
+
+
+class _OddAfterTwo:
+    """A stand-in judge: candidates 0..2 (a whole first round of 3) are rejected, then every odd index passes."""
+
+    def verdicts(self, images: np.ndarray, labels: np.ndarray, spec: FilterSpec) -> tuple[np.ndarray, np.ndarray]:
+        index = images[:, 0, 0, 0].astype(int)
+        return (index >= 3) & (index % 2 == 1), np.ones(len(images), dtype=bool)
+
+
+async def _by_index(indices: list[int], labels: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+    images = np.zeros((len(indices), 2, 2, 1), dtype=np.uint8)
+    images[:, 0, 0, 0] = indices
+    return images, np.zeros(len(indices), dtype=np.int64)
+
+
+async def test_a_first_round_without_acceptance_does_not_end_a_small_request() -> None:
+    spec = FilterSpec(min_confidence=0.5)
+    with ThreadPoolExecutor(1) as executor:
+        _, _, indices = await fill(_by_index, _OddAfterTwo(), executor, spec, [0, 1, 2], [0, 0, 0], 3, 20,
+                                   FilterReport())
+    assert indices.tolist() == [3, 7, 5]
+
+
+async def test_a_hopeless_request_reports_the_rounds_it_ran() -> None:
+    async def generate(indices: list[int], labels: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+        return await _by_index([0] * len(indices), labels)  # index 0: always rejected
+
+    with ThreadPoolExecutor(1) as executor, pytest.raises(InvalidInputError) as raised:
+        await fill(generate, _OddAfterTwo(), executor, FilterSpec(min_confidence=0.5), list(range(500)), [0] * 500,
+                   500, 20, FilterReport())
+    assert "500 of 500 samples found no candidate passing the filters in 1 of at most 20 tries" in str(raised.value)
+    assert "500 candidates tried" in str(raised.value)
+
+
+async def test_request_timeout_bounds_all_the_rounds_of_a_filtered_request(shipped: Path) -> None:
+    async with serve(shipped, request_timeout_s=0.5, filter_max_rounds=30) as client:
+        served = client.app.state.repository.entries["mnist-cvae"]  # type: ignore[attr-defined]
+        served.judge.threshold = 1e9  # nothing passes max_similarity, and a 2-sample request keeps trying
+        run_batch = served.batcher._run_batch
+
+        def slow(*args):  # type: ignore[no-untyped-def]
+            time.sleep(0.1)
+            return run_batch(*args)
+
+        served.batcher._run_batch = slow
+        started = time.monotonic()
+        response = await client.post("/v1/models/mnist-cvae/generate", json={"n": 2, "max_similarity": True})
+    assert response.status_code == 504, response.text
+    assert "waited over 0.5 s (SYNTHGEN_REQUEST_TIMEOUT_S)" in response.json()["detail"]
+    assert time.monotonic() - started < 1.5  # not 30 rounds × 0.1 s

@@ -126,3 +126,16 @@ def test_client_disconnect_mid_stream_stops_generation(server: tuple[str, int]) 
     queued = re.search(r'^synthgen_queued_samples\{model="digits-gan"\} ([0-9.e+]+)$',
                        httpx.get(f"{url}/metrics").text, re.M)
     assert float(queued.group(1)) == 0  # and the queue drained
+
+
+async def test_cors_lets_a_browser_read_the_headers_the_api_sends(models_dir: Path) -> None:
+    origin = {"Origin": "https://app.example"}
+    async with serve(models_dir, cors_origins=["https://app.example"]) as client:
+        preflight = await client.options("/v1/jobs/abc/result", headers={
+            **origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization,range"})
+        response = await client.post("/v1/models/digits-gan/generate", json={"n": 2, "seed": 0}, headers=origin)
+    assert preflight.status_code == 200 and "range" in preflight.headers["access-control-allow-headers"].lower()
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "https://app.example"
+    exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "x-seed", "x-rejected", "retry-after", "location", "content-disposition",
+            "content-range"} <= exposed

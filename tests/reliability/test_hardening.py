@@ -88,6 +88,41 @@ async def test_jobs_belong_to_their_key_and_models_to_admins(models_dir: Path) -
         assert (await client.post("/v1/models/digits-gan/load", headers=auth(ADMIN))).status_code == 200
 
 
+async def test_a_model_trained_through_the_api_is_its_key_s_and_the_admins(models_dir: Path) -> None:
+    from app.api.deps import key_fingerprint
+
+    version = models_dir.parent / "data" / "models" / "secret" / "1"  # as a training by key A leaves it
+    shutil.copytree(models_dir / "digits-gan", version)
+    config = json.loads((version / "config.json").read_text())
+    (version / "config.json").write_text(json.dumps({**config, "trained_by": key_fingerprint(A), "training_job": "j1"}))
+    shared = models_dir / "digits-vae" / "config.json"  # a repository model that says who trained it
+    shared.write_text(json.dumps({**json.loads(shared.read_text()), "trained_by": key_fingerprint(A)}))
+    async with serve(models_dir, api_keys=[A, B], admin_api_keys=[ADMIN]) as client:
+        for key in (A, ADMIN):
+            assert "secret" in [m["name"] for m in (await client.get("/v1/models", headers=auth(key))).json()["models"]]
+            described = await client.get("/v1/models/secret", headers=auth(key))
+            assert described.status_code == 200 and described.json()["config"]["trained_by"] == key_fingerprint(A)
+            generated = await client.post("/v1/models/secret@1/generate", json={"n": 1}, headers=auth(key))
+            assert generated.status_code == 200
+        listed = (await client.get("/v1/models", headers=auth(B))).json()["models"]
+        assert [m["name"] for m in listed] == ["digits-gan", "digits-vae"]
+        for method, path, body in (
+                ("GET", "/v1/models/secret", None), ("GET", "/v1/models/secret@1", None),
+                ("GET", "/v1/models/secret/card?format=html", None), ("GET", "/v1/models/secret/card", None),
+                ("POST", "/v1/models/secret/generate", {"n": 1}), ("POST", "/v1/models/secret@1/generate", {"n": 1}),
+                ("POST", "/v1/models/secret/generate", {"n": 1, "colour": "red"}),  # not the fast lane
+                ("POST", "/v1/models/secret/datasets", {"n": 2, "format": "npz"}),
+                ("POST", "/v1/models/secret/interpolate", {"seed_a": 0, "seed_b": 1}),
+                ("POST", "/v1/jobs", {"model": "secret", "n": 2})):
+            other = await client.request(method, path, json=body, headers=auth(B))
+            if "colour" in (body or {}):
+                assert other.status_code == 422, other.text  # body validation answers first, as for any model
+                continue
+            assert other.status_code == 404 and "no model named" in other.json()["detail"], (method, path, other.text)
+        public = (await client.get("/v1/models/digits-vae", headers=auth(B))).json()["config"]
+        assert "trained_by" not in public and "latent_dim" in public
+
+
 async def test_open_mode_is_said_at_start_up(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     async with serve(models_dir):

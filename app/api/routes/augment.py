@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from app.api.deps import RepositoryDep, SettingsDep, require_api_key, require_multipart
+from app.api.deps import CallerDep, RepositoryDep, SettingsDep, require_api_key, require_multipart
 from app.api.schemas import AugmentationsRequest, ErrorPublic, FormBool, FormInt
 from app.core.sampling import MAX_SEED
 from app.engine.augment import AugmentRequest, AugmentSpec, check_request, parse_upload, stream_augmented, zip_limits
@@ -37,6 +37,7 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
 )
 async def augment_dataset(
     repository: RepositoryDep,
+    caller: CallerDep,
     settings: SettingsDep,
     dataset: Annotated[UploadFile, File(description="the dataset zip")],
     model: Annotated[str, Form(description="model that fills the classes", examples=["mnist-cgan"])],
@@ -55,7 +56,7 @@ async def augment_dataset(
                              for e in exc.errors())
         raise InvalidInputError(f"augmentations: {problems}") from None
     request = AugmentRequest(spec, copies_per_image, target_per_class, seed, include_originals, convert)
-    served = repository.acquire(model)
+    served = repository.acquire(model, caller.models_of)
     try:
         # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
         upload = await served.on_cpu(parse_upload, await dataset.read(), served.model, convert, zip_limits(settings))

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
+from app.api.deps import CallerDep, ModelName, RepositoryDep, SettingsDep, require_api_key, require_json
 from app.api.schemas import DatasetRequest, ErrorPublic
 from app.engine.exports import MEDIA_TYPES, export_limit, stream_export
 from app.engine.plans import plan_samples
@@ -47,8 +47,10 @@ EXAMPLES = {
     dependencies=[Depends(require_json)],
 )
 async def export_dataset(body: Annotated[DatasetRequest, Body(openapi_examples=EXAMPLES)], repository: RepositoryDep,
-                         settings: SettingsDep, name: ModelName, request: Request) -> StreamingResponse:
-    served = repository.acquire(name)  # the export finishes on this version even if the model is reloaded
+                         settings: SettingsDep, name: ModelName, request: Request, caller: CallerDep
+                         ) -> StreamingResponse:
+    # the export finishes on this version even if the model is reloaded
+    served = repository.acquire(name, caller.models_of)
     try:
         plan = plan_samples(served.model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,
                             label=body.label, seed=body.seed, truncation=body.truncation, filters=body.filters())

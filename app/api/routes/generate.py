@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
-from app.api.deps import ModelName, require_api_key, require_json
+from app.api.deps import Caller, CallerDep, ModelName, require_api_key, require_json
 from app.api.disconnect import unless_disconnected
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, GenerateRequest
@@ -43,16 +43,16 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
     dependencies=[Depends(require_json)],
 )
 async def generate_samples(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)], request: Request,
-                           name: ModelName) -> Response:
-    return await answer(request, body, name)
+                           name: ModelName, caller: CallerDep) -> Response:
+    return await answer(request, body, name, caller)
 
 
-async def answer(request: Request, body: GenerateRequest, name: str) -> Response:
+async def answer(request: Request, body: GenerateRequest, name: str, caller: Caller) -> Response:
     """The answer to a valid generate request (authenticated, body validated): the route's and the fast lane's."""
     repository: ModelRepository = request.app.state.repository
     settings: Settings = request.app.state.settings
     request.state.n = body.n
-    async with repository.serving(name) as served:
+    async with repository.serving(name, caller.models_of) as served:
         plan = plan_samples(served.model, n=body.n, label=body.label, seed=body.seed, truncation=body.truncation,
                             filters=body.filters(), max_samples=settings.max_samples_per_request,
                             scope="one request (SYNTHGEN_MAX_SAMPLES_PER_REQUEST; use a dataset export for more)")

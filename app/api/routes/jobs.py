@@ -81,7 +81,7 @@ def job_with_files(store: JobStore, job: Job) -> JobPublic:
 async def create_dataset_job(body: Annotated[JobRequest, Body(openapi_examples=EXAMPLES)], response: Response,
                              repository: RepositoryDep, settings: SettingsDep, store: StoreDep, worker: WorkerDep,
                              caller: CallerDep, webhooks: WebhooksDep, request: Request) -> JobPublic:
-    model = repository.ready_model(body.model).model
+    model = repository.ready_model(body.model, caller.models_of).model
     if body.callback_url is not None:
         await asyncio.to_thread(webhooks.policy.check, body.callback_url)
     plan = plan_samples(model, *export_limit(settings, body.format), per_class=body.per_class, n=body.n,

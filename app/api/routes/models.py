@@ -4,22 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from app.api.card_page import card_page
-from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
+from app.api.deps import Caller, CallerDep, ModelName, RepositoryDep, SettingsDep, require_admin, require_api_key
+from app.api.disconnect import unless_disconnected
+from app.api.page_security import card_headers
 from app.api.schemas import ErrorPublic, ModelDetailPublic, ModelPublic, ModelsPublic
 from app.engine.cards import card_images
-from app.engine.repository import ModelEntry, ModelRepository
+from app.engine.repository import ModelEntry, ModelRepository, visible
 from app.errors import ConflictError
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)],
                    responses={code: {"model": ErrorPublic} for code in (401, 403, 422)})
 
 
-def model_public(repository: ModelRepository, entry: ModelEntry, dtype: str, detail: bool = False
-                 ) -> ModelPublic | ModelDetailPublic:
+PRIVATE_CONFIG = ("trained_by", "training_job")  # who trained a model, and how: for that key and admins only
+
+
+def model_public(repository: ModelRepository, entry: ModelEntry, dtype: str, detail: bool = False,
+                 caller: Caller | None = None) -> ModelPublic | ModelDetailPublic:
     fields: dict = {"name": entry.base_name, "version": entry.version, "versions": repository.versions(entry.name),
                     "status": entry.status, "error": entry.error, "kind": None}
     model = entry.model
@@ -30,16 +35,20 @@ def model_public(repository: ModelRepository, entry: ModelEntry, dtype: str, det
                       dtype=dtype if model.device.type == "cuda" else "float32",
                       quality=model.card.get("metrics", {}))
         if detail:
-            return ModelDetailPublic(**fields, config=model.config, card=model.card)
+            config = model.config
+            if caller is not None and not caller.is_admin and config.get("trained_by") != caller.owner:
+                config = {key: value for key, value in config.items() if key not in PRIVATE_CONFIG}
+            return ModelDetailPublic(**fields, config=config, card=model.card)
     return ModelDetailPublic(**fields) if detail else ModelPublic(**fields)
 
 
 @router.get("", summary="List models", response_model=ModelsPublic,
             description="Every model of the repository with its status, shape, classes and quality summary; a "
                         "versioned model (trained through the API) once, as its newest version, with `versions`.")
-async def list_models(repository: RepositoryDep, settings: SettingsDep) -> ModelsPublic:
+async def list_models(repository: RepositoryDep, settings: SettingsDep, caller: CallerDep) -> ModelsPublic:
     repository.discover()
-    shown = sorted({repository.get(entry.base_name).name for entry in repository.entries.values()})
+    newest = {repository.get(entry.base_name).name for entry in repository.entries.values()}
+    shown = sorted(name for name in newest if visible(repository.entries[name], caller.models_of))
     return ModelsPublic(models=[model_public(repository, repository.entries[key], settings.dtype) for key in shown])
 
 
@@ -47,8 +56,10 @@ async def list_models(repository: RepositoryDep, settings: SettingsDep) -> Model
             description="The model's summary (with its versions) plus its whole config.json and card.json; "
                         "`name@version` describes one version.",
             responses={404: {"model": ErrorPublic}})
-async def get_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName) -> ModelDetailPublic:
-    return model_public(repository, repository.get(name), settings.dtype, detail=True)
+async def get_model(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+                    caller: CallerDep) -> ModelDetailPublic:
+    return model_public(repository, repository.get(name, caller.models_of), settings.dtype, detail=True,
+                        caller=caller)
 
 
 @router.get("/{name}/card", summary="A model's quality card", response_model=None,
@@ -57,14 +68,15 @@ async def get_model(repository: RepositoryDep, settings: SettingsDep, name: Mode
                         "neighbour grid.",
             responses={200: {"content": {"application/json": {}, "text/html": {}}}, 404: {"model": ErrorPublic},
                        409: {"model": ErrorPublic}})
-async def get_model_card(repository: RepositoryDep, name: ModelName,
+async def get_model_card(request: Request, repository: RepositoryDep, name: ModelName, caller: CallerDep,
                          format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json"
                          ) -> Response:
-    async with repository.serving(name) as served:
+    async with repository.serving(name, caller.models_of) as served:
         if format == "json":
             return JSONResponse(served.model.card)
-        samples_png, neighbours_png = await card_images(served, repository.settings)
-    return HTMLResponse(card_page(name, served.model.card, samples_png, neighbours_png))
+        images = await unless_disconnected(request, card_images(served, repository.settings))
+    return HTMLResponse(card_page(name, served.model.card, images.samples_png, images.neighbours_png, images.note),
+                        headers=card_headers())
 
 
 @router.post("/{name}/load", summary="Load or reload a model", response_model=ModelPublic,

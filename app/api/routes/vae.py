@@ -7,7 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, File, Form, UploadFile
 from fastapi.responses import Response
 
-from app.api.deps import ModelName, RepositoryDep, SettingsDep, require_api_key, require_json, require_multipart
+from app.api.deps import (
+    CallerDep,
+    ModelName,
+    RepositoryDep,
+    SettingsDep,
+    require_api_key,
+    require_json,
+    require_multipart,
+)
 from app.api.responses import SAMPLE_RESPONSES, samples_response
 from app.api.schemas import ErrorPublic, FormBool, FormInt, InterpolateRequest, OutputFormat
 from app.engine import vae
@@ -38,13 +46,13 @@ def _split_labels(labels: str | None) -> list[str | int] | None:
              description="Upload PNG/JPEG images; each is encoded and decoded (the posterior mean). `labels`: one "
                          "class for all or one per image, comma-separated; omitted → the best-fitting class.",
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_multipart)])
-async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName, caller: CallerDep,
                              files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                              labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
                              convert: ConvertForm = False, format: FormatForm = "png") -> Response:
     if len(files) > settings.max_upload_files:
         raise InvalidInputError(f"{len(files)} files is over the limit of {settings.max_upload_files} per request")
-    async with repository.serving(name) as served:
+    async with repository.serving(name, caller.models_of) as served:
         vae.require_vae(served.model)
         images = await vae.decode_uploads(served, await _read(files, "file"), convert, settings.max_image_pixels)
         samples = await vae.reconstruct(served, images, _split_labels(labels))
@@ -56,8 +64,8 @@ async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, n
                          "of (seed_b, index 0); a conditional VAE also morphs label_a into label_b.",
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_json)])
 async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_examples=INTERPOLATE_EXAMPLES)],
-                              repository: RepositoryDep, name: ModelName) -> Response:
-    async with repository.serving(name) as served:
+                              repository: RepositoryDep, name: ModelName, caller: CallerDep) -> Response:
+    async with repository.serving(name, caller.models_of) as served:
         samples = await vae.interpolate(served, body.seed_a, body.seed_b, body.label_a, body.label_b, body.steps)
     return await samples_response(samples, body.format)
 
@@ -66,14 +74,14 @@ async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_e
              description="Upload an image and a mask of the same size (white = missing). The gaps are filled by "
                          "iterating encode/decode while the known pixels stay clamped.",
              responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_multipart)])
-async def inpaint_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName,
+async def inpaint_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName, caller: CallerDep,
                          image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
                          mask: Annotated[UploadFile, File(description="white where pixels are missing")],
                          label: Annotated[str | None,
                                           Form(description="class; omitted → the best-fitting class")] = None,
                          iterations: Annotated[FormInt, Form(ge=1, le=500)] = 60,
                          convert: ConvertForm = False, format: FormatForm = "png") -> Response:
-    async with repository.serving(name) as served:
+    async with repository.serving(name, caller.models_of) as served:
         vae.require_vae(served.model)
         pixels = await vae.decode_uploads(served, await _read([image], "image"), convert,
                                           settings.max_image_pixels)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,85 @@ async def test_card_as_json_and_as_a_self_contained_html_report(tmp_path) -> Non
     assert text.count('src="data:image/png;base64,') >= 1 and "Per class" in text and "src=\"http" not in text
     assert "latent scale chosen on the validation split" in text and "0.9731" in text
     assert missing.status_code == 404
+
+
+def test_card_rows_stay_within_the_sample_limit() -> None:
+    from app.engine.cards import MAX_ROWS, card_rows
+
+    assert card_rows(10, 10_000) == (10, 8)
+    assert card_rows(10, 16) == (10, 1)  # fewer per class
+    assert card_rows(40, 16) == (16, 1)  # only the first classes
+    assert card_rows(6000, 10_000) == (MAX_ROWS, 1)  # not 48,000 samples, nor a 6000-row grid
+
+
+async def test_html_card_is_bounded_and_made_once_per_version(models_dir: Path) -> None:
+    async with serve(models_dir, max_samples_per_request=16) as client:
+        repository = client.app.state.repository  # type: ignore[attr-defined]
+        classes = len((await client.get("/v1/models/digits-gan")).json()["class_names"])
+        first = await client.get("/v1/models/digits-gan/card", params={"format": "html"})
+        again = await client.get("/v1/models/digits-gan/card", params={"format": "html"})
+        assert first.status_code == again.status_code == 200 and first.text == again.text
+        assert repository.entries["digits-gan"].batcher.stats.samples == classes == 10  # 1 a class, made once
+        assert "all 10 classes, 1 each: a card shows at most 100 classes and 16 samples" in first.text
+        assert (await client.post("/v1/models/digits-gan/load")).status_code == 200  # a new version: a new grid
+        assert (await client.get("/v1/models/digits-gan/card", params={"format": "html"})).status_code == 200
+        assert repository.entries["digits-gan"].batcher.stats.samples == 10
+
+
+async def test_html_card_stops_when_its_client_goes_away(models_dir: Path) -> None:
+    async with serve(models_dir, max_batch_size=8) as client:
+        app = client.app  # type: ignore[attr-defined]
+        batcher = app.state.repository.entries["digits-gan"].batcher
+        run_batch = batcher._run_batch
+
+        def slow(*args):  # type: ignore[no-untyped-def]
+            time.sleep(0.05)
+            return run_batch(*args)
+
+        batcher._run_batch = slow
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            while batcher.stats.forward_passes < 2:  # hang up once generation is under way
+                await asyncio.sleep(0.001)
+            return {"type": "http.disconnect"}
+
+        messages: list[dict] = []
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": "/v1/models/digits-gan/card", "raw_path": b"",
+                 "query_string": b"format=html", "root_path": "", "headers": [(b"host", b"test")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+        await app(scope, receive, send)
+        assert messages[0]["status"] == 499
+        await asyncio.sleep(0.2)
+        assert batcher.stats.samples < 80 and batcher.queued_samples == 0  # the grid's 10 × 8 samples stopped
+        batcher._run_batch = run_batch
+        assert (await client.get("/v1/models/digits-gan/card", params={"format": "html"})).status_code == 200
+
+
+async def test_html_pages_send_a_content_security_policy(models_dir: Path) -> None:
+    import base64
+    import hashlib
+    import re
+
+    async with serve(models_dir) as client:
+        card = await client.get("/v1/models/digits-gan/card", params={"format": "html"})
+        gallery = await client.get("/")
+    for page in (card, gallery):
+        assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert card.headers["content-security-policy"].startswith("default-src 'none'; img-src data:;")
+    # the same policy inside the page, for the gallery's copy opened from a blob: URL
+    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:;' in card.text
+    assert set(re.findall(r'<img[^>]* src="([a-z]+):', card.text)) == {"data"}  # what img-src data: allows
+    scripts = re.findall(r"<script>(.*?)</script>", gallery.text, flags=re.S)
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert len(scripts) == 1 and f"script-src 'sha256-{digest}';" in gallery.headers["content-security-policy"]
