@@ -99,24 +99,26 @@ def test_the_full_card_opens_from_the_gallery_under_its_policy(server: tuple[str
     assert browser.find_element(By.TAG_NAME, "h1").text == "digits-gan"
 
 
-def test_gallery_shows_hostile_class_names_as_text(tmp_path, tiny_gan, browser) -> None:
+def test_gallery_shows_hostile_card_values_as_text(tmp_path, tiny_gan, browser) -> None:
     import json
 
     from selenium.webdriver.common.by import By
 
     from tests.conftest import launch_server, stop_server
 
+    # class names that are markup are refused when a model loads; a card's values are shown as they are
     hostile = '<img src=x onerror="document.title=\'pwned\'">'
     models = tmp_path / "models"
     shutil.copytree(tiny_gan, models / "digits-gan")
-    config = json.loads((models / "digits-gan" / "config.json").read_text())
-    config["class_names"][0] = hostile
-    (models / "digits-gan" / "config.json").write_text(json.dumps(config))
+    card = json.loads((models / "digits-gan" / "card.json").read_text())
+    card.setdefault("metrics", {})["note"] = hostile
+    (models / "digits-gan" / "card.json").write_text(json.dumps(card))
     process, url = launch_server(models, tmp_path / "data")
     try:
         browser.get(url + "/")
-        option = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#label option")[1])
-        assert option.text == hostile  # shown as text, not parsed as markup
-        assert not browser.find_elements(By.CSS_SELECTOR, "#label img") and browser.title != "pwned"
+        cell = _wait(lambda: next(row for row in browser.find_elements(By.CSS_SELECTOR, "#card tbody tr")
+                                  if row.text.startswith("note")))
+        assert "<img src=x onerror=" in cell.text  # shown as text (JSON-quoted), not parsed as markup
+        assert not browser.find_elements(By.CSS_SELECTOR, "#card img") and browser.title != "pwned"
     finally:
         stop_server(process)
