@@ -209,7 +209,8 @@ def _settings(args: argparse.Namespace, **extra: object) -> Settings:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
         # without the values pydantic would quote: a refused database URL may hold a password
-        errors = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        errors = "; ".join((f"SYNTHGEN_{'.'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
+                           + error["msg"].removeprefix("Value error, ") for error in exc.errors())
         raise InvalidInputError(f"invalid settings: {errors}") from exc
 
 

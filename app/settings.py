@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -156,6 +157,24 @@ class Settings(BaseSettings):
         if any(len(key) < 16 for key in value):
             raise ValueError("each API key must be at least 16 characters long")
         return value
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _allow_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:  # a network with a typo would otherwise be read as a host name and allow nothing
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not a network such as 10.0.0.0/8") from None
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_queued_samples < self.max_samples_per_request:  # such a request would get 503 forever
+            raise ValueError(f"SYNTHGEN_MAX_QUEUED_SAMPLES ({self.max_queued_samples}) must be at least "
+                             f"SYNTHGEN_MAX_SAMPLES_PER_REQUEST ({self.max_samples_per_request})")
+        return self
 
     @property
     def open_access(self) -> bool:

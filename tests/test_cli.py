@@ -240,3 +240,21 @@ def test_unreachable_database_exits_cleanly_without_its_password(tmp_path: Path,
     err = capsys.readouterr().err
     assert "synthgen db: error: cannot use the jobs database postgresql+psycopg://user:***@127.0.0.1:1/db" in err
     assert "secret" not in err
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SYNTHGEN_MAX_BATCH_SIZE": "0"}, "SYNTHGEN_MAX_BATCH_SIZE: Input should be greater than or equal to 1"),
+    ({"SYNTHGEN_MAX_QUEUED_SAMPLES": "50"},  # a request of 51 to 10,000 samples would get 503 forever
+     "SYNTHGEN_MAX_QUEUED_SAMPLES (50) must be at least SYNTHGEN_MAX_SAMPLES_PER_REQUEST (10000)"),
+    ({"SYNTHGEN_WEBHOOK_ALLOW_HOSTS": "10.0.0.0/33"}, "'10.0.0.0/33' is not a network such as 10.0.0.0/8"),
+    ({"SYNTHGEN_ADMIN_API_KEYS": "an-admin-key-of-some-length,short"},
+     "SYNTHGEN_ADMIN_API_KEYS: each API key must be at least 16 characters long"),
+])
+def test_bad_settings_name_their_variable_and_never_echo_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys, env: dict[str, str], message: str) -> None:
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "an-admin-key-of-some-length" not in err, err

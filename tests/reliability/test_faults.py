@@ -34,7 +34,8 @@ async def test_dead_worker_is_reported_and_restarted(faulty_models_dir: Path) ->
 async def test_overload_answers_only_200_503_504_and_recovers(models_dir: Path) -> None:
     import os
 
-    async with serve(models_dir, max_queued_samples=64, max_batch_size=16, request_timeout_s=5) as client:
+    async with serve(models_dir, max_queued_samples=64, max_samples_per_request=64, max_batch_size=16,
+                     request_timeout_s=5) as client:
         before = rss_mb(os.getpid())
         responses = await asyncio.gather(*(client.post("/v1/models/digits-gan/generate", json={"n": 4, "seed": i})
                                            for i in range(2000)))

@@ -77,10 +77,12 @@ async def test_small_request_is_not_starved_behind_a_big_one(models_dir: Path) -
         assert len(images) == 10_000
 
 async def test_overload_gets_503_with_retry_after(models_dir: Path) -> None:
-    async with serve(models_dir, max_queued_samples=50) as client:
-        response = await client.post("/v1/models/digits-gan/generate", json={"n": 60})
-        assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert "limit of 50" in response.json()["detail"]
+    async with serve(models_dir, max_queued_samples=50, max_samples_per_request=50, max_batch_size=8) as client:
+        responses = await asyncio.gather(*(client.post("/v1/models/digits-gan/generate", json={"n": 50, "seed": i})
+                                           for i in range(20)))
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused and {r.status_code for r in responses} == {200, 503}
+        assert all(r.headers["retry-after"] == "1" and "limit of 50" in r.json()["detail"] for r in refused)
         assert (await client.post("/v1/models/digits-gan/generate", json={"n": 10})).status_code == 200
 
 async def test_timeout_gets_504_and_leaves_the_queue(models_dir: Path) -> None:
