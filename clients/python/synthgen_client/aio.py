@@ -23,7 +23,7 @@ class AsyncClient:
                  backoff_s: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
-                                       transport=transport)
+                                       transport=transport, follow_redirects=True)  # as Client's
         self.max_retries, self.backoff_s = max_retries, backoff_s
 
     async def aclose(self) -> None:

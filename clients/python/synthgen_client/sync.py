@@ -21,7 +21,10 @@ class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 3,
                  backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        # redirects followed: a server with SYNTHGEN_RESULTS_REDIRECT sends downloads to the object store (httpx
+        # drops the API key when a redirect leaves the server's origin)
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport,
+                                  follow_redirects=True)
         self.max_retries, self.backoff_s = max_retries, backoff_s
 
     def close(self) -> None:

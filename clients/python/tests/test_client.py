@@ -242,3 +242,21 @@ async def test_download_resumes_only_its_own_part(kind: type[Client] | type[Asyn
         await download("g.zip")
     assert not (tmp_path / "g.zip").exists() and not (tmp_path / "g.zip.j1.part").exists()
     await _close(client)
+
+
+def test_a_download_redirected_to_the_store_is_fetched_without_the_key(tmp_path: Path) -> None:
+    # a server with SYNTHGEN_RESULTS_REDIRECT answers downloads with 307 to a presigned URL of the object store
+    data, seen = b"zip bytes from the store", []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.host, request.headers.get("authorization")))
+        if request.url.host == "store.example":
+            return httpx.Response(200, content=data)
+        if request.url.path == "/v1/jobs/j1":
+            return httpx.Response(200, json={"id": "j1", "format": "zip", "result_url": "/v1/jobs/j1/result",
+                                             "result_bytes": len(data)})
+        return httpx.Response(307, headers={"Location": "https://store.example/j1.zip?signature=x"})
+
+    with Client("http://api.example", api_key="k" * 16, transport=httpx.MockTransport(handler)) as client:
+        assert client.download("j1", tmp_path / "d.zip", progress=False).read_bytes() == data
+    assert seen[-1] == ("store.example", None) and seen[0][1] == "Bearer " + "k" * 16
