@@ -296,16 +296,25 @@ class ModelRepository:
         entry.status = status
         self.metrics.set_status(entry.name, status)
 
-    def not_ready(self) -> list[str]:
-        """What keeps the server from being ready: models not ready, workers not running."""
-        problems = []
+    def not_ready(self, public: bool = False) -> list[str]:
+        """What keeps the server from being ready: models not ready, workers not running. With `public` (anyone
+        may ask), models trained through the API are counted, not named."""
+        problems, private = [], 0
         for entry in self.entries.values():
             if entry.status == ModelStatus.UNLOADED:
                 continue
             if entry.status != ModelStatus.READY:
-                problems.append(f"model {entry.name} is {entry.status}" + (f": {entry.error}" if entry.error else ""))
+                problem = f"model {entry.name} is {entry.status}" + (f": {entry.error}" if entry.error else "")
             elif entry.batcher is None or not entry.batcher.running:
-                problems.append(f"model {entry.name}: worker not running")
+                problem = f"model {entry.name}: worker not running"
+            else:
+                continue
+            if public and entry.owner is not None:
+                private += 1
+            else:
+                problems.append(problem)
+        if private:
+            problems.append(f"{private} model version(s) trained through the API are not ready")
         if not any(entry.status == ModelStatus.READY for entry in self.entries.values()):
             problems.append("no model is loaded")
         return problems

@@ -121,6 +121,9 @@ async def test_a_model_trained_through_the_api_is_its_key_s_and_the_admins(model
             assert other.status_code == 404 and "no model named" in other.json()["detail"], (method, path, other.text)
         public = (await client.get("/v1/models/digits-vae", headers=auth(B))).json()["config"]
         assert "trained_by" not in public and "latent_dim" in public
+        ready = (await client.get("/readyz")).json()  # anyone may ask: the trained version is not named there
+        assert "secret@1" not in ready["models"] and "digits-gan" in ready["models"]
+        assert not any("secret" in problem for problem in ready["problems"])
 
 
 async def test_open_mode_is_said_at_start_up(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
