@@ -75,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served = await asyncio.to_thread(model_settings, settings)
         repository = ModelRepository(served, device, executor, cpu, metrics)
         app.state.repository = repository
+        if not served.models_dir.is_dir():
+            log.warning("the model repository %s does not exist (SYNTHGEN_MODELS_DIR): only models trained through "
+                        "the API will be served", served.models_dir)
         if settings.open_access:
             log.warning("no API keys are configured: anyone who can reach this server may use every operation "
                         "(set SYNTHGEN_API_KEYS and SYNTHGEN_ADMIN_API_KEYS to require keys)")

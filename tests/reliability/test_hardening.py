@@ -133,6 +133,13 @@ async def test_open_mode_is_said_at_start_up(models_dir: Path, caplog: pytest.Lo
     assert "no API keys are configured" in caplog.text
 
 
+async def test_a_missing_model_repository_is_said_at_start_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    async with serve(tmp_path / "no-such-folder") as client:
+        assert (await client.get("/readyz")).status_code == 503
+    assert "no-such-folder does not exist (SYNTHGEN_MODELS_DIR)" in caplog.text
+
+
 async def test_failed_authentications_are_rate_limited(models_dir: Path) -> None:
     async with serve(models_dir, api_keys=[A]) as client:
         statuses = [(await client.get("/v1/models", headers=auth("x" * 20))).status_code for _ in range(12)]
