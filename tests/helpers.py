@@ -79,3 +79,31 @@ async def wait_for_job(client: httpx.AsyncClient, job_id: str, states: tuple[str
             break
         await asyncio.sleep(0.01)
     raise AssertionError(f"job {job_id} stayed {job['state']}")
+
+
+async def hang_up_mid_generation(app, batcher, method: str, path: str, query: bytes = b"", body: bytes = b"",
+                                 headers: list[tuple[bytes, bytes]] = ()) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Drive one request through the ASGI `app` with a client that hangs up once `batcher` has run two forward
+    passes for it; returns the messages the app sent."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        while batcher.stats.forward_passes < 2:
+            await asyncio.sleep(0.001)
+        return {"type": "http.disconnect"}
+
+    messages: list[dict] = []
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": b"", "query_string": query, "root_path": "",
+             "headers": [*headers, (b"host", b"test")], "client": ("127.0.0.1", 1), "server": ("test", 80),
+             "state": {}}
+    await app(scope, receive, send)
+    return messages

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import serve
-from tests.helpers import metric_value, npz_arrays
+from tests.helpers import hang_up_mid_generation, metric_value, npz_arrays
 
 pytestmark = pytest.mark.anyio
 
@@ -97,28 +97,9 @@ async def test_disconnected_client_is_cancelled(models_dir: Path) -> None:
     async with serve(models_dir, max_batch_size=8) as client:
         app = client.app  # type: ignore[attr-defined]
         batcher = app.state.repository.entries["digits-gan"].batcher
-        body = json.dumps({"n": 5000, "format": "npz"}).encode()
-        sent = False
-
-        async def receive() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            while batcher.stats.forward_passes < 2:  # hang up once generation is under way
-                await asyncio.sleep(0.001)
-            return {"type": "http.disconnect"}
-
-        messages: list[dict] = []
-
-        async def send(message: dict) -> None:
-            messages.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/models/digits-gan/generate", "raw_path": b"", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
-                 "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
-        await app(scope, receive, send)
+        messages = await hang_up_mid_generation(app, batcher, "POST", "/v1/models/digits-gan/generate",
+                                                body=json.dumps({"n": 5000, "format": "npz"}).encode(),
+                                                headers=[(b"content-type", b"application/json")])
         assert messages[0]["status"] == 499
         assert batcher.queued_samples == 0
         await asyncio.sleep(0.05)

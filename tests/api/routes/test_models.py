@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import serve
+from tests.helpers import hang_up_mid_generation
 
 pytestmark = pytest.mark.anyio
 
@@ -143,27 +144,7 @@ async def test_html_card_stops_when_its_client_goes_away(models_dir: Path) -> No
             return run_batch(*args)
 
         batcher._run_batch = slow
-        sent = False
-
-        async def receive() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            while batcher.stats.forward_passes < 2:  # hang up once generation is under way
-                await asyncio.sleep(0.001)
-            return {"type": "http.disconnect"}
-
-        messages: list[dict] = []
-
-        async def send(message: dict) -> None:
-            messages.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                 "scheme": "http", "path": "/v1/models/digits-gan/card", "raw_path": b"",
-                 "query_string": b"format=html", "root_path": "", "headers": [(b"host", b"test")],
-                 "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
-        await app(scope, receive, send)
+        messages = await hang_up_mid_generation(app, batcher, "GET", "/v1/models/digits-gan/card", b"format=html")
         assert messages[0]["status"] == 499
         await asyncio.sleep(0.2)
         assert batcher.stats.samples < 80 and batcher.queued_samples == 0  # the grid's 10 × 8 samples stopped
