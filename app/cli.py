@@ -242,7 +242,7 @@ def _db(args: argparse.Namespace) -> None:
     try:
         upgrade(engine)
     except sa.exc.OperationalError as exc:  # unreachable, refused, wrong password, no such database
-        reason = str(exc.orig or exc).strip().splitlines()[0]
+        reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SynthgenError(f"cannot use the jobs database {engine.url.render_as_string(hide_password=True)}: "
                             f"{reason}") from exc
     print("the jobs database schema is up to date")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
@@ -15,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from app.core.images import decode_to_shape
-from app.core.model import SyntheticModel
+from app.core.model import CLASS_NAME, SyntheticModel
 from app.core.safezip import ZipLimits, read_zip
 from app.engine.archives import ImageFolderZip
 from app.engine.generation import sampler
@@ -126,9 +125,6 @@ def _flat_labels(extras: dict[str, bytes], files: list[tuple[str, bytes]]) -> di
 def zip_limits(settings: Settings) -> ZipLimits:
     return ZipLimits(max_bytes=settings.max_decompressed_bytes, max_files=settings.max_archive_files,
                      max_pixels=settings.max_image_pixels, max_member_bytes=settings.max_member_bytes)
-
-
-CLASS_NAME = re.compile(r"^\w(?:[\w .+()-]{0,98}[\w+()-])?$")
 
 
 def check_class_name(name: str) -> str:

@@ -153,6 +153,8 @@ class JobWorker:
                         log.warning("worker %s cannot claim jobs: %s", self.id, exc.__class__.__name__)
                         await asyncio.sleep(self.lease_s / 3)
                         break
+                    if job is not None and job.id in self._tasks:  # re-claimed after an outage: still running here
+                        continue
                     if job is not None:
                         self._kinds[job.id] = kind
                         self._tasks[job.id] = asyncio.create_task(
@@ -295,7 +297,7 @@ class JobWorker:
                                       finished_at=time.time(), **fields)
         log.log(logging.ERROR if recorded else logging.WARNING, "job %s %s: %s", job_id,
                 "failed" if recorded else "stopped (no longer this worker's)", exc)
-        if writer is not None and recorded:
+        if recorded:
             await asyncio.to_thread(self.store.storage.delete, job_id)
         elif writer is not None:
             await asyncio.to_thread(writer.abort)

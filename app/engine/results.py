@@ -122,7 +122,9 @@ class LocalWriter:
     def commit(self) -> None:
         self._set_aside()
         self.part.replace(self.final)
-        shutil.rmtree(self.parts, ignore_errors=True)
+        shutil.rmtree(self.parts / "committed", ignore_errors=True)
+        with contextlib.suppress(OSError):  # empty unless another attempt writes there now: then it stays
+            self.parts.rmdir()
 
     def uncommit(self) -> None:
         """Back to the part folder (the job could not be recorded as done)."""

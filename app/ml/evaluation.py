@@ -22,6 +22,7 @@ from app.core.images import encode_png, image_grid, to_model_range
 from app.core.model import NEIGHBOURS_FILE, load_model
 from app.core.nets import Classifier, ClassifierConfig
 from app.core.sampling import per_class_labels, sample
+from app.errors import DataError
 from app.ml.card import update_card
 from app.ml.datasets import ImageDataset, load_dataset, load_training_data
 
@@ -38,6 +39,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, e
                      steps: int | None = None) -> Classifier:
     """Train the small CNN on uint8 `[N, H, W, C]` images with Adam for `epochs` (or exactly `steps` optimizer
     steps, to compare arms at matched steps); deterministic for a seed on CPU."""
+    if not len(images):
+        raise DataError("the classifier has no images to train on")
     torch.manual_seed(seed)
     _, h, w, c = images.shape
     model = Classifier(ClassifierConfig(h, w, c, num_classes)).to(device)
@@ -279,8 +282,9 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     sections["calibration"] = calibration
     return update_card(folder, **sections, metrics={key: round(value, 6) for key, value in metrics.items()},
                        evaluation={
-                           "data": data_spec, "data_fingerprint": dataset.fingerprint(),
-                           "data_matches_training": dataset.fingerprint() == training_data.get("fingerprint"),
+                           "data": data_spec,  # load_training_data refused data other than what it was trained on
+                           "data_fingerprint": training_data.get("fingerprint") or dataset.fingerprint(),
+                           "data_matches_training": training_data.get("fingerprint") is not None,
                            "n_real_train": len(train_set), "n_real_val": len(val_set), "n_synthetic": len(synthetic),
                            "n_manifold": int(manifold["n"]),
                            "classifier_steps": {"real": real_steps, "tstr": real_steps, "augmented": mixed_steps,

@@ -144,3 +144,8 @@ def test_scores_refuse_data_other_than_the_training_data() -> None:
     assert load_training_data("digits", named, trained_on).class_names == named  # renamed to the model's names
     with pytest.raises(DataError, match="not the data this model was trained on"):
         load_training_data("digits#0:1000", named, trained_on)
+
+
+def test_the_classifier_refuses_an_empty_dataset() -> None:
+    with pytest.raises(DataError, match="no images"):  # it looped forever
+        train_classifier(np.zeros((0, 8, 8, 1), np.uint8), np.zeros(0, np.int64), 10)
