@@ -13,6 +13,7 @@ lookups treat another key's version as absent (404), as jobs do; the repository'
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -96,6 +97,13 @@ class ModelEntry:
     error: str | None = None
     served: ServedModel | None = None
     owner: str | None = None  # the key fingerprint that trained it through the API; None: everyone's
+
+    @property
+    def metrics_label(self) -> str:
+        """Its name in /metrics (which needs no key): a version trained through the API by an opaque digest."""
+        if self.owner is None:
+            return self.name
+        return "trained-" + hashlib.sha256(self.name.encode()).hexdigest()[:12]
 
     @property
     def base_name(self) -> str:
@@ -242,7 +250,7 @@ class ModelRepository:
                                    max_batch_size=self.settings.max_batch_size,
                                    max_wait_s=self.settings.max_batch_wait_ms / 1000,
                                    max_queued_samples=self.settings.max_queued_samples,
-                                   observer=self.metrics.observer(name))
+                                   observer=self.metrics.observer(entry.metrics_label))
             batcher.start()
             old, entry.error = entry.served, None
             entry.served = ServedModel(model, batcher, judge, self.executor, self.cpu)
@@ -294,7 +302,7 @@ class ModelRepository:
 
     def _set_status(self, entry: ModelEntry, status: ModelStatus) -> None:
         entry.status = status
-        self.metrics.set_status(entry.name, status)
+        self.metrics.set_status(entry.metrics_label, status)
 
     def not_ready(self, public: bool = False) -> list[str]:
         """What keeps the server from being ready: models not ready, workers not running. With `public` (anyone

@@ -124,6 +124,8 @@ async def test_a_model_trained_through_the_api_is_its_key_s_and_the_admins(model
         ready = (await client.get("/readyz")).json()  # anyone may ask: the trained version is not named there
         assert "secret@1" not in ready["models"] and "digits-gan" in ready["models"]
         assert not any("secret" in problem for problem in ready["problems"])
+        metrics = (await client.get("/metrics")).text  # nor in the metrics, which need no key either
+        assert "secret" not in metrics and 'model="trained-' in metrics and 'model="digits-gan"' in metrics
 
 
 async def test_open_mode_is_said_at_start_up(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
