@@ -99,11 +99,8 @@ def check_digest(path: Path, sha256: str | None) -> None:
         raise CheckpointError(f"{path}: weights file missing") from exc
 
 
-def load_weights(path: Path, module: nn.Module, sha256: str | None = None) -> None:
-    """Load a `.safetensors` file into `module` strictly, checked against its digest (`check_digest`); any
-    mismatch names the file and the keys."""
-    check_digest(path, sha256)
-    check_weights(path, module)
+def load_weights(path: Path, module: nn.Module) -> None:
+    """Load a `.safetensors` file into `module` strictly (`from_pretrained` has checked its digest and shapes)."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -193,11 +190,10 @@ class Checkpointable(nn.Module):
             "hyperparameters": dataclasses.asdict(self.cfg), "weights": self.weight_files, "code_version": __version__,
             "sha256": {file: file_sha256(folder / file) for file in self.weight_files.values()}})
 
-    def load_parts(self, folder: Path, parts: tuple[str, ...] = (), sha256: dict[str, str] | None = None) -> None:
-        """Load these parts' weights (default: all) strictly from `folder`, checked against their digests."""
+    def load_parts(self, folder: Path, parts: tuple[str, ...] = ()) -> None:
+        """Load these parts' weights (default: all) strictly from `folder`."""
         for part in parts or tuple(self.weight_files):
-            file = self.weight_files[part]
-            load_weights(folder / file, self.part(part), (sha256 or {}).get(file))
+            load_weights(folder / self.weight_files[part], self.part(part))
 
     @classmethod
     def from_pretrained(cls, folder: Path, serving: bool = False) -> tuple[Self, dict[str, Any]]:
@@ -227,7 +223,7 @@ class Checkpointable(nn.Module):
             check_digest(file, (digests or {}).get(file.name))
             check_weights(file, shell.part(part))
         net = arch(arch.config_class(**hyperparameters))
-        net.load_parts(folder, parts)  # digests checked above
+        net.load_parts(folder, parts)
         for part in set(arch.weight_files) - set(parts or arch.weight_files):
             setattr(net, part, None)
         return net.eval().requires_grad_(False), config
