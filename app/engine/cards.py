@@ -43,7 +43,7 @@ async def card_images(served: ServedModel, settings: Settings) -> CardImages:
     samples_png: bytes | None = None
     note: str | None = None
     if model.num_classes:
-        limit = min(settings.max_samples_per_request, settings.max_queued_samples)
+        limit = settings.max_samples_per_request  # settings keep the queue at least this large
         classes, per_class = card_rows(model.num_classes, limit)
         if classes < model.num_classes or per_class < PER_CLASS:
             shown = f"the first {classes} of" if classes < model.num_classes else "all"

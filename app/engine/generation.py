@@ -34,6 +34,11 @@ class Samples:
 INLINE_SAMPLES = 64
 
 
+def _out_of_time(timeout_s: float) -> RequestTimeoutError:
+    return RequestTimeoutError(f"the request waited over {timeout_s:g} s (SYNTHGEN_REQUEST_TIMEOUT_S) for the model; "
+                               "ask for fewer samples or looser filters, or retry later")
+
+
 def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float, wait_when_full: bool = False):
     """(indices, labels) → (uint8 images, labels) through the micro-batcher. A request (the default) has one deadline,
     `timeout_s` from now, for all its calls (a filtered request makes one per round); with `wait_when_full` (exports),
@@ -51,16 +56,14 @@ def sampler(served: ServedModel, seed: int, truncation: float, timeout_s: float,
         delay, deadline = 0.05, time.monotonic() + timeout_s
         while True:
             wait_s = timeout_s if request_deadline is None else request_deadline - time.monotonic()
+            if wait_s <= 0:
+                raise _out_of_time(timeout_s)
             try:
-                if wait_s <= 0:
-                    raise RequestTimeoutError
                 return await served.batcher.submit(z, drawn, truncation, wait_s), drawn.numpy()
             except RequestTimeoutError:
                 if request_deadline is None:
                     raise
-                raise RequestTimeoutError(f"the request waited over {timeout_s:g} s (SYNTHGEN_REQUEST_TIMEOUT_S) "
-                                          "for the model; ask for fewer samples or looser filters, or retry "
-                                          "later") from None
+                raise _out_of_time(timeout_s) from None
             except OverloadedError:
                 if not wait_when_full or time.monotonic() > deadline:  # never wait forever (an unloaded model)
                     raise

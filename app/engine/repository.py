@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -26,13 +25,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.core.checkpoint import read_json
 from app.core.model import SyntheticModel, load_model
 from app.engine.batcher import MicroBatcher
 from app.engine.filters import Judge, load_judge
 from app.engine.forward import DTYPES, forward_pass
 from app.engine.metrics import Metrics
 from app.engine.states import ModelStatus
-from app.errors import ConflictError, InvalidInputError, NotFoundError, SynthgenError
+from app.errors import CheckpointError, ConflictError, InvalidInputError, NotFoundError, SynthgenError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.repository")
@@ -58,8 +58,8 @@ def trained_models_dir(settings: Settings) -> Path:
 def _trained_by(folder: Path) -> str | None:
     """Who trained a version through the API (None: no one in particular, everyone may use it)."""
     try:
-        owner = json.loads((folder / "config.json").read_text()).get("trained_by")
-    except (OSError, ValueError, AttributeError):
+        owner = read_json(folder / "config.json").get("trained_by")
+    except CheckpointError:
         return "?"  # unreadable: no key's, so only admins see it (it cannot load anyway)
     return owner if isinstance(owner, str) and owner else None
 
