@@ -73,6 +73,34 @@ async def test_big_request_is_split_and_small_one_is_not_starved(make_batcher) -
     assert max(calls) == 64
 
 
+async def test_a_request_of_a_quarter_pass_finishes_in_one_pass(make_batcher) -> None:
+    passes: list[set[int]] = []
+    forward = fake_forward()
+
+    def run(z, labels, truncation):
+        passes.append({int(v) // 100 for v in z[:, 0]})  # which requests this pass served
+        return forward(z, labels, truncation)
+
+    batcher = make_batcher(run=run, max_batch_size=64, max_wait_s=0.05)
+    results = await asyncio.gather(*(batcher.submit(*latents(16, 100 * i)) for i in range(16)))
+    assert [len(served) for served in passes] == [4, 4, 4, 4]  # not 16 passes that each served all 16
+    assert [images.ravel().tolist() for images in results] == [list(range(100 * i, 100 * i + 16)) for i in range(16)]
+
+
+async def test_big_requests_take_turns_and_a_late_small_one_is_served_soon(make_batcher) -> None:
+    calls: list[int] = []
+    batcher = make_batcher(run=fake_forward(calls=calls), max_batch_size=64, max_wait_s=0)
+    bigs = [asyncio.create_task(batcher.submit(*latents(1_000, 10_000 * i))) for i in range(8)]
+    while not calls:
+        await asyncio.sleep(0.0005)
+    before = len(calls)
+    assert (await batcher.submit(*latents(1, -5))).ravel().tolist() == [-5]
+    assert len(calls) - before <= 4  # behind at most two turns of the eight big requests (four a pass)
+    assert not any(big.done() for big in bigs)
+    for i, big in enumerate(bigs):
+        assert (await big).ravel().tolist() == list(range(10_000 * i, 10_000 * i + 1_000))
+
+
 async def test_overload_is_refused_at_once(make_batcher) -> None:
     batcher = make_batcher(max_queued_samples=10, run=fake_forward(delay_s=0.05))
     first = asyncio.create_task(batcher.submit(*latents(8)))
