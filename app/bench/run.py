@@ -2,14 +2,14 @@
 FastAPI app answering canned bytes), on one machine, in one run.
 
 Every contender serves the same model with the same output (npz bytes) on 127.0.0.1 and is driven by the same load
-generator: wrk (C, one thread, keep-alive; it costs the server's cores little) where installed, else an asyncio
-client that also decodes and counts every answer. Contenders alternate point by point so machine noise hits all
-alike, and each runs alone: the others are frozen (SIGSTOP) meanwhile, so no idle server's polling takes cores from
-the one being measured. The raw model is measured in a fresh process, after each point, at the batch size the
-point allows (concurrency × n, capped at the max batch). Every process gets the same glibc allocator settings
-(synthgen sets them itself; see app/core/allocator.py). Rounds repeat every point; the table gives medians. Prints
-one markdown table with synthgen's ratios and writes JSON (with the device). `--quick` (CI) only checks that every
-contender answered correctly with the same number of samples; it never asserts a time.
+generator: wrk (C, one thread, keep-alive; it costs the server's cores little) where installed, else an asyncio client
+that also decodes and counts every answer. Contenders alternate point by point so machine noise hits all alike, and each
+runs alone: the others are frozen (SIGSTOP) meanwhile, so no idle server's polling takes cores from the one being
+measured; a second of the same load, not counted, wakes it up first. The raw model is measured in a fresh process, after
+each point, at the batch size the point allows (concurrency × n, capped at the max batch). Every process gets the same
+glibc allocator settings (synthgen sets them itself; see app/core/allocator.py). Rounds repeat every point; the table
+gives medians. Prints one markdown table with synthgen's ratios and writes JSON (with the device). `--quick` (CI) only
+checks that every contender answered correctly with the same number of samples; it never asserts a time.
 """
 
 from __future__ import annotations
@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                     for contender in contenders:  # alternate: every point runs each contender in turn, alone
                         contender.resume()
                         try:
-                            row = drive_wrk(contender, concurrency, n, args.seconds) if use_wrk else \
-                                asyncio.run(drive(contender, concurrency, n, args.seconds))
+                            for seconds in (min(1.0, args.seconds), args.seconds):  # a warm-up, then the point
+                                row = drive_wrk(contender, concurrency, n, seconds) if use_wrk else \
+                                    asyncio.run(drive(contender, concurrency, n, seconds))
                         finally:
                             contender.pause()
                         rows.setdefault((contender.name, concurrency, n), []).append(row)
