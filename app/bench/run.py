@@ -5,11 +5,12 @@ Every contender serves the same model with the same output (npz bytes) on 127.0.
 generator: wrk (C, one thread, keep-alive; it costs the server's cores little) where installed, else an asyncio client
 that also decodes and counts every answer. Contenders alternate point by point so machine noise hits all alike, and each
 runs alone: the others are frozen (SIGSTOP) meanwhile, so no idle server's polling takes cores from the one being
-measured; a second of the same load, not counted, wakes it up first. The raw model is measured in a fresh process, after
-each point, at the batch size the point allows (concurrency × n, capped at the max batch). Every process gets the same
-glibc allocator settings (synthgen sets them itself; see app/core/allocator.py). Rounds repeat every point; the table
-gives medians. Prints one markdown table with synthgen's ratios and writes JSON (with the device). `--quick` (CI) only
-checks that every contender answered correctly with the same number of samples; it never asserts a time.
+measured; a second of the same load, not counted, wakes it up first, and the requests a run leaves in flight are
+finished before the next starts. The raw model is measured in a fresh process, after each point, at the batch size the
+point allows (concurrency × n, capped at the max batch). Every process gets the same glibc allocator settings (synthgen
+sets them itself; see app/core/allocator.py). Rounds repeat every point; the table gives medians. Prints one markdown
+table with synthgen's ratios and writes JSON (with the device). `--quick` (CI) only checks that every contender answered
+correctly with the same number of samples; it never asserts a time.
 """
 
 from __future__ import annotations
@@ -51,20 +52,50 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (LitServe runs workers in child processes)."""
-    total, todo = 0, [pid]
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (LitServe runs workers in child processes)."""
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
             for task in Path(f"/proc/{current}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+        found.append(current)
+    return found
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants."""
+    total = 0
+    for current in _tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{current}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:"))
     return total / 1024
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process and all its descendants have used."""
+    ticks = 0
+    for current in _tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            ticks += sum(int(v) for v in Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()[11:13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, timeout_s: float = 30.0) -> None:
+    """Until the process tree has used under 20 % of a core for half a second (an idle LitServe polls at about 6 %):
+    a load generator that stops leaves requests in flight, and a server that goes on computing them must not do so
+    inside the next measurement."""
+    deadline, last = time.monotonic() + timeout_s, tree_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = tree_cpu_s(pid)
+        if now - last < 0.1:
+            return
+        last = now
 
 
 @dataclass
@@ -407,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                             for seconds in (min(1.0, args.seconds), args.seconds):  # a warm-up, then the point
                                 row = drive_wrk(contender, concurrency, n, seconds) if use_wrk else \
                                     asyncio.run(drive(contender, concurrency, n, seconds))
+                                wait_idle(contender.process.pid)
                         finally:
                             contender.pause()
                         rows.setdefault((contender.name, concurrency, n), []).append(row)
