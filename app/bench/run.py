@@ -71,8 +71,8 @@ def tree_rss_mb(pid: int) -> float:
     total = 0
     for current in _tree(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
-            total += next(int(line.split()[1]) for line in Path(f"/proc/{current}/status").read_text().splitlines()
-                          if line.startswith("VmRSS:"))
+            total += next((int(line.split()[1]) for line in Path(f"/proc/{current}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:")), 0)  # a zombie has no VmRSS line
     return total / 1024
 
 

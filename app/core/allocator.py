@@ -19,10 +19,10 @@ def tune_allocator() -> bool:
     at batch 64 ran 1.8× faster with the threshold at 32 MiB. The cost: up to the trim threshold (128 MiB) of freed
     memory stays mapped.
 
-    One arena for all threads: the device thread and torch's OpenMP workers otherwise allocate from per-thread
-    arenas, whose heaps glibc maps and unmaps as activations come and go. Which arena a thread got varied from one
-    start to the next: a server spent 20–30 % of its forward-pass threads' time in the kernel in some starts and ran
-    30 % slower (c=64, n=64: 84–117 requests/s across starts; with one arena 117–124 in three of three).
+    One arena for all threads: with glibc's per-thread arenas (which the device thread and torch's OpenMP workers
+    otherwise allocate from), some starts of a server spent 19–27 % of their forward-pass threads' time in the kernel
+    and ran 30 % slower (c=64, n=64: 84–117 requests/s across starts); with one arena, 117–124 in six of six starts
+    and no kernel time.
 
     A no-op (False) where the C library is not glibc."""
     try:
