@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -73,7 +73,7 @@ class RequestContextMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         upload = bool(_UPLOAD_ROUTES.match(scope["path"]))
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
@@ -114,8 +114,7 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(elapsed)
+            self.metrics.request_done(route, status, elapsed)
             state = scope.get("state", {})
             if log.isEnabledFor(logging.INFO):
                 log.info({"request_id": request_id, "method": scope["method"], "route": route, "path": scope["path"],

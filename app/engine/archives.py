@@ -8,6 +8,7 @@ WebDataset tars come as shards. The same inputs always give the same bytes.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -44,9 +45,16 @@ def npz_bytes(images: np.ndarray, labels: np.ndarray | list[int], indices: np.nd
 
 
 def _npy(array: np.ndarray) -> bytes:
+    return _npy_header(array.dtype, array.shape) + np.ascontiguousarray(array).tobytes()
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The .npy header of a C-ordered array (numpy writes it in Python: costly on every small answer)."""
     header = io.BytesIO()
-    npformat.write_array_header_1_0(header, npformat.header_data_from_array_1_0(array))
-    return header.getvalue() + np.ascontiguousarray(array).tobytes()
+    npformat.write_array_header_1_0(header, {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False,
+                                             "shape": shape})
+    return header.getvalue()
 
 
 def _stored_zip(members: dict[str, bytes]) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -14,19 +16,25 @@ class ModelObserver:
     """The micro-batcher's measurements for one model (implements `app.engine.batcher.BatchObserver`)."""
 
     def __init__(self, metrics: Metrics, model: str) -> None:
-        self._metrics, self._model = metrics, model
+        # the labelled series, looked up once (a lookup costs more than the update, several times a request)
+        self._batch_samples = metrics.batch_samples.labels(model)
+        self._forward_passes = metrics.forward_passes.labels(model)
+        self._compute_seconds = metrics.compute_seconds.labels(model)
+        self._samples_generated = metrics.samples_generated.labels(model)
+        self._queue_wait_seconds = metrics.queue_wait_seconds.labels(model)
+        self._queued_samples = metrics.queued_samples.labels(model)
 
     def batch_done(self, samples: int, requests: int, seconds: float) -> None:
-        self._metrics.batch_samples.labels(self._model).observe(samples)
-        self._metrics.forward_passes.labels(self._model).inc()
-        self._metrics.compute_seconds.labels(self._model).observe(seconds)
-        self._metrics.samples_generated.labels(self._model).inc(samples)
+        self._batch_samples.observe(samples)
+        self._forward_passes.inc()
+        self._compute_seconds.observe(seconds)
+        self._samples_generated.inc(samples)
 
     def queue_wait(self, seconds: float) -> None:
-        self._metrics.queue_wait_seconds.labels(self._model).observe(seconds)
+        self._queue_wait_seconds.observe(seconds)
 
     def queued(self, samples: int) -> None:
-        self._metrics.queued_samples.labels(self._model).set(samples)
+        self._queued_samples.set(samples)
 
 
 class Metrics:
@@ -35,6 +43,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_series: dict[tuple[str, int], tuple[Any, Any]] = {}
         r = self.registry
         self.requests = Counter("synthgen_requests_total", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
@@ -59,6 +68,16 @@ class Metrics:
                                    registry=r)
         self.job_seconds = Counter("synthgen_job_seconds_total", "seconds spent running jobs, per worker (samples / "
                                    "seconds is its throughput)", ["worker"], registry=r)
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """Count a finished request. Its labelled series are looked up once per (route, status): route templates
+        and status codes are few, and a lookup costs more than the update."""
+        series = self._request_series.get((route, status))
+        if series is None:
+            series = self._request_series[route, status] = (self.requests.labels(route, str(status)),
+                                                            self.request_seconds.labels(route))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)

@@ -35,3 +35,9 @@ def test_npz_bytes_without_indices_has_two_arrays() -> None:
     with np.load(io.BytesIO(archives.npz_bytes(np.zeros((2, 4, 4, 1), np.uint8), [1, 2])), allow_pickle=False) as f:
         assert sorted(f.files) == ["images", "labels"]
         assert f["images"].shape == (2, 4, 4)
+
+
+def test_npz_bytes_of_a_fortran_ordered_array_reads_back_the_same() -> None:
+    images = np.asfortranarray(np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    with np.load(io.BytesIO(archives.npz_bytes(images, [0] * 5)), allow_pickle=False) as arrays:
+        np.testing.assert_array_equal(arrays["images"], images)

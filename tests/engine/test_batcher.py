@@ -58,6 +58,18 @@ async def test_packs_concurrent_requests_and_returns_each_its_own(make_batcher) 
         assert images.ravel().tolist() == [100 * i, 100 * i + 1, 100 * i + 2]
 
 
+async def test_each_request_keeps_its_truncation_in_a_shared_pass(make_batcher) -> None:
+    calls: list[int] = []
+    batcher = make_batcher(run=fake_forward(calls=calls), max_batch_size=8, max_wait_s=0.05)
+    results = await asyncio.gather(batcher.submit(*latents(2, 1), truncation=0.5),
+                                   batcher.submit(*latents(12, 10), truncation=2.0),  # split over passes
+                                   batcher.submit(*latents(1, 7), truncation=1.0))
+    assert len(calls) > 1
+    assert results[0].ravel().tolist() == [0.5, 1.0]
+    assert results[1].ravel().tolist() == [2.0 * v for v in range(10, 22)]
+    assert results[2].ravel().tolist() == [7.0]
+
+
 async def test_big_request_is_split_and_small_one_is_not_starved(make_batcher) -> None:
     calls: list[int] = []
     batcher = make_batcher(run=fake_forward(calls=calls), max_batch_size=64, max_wait_s=0)
