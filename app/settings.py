@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from pathlib import Path
@@ -59,8 +60,9 @@ class Settings(BaseSettings):
     max_running_jobs_per_key: int = Field(1, ge=1, description="jobs of one API key that run at once")
     jobs_quota_bytes_per_key: int = Field(512 * 1024**2, ge=1024, description="result bytes (kept and reserved) "
                                           "one API key may hold")
-    cpu_workers: int = Field(2, ge=1, le=64, description="threads that decode uploads and encode archives; bounds "
-                             "their memory and CPU")
+    cpu_workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 64), ge=1, le=64,
+                             description="threads that decode uploads and encode archives (an export's PNGs are "
+                             "encoded on all of them at once); bounds their memory and CPU")
     max_concurrent_uploads: int = Field(4, ge=1, description="upload requests (augment, reconstruct, inpaint) in work "
                                         "at once; more wait, then get 503")
     max_uploads_per_client: int = Field(2, ge=1, description="upload requests one API key (or address) may have in "

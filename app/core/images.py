@@ -110,6 +110,11 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_pngs(images: np.ndarray) -> list[bytes]:
+    """`encode_png` of every image of a uint8 `[N, H, W, C]` batch."""
+    return [encode_png(image) for image in images]
+
+
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
     """uint8 `[N, H, W, C]` → one uint8 `[H', W', C]` grid, `columns` wide (default: about square)."""
     n, h, w, c = images.shape

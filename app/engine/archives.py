@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
-from app.core.images import encode_png, image_grid
+from app.core.images import encode_png, encode_pngs, image_grid
 from app.engine.hub import MetadataParquet, ParquetExport, dataset_card
 from app.engine.sink import ByteSink
 from app.errors import InvalidInputError
@@ -122,12 +122,12 @@ class ImageFolderZip:
         self._zip.writestr(info, data)
 
     def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range,
-            source: str = "synthetic") -> bytes:
-        """Add PNGs for these samples; returns the archive bytes produced."""
+            source: str = "synthetic", pngs: list[bytes] | None = None) -> bytes:
+        """Add PNGs for these samples (`pngs`: already encoded); returns the archive bytes produced."""
         code = self.SOURCES.index(source)
-        for image, label, index in zip(images, labels.tolist(), indices):
+        for png, label, index in zip(pngs or encode_pngs(images), labels.tolist(), indices):
             name = self._name(label, index, code)
-            self._write(name, encode_png(image))
+            self._write(name, png)
             self._metadata.add(name, int(label), int(index), source if self.sources else None)
             self._labels.append(int(label))
             self._indices.append(int(index))
@@ -188,15 +188,16 @@ class WebDatasetShards:
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
 
-    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> list[tuple[str, bytes]]:
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range,
+            pngs: list[bytes] | None = None) -> list[tuple[str, bytes]]:
         pieces: list[tuple[str, bytes]] = []
-        for image, label, index in zip(images, labels.tolist(), indices):
+        for png, label, index in zip(pngs or encode_pngs(images), labels.tolist(), indices):
             if self._tar is None or self._in_shard == self.shard_size:
                 pieces += self._close_shard()
                 self._shard, self._in_shard = self._shard + 1, 0
                 self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             key = f"{index:08d}"
-            self._write(f"{key}.png", encode_png(image))
+            self._write(f"{key}.png", png)
             self._write(f"{key}.cls", str(label).encode())
             self._write(f"{key}.json", json.dumps({
                 "label": label, "class_name": self.class_names[label] if self.class_names else None,

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.core.images import encode_png
+from app.core.images import encode_pngs
 from app.engine.sink import ByteSink
 
 
@@ -110,12 +110,14 @@ class ParquetExport:
         self._schema = _schema(class_names, "image", False)
         self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), self._schema, compression="none")
 
-    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range) -> bytes:
+    def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range,
+            pngs: list[bytes] | None = None) -> bytes:
+        """A row group of these samples (`pngs`: already encoded); returns the bytes produced."""
         label_list = [int(label) for label in labels.tolist()]
         index_list = [int(index) for index in indices]
         self._writer.write_table(pa.table({
-            "image": [{"bytes": encode_png(image), "path": f"{index:08d}.png"}
-                      for image, index in zip(images, index_list)],
+            "image": [{"bytes": png, "path": f"{index:08d}.png"}
+                      for png, index in zip(pngs or encode_pngs(images), index_list)],
             "label": label_list,
             "class_name": [self.class_names[label] if self.class_names else "" for label in label_list],
             "seed": [self.seed] * len(label_list), "index": index_list}, schema=self._schema))

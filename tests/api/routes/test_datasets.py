@@ -43,6 +43,17 @@ async def test_zip_export_round_trips(models_dir: Path, tmp_path: Path) -> None:
         assert all(cli.read(r["file_name"]) == served.read(r["file_name"]) for r in rows)
 
 
+@pytest.mark.parametrize("output", ["zip", "tar", "parquet"])
+async def test_an_export_is_the_same_bytes_however_many_threads_encode_it(models_dir: Path, output: str) -> None:
+    answers = []
+    for workers in (1, 3):  # 3: each 8-sample chunk's PNGs are encoded in three pieces at once
+        async with serve(models_dir, max_batch_size=8, cpu_workers=workers) as client:
+            answers.append(await client.post("/v1/models/digits-gan/datasets",
+                                             json={"per_class": 3, "seed": 5, "format": output}))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].content == answers[1].content
+
+
 async def test_tar_and_npz_exports(models_dir: Path) -> None:
     async with serve(models_dir, max_batch_size=8) as client:
         tar = await client.post("/v1/models/digits-vae/datasets",
