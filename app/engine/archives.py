@@ -13,7 +13,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 import zipfile
 import zlib
 from array import array
@@ -156,6 +155,23 @@ class ImageFolderZip:
         return self._sink.take()
 
 
+TAR_BLOCK, TAR_RECORD = 512, 20 * 512
+_USTAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One file as `tarfile` writes it in the USTAR format with mode 644, owner 0 and time 0: a 512-byte header, the
+    data, zeros to the next block. Written directly: `tarfile` costs more than the small PNGs it would store."""
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name over 100 bytes: {name!r}")
+    header = bytearray(_USTAR_HEADER.pack(encoded, b"0000644\0", b"0000000\0", b"0000000\0",
+                                          b"%011o\0" % len(data), b"00000000000\0", b" " * 8, b"0", b"",
+                                          b"ustar\x0000", b"", b"", b"", b"", b""))
+    header[148:156] = b"%06o\0 " % sum(header)  # the checksum: every byte, its own field read as spaces
+    return bytes(header) + data + bytes(-len(data) % TAR_BLOCK)
+
+
 class WebDatasetShards:
     """Samples as WebDataset shards: `<prefix>-000000.tar`, … of at most `shard_size` samples each, every sample
     `<key>.png`, `<key>.cls` (the label) and `<key>.json` (label, class name, model, seed, index), keys being 8-digit
@@ -169,7 +185,7 @@ class WebDatasetShards:
         self.class_names, self.seed, self.model = class_names, seed, model
         self.prefix, self.shard_size = prefix, shard_size
         self._sink = ByteSink()
-        self._tar: tarfile.TarFile | None = None
+        self._written: int | None = None  # bytes of the open shard; None: no shard open
         self._shard, self._in_shard, self._count = -(-start // shard_size) - 1, 0, start
 
     @property
@@ -177,25 +193,25 @@ class WebDatasetShards:
         return f"{self.prefix}-{self._shard:06d}.tar"
 
     def _close_shard(self) -> list[tuple[str, bytes]]:
-        if self._tar is None:
+        if self._written is None:
             return []
-        self._tar.close()
-        self._tar = None
+        end = 2 * TAR_BLOCK  # two zero blocks, then zeros to a whole record, as tar (and tarfile) end an archive
+        self._sink.write(bytes(end + -(self._written + end) % TAR_RECORD))
+        self._written = None
         return [(self.shard_name, self._sink.take())]
 
     def _write(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, 0
-        self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
+        member = tar_member(name, data)
+        self._sink.write(member)
+        self._written = (self._written or 0) + len(member)
 
     def add(self, images: np.ndarray, labels: np.ndarray, indices: list[int] | range,
             pngs: list[bytes] | None = None) -> list[tuple[str, bytes]]:
         pieces: list[tuple[str, bytes]] = []
         for png, label, index in zip(pngs or encode_pngs(images), labels.tolist(), indices):
-            if self._tar is None or self._in_shard == self.shard_size:
+            if self._written is None or self._in_shard == self.shard_size:
                 pieces += self._close_shard()
-                self._shard, self._in_shard = self._shard + 1, 0
-                self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+                self._shard, self._in_shard, self._written = self._shard + 1, 0, 0
             key = f"{index:08d}"
             self._write(f"{key}.png", png)
             self._write(f"{key}.cls", str(label).encode())
@@ -204,7 +220,7 @@ class WebDatasetShards:
                 "model": self.model, "seed": self.seed, "index": index}, sort_keys=True).encode())
             self._in_shard += 1
             self._count += 1
-        if self._tar is not None:
+        if self._written is not None:
             pieces.append((self.shard_name, self._sink.take()))
         return pieces
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 import zipfile
 
 import numpy as np
 import pytest
 
+from app.core.images import encode_png
 from app.engine import archives
 
 
@@ -41,3 +44,27 @@ def test_npz_bytes_of_a_fortran_ordered_array_reads_back_the_same() -> None:
     images = np.asfortranarray(np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
     with np.load(io.BytesIO(archives.npz_bytes(images, [0] * 5)), allow_pickle=False) as arrays:
         np.testing.assert_array_equal(arrays["images"], images)
+
+
+def test_webdataset_shards_are_what_tarfile_writes() -> None:
+    """The shards are written without `tarfile`, byte for byte as it writes them (USTAR, mode 644, owner 0, time 0)."""
+    images = np.random.default_rng(2).integers(0, 256, (7, 8, 8, 1), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5, 9, 2])
+    shards = archives.WebDatasetShards([str(i) for i in range(10)], 11, "m", "part", shard_size=3)
+    pieces = shards.add(images[:4], labels[:4], range(4)) + shards.add(images[4:], labels[4:], range(4, 7))
+    written: dict[str, bytes] = {}
+    for name, data in pieces + shards.finish(None):
+        written[name] = written.get(name, b"") + data
+    assert list(written) == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
+    for shard, data in enumerate(written.values()):
+        expected = io.BytesIO()
+        with tarfile.open(fileobj=expected, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(3 * shard, min(3 * shard + 3, 7)):
+                label = int(labels[index])
+                meta = {"class_name": str(label), "index": index, "label": label, "model": "m", "seed": 11}
+                for suffix, member in (("png", encode_png(images[index])), ("cls", str(label).encode()),
+                                       ("json", json.dumps(meta, sort_keys=True).encode())):
+                    info = tarfile.TarInfo(f"{index:08d}.{suffix}")
+                    info.size, info.mode, info.mtime = len(member), 0o644, 0
+                    tar.addfile(info, io.BytesIO(member))
+        assert data == expected.getvalue()
