@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_running_jobs_per_key: int = Field(1, ge=1, description="jobs of one API key that run at once")
     jobs_quota_bytes_per_key: int = Field(512 * 1024**2, ge=1024, description="result bytes (kept and reserved) "
                                           "one API key may hold")
-    cpu_workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 64), ge=1, le=64,
+    cpu_workers: int = Field(default_factory=lambda: min(len(os.sched_getaffinity(0)), 64), ge=1, le=64,
                              description="threads that decode uploads and encode archives (an export's PNGs are "
                              "encoded on all of them at once); bounds their memory and CPU")
     max_concurrent_uploads: int = Field(4, ge=1, description="upload requests (augment, reconstruct, inpaint) in work "
