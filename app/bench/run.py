@@ -386,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mnist-cgan")
     parser.add_argument("--quick", action="store_true", help="a < 2 minute correctness run (CI)")
     parser.add_argument("--gpu", action="store_true", help="every contender and the raw model on the GPU (CUDA)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per point")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="per point (default 10; 3 with --gpu, so that the whole run takes under 10 minutes)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over every point; the table gives medians")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--n", type=int, nargs="+", default=[1, 64])
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="load generator: wrk where installed (auto), or the asyncio client that decodes answers")
     args = parser.parse_args(argv)
     tune_allocator()  # this process measures the raw forward + PNG rate (as `python -m app.bench.run` too)
+    if args.seconds is None:
+        args.seconds = 3.0 if args.gpu else 10.0
     if args.quick:
         args.seconds, args.rounds, args.concurrency, args.n, args.exports, args.driver = \
             2.0, 1, [1, 16], [1], [1000], "python"
