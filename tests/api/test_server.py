@@ -49,8 +49,10 @@ def test_streamed_export_keeps_server_memory_flat(server: tuple[str, int], tmp_p
     peak = max(rss for _, rss in samples)
     print(f"server RSS: {warm:.1f} MB after 10% of {received / 1e6:.1f} MB, peak {peak:.1f} MB")
     # what grows is the bookkeeping of the archive's directory (zipfile keeps an entry of about 1 KB per member, and
-    # labels.csv needs 17 bytes a sample); the 8×8 PNGs themselves are only 290 bytes a sample here
-    assert (peak - warm) * 1e6 / 20_000 < 1500, (warm, peak)
+    # labels.csv needs 17 bytes a sample); the 8×8 PNGs themselves are only 290 bytes a sample here. Encoding each
+    # chunk on two threads adds a one-off ~8 MB (about 1,700 bytes a sample here against 1,250 on one thread; at
+    # 60,000 samples 88 MB against 84: not per sample)
+    assert (peak - warm) * 1e6 / 20_000 < 2000, (warm, peak)
 
 
 def test_logs_are_one_json_object_per_line_and_one_line_per_request(tmp_path: Path, tiny_gan: Path) -> None:
