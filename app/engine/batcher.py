@@ -71,6 +71,11 @@ class _Slice:
     start: int
     stop: int
 
+    @property
+    def whole(self) -> bool:
+        """The whole request in one pass: its tensors go in unsliced and its rows of the pass come back uncopied."""
+        return self.start == 0 and self.stop == self.pending.n
+
 
 @dataclass
 class BatcherStats:
@@ -84,9 +89,9 @@ def _stack(slices: list[_Slice]) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """One pass's latents, labels and per-sample truncation; a request that fits whole is not sliced."""
     zs, labels, truncation = [], [], []
     for s in slices:
-        pending, whole = s.pending, s.start == 0 and s.stop == s.pending.n
-        zs.append(pending.z if whole else pending.z[s.start : s.stop])
-        labels.append(pending.labels if whole else pending.labels[s.start : s.stop])
+        pending = s.pending
+        zs.append(pending.z if s.whole else pending.z[s.start : s.stop])
+        labels.append(pending.labels if s.whole else pending.labels[s.start : s.stop])
         truncation += [pending.truncation] * (s.stop - s.start)
     return torch.cat(zs), torch.cat(labels), torch.tensor(truncation, dtype=torch.float32)
 
@@ -264,7 +269,7 @@ class MicroBatcher:
                 pending = s.pending
                 if pending.future.done():
                     continue
-                if s.start == 0 and s.stop == pending.n:  # the whole request in this pass: its rows, not a copy
+                if s.whole:
                     pending.future.set_result(images[offset : offset + pending.n])
                     continue
                 if pending.images is None:
