@@ -103,10 +103,12 @@ class Figure:
 
 
 def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray, np.ndarray],
-                test: tuple[np.ndarray, np.ndarray], num_classes: int, seeds: list[int]) -> dict[str, dict]:
+                test: tuple[np.ndarray, np.ndarray], num_classes: int, seeds: list[int],
+                synthetic_at_real_size: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, dict]:
     """Every arm of the protocol on the test images: synthetic only (TSTR, 4 epochs), real only (4 epochs), and at
     matched steps (those of real + synthetic for 4 epochs): real only, real with classical augmentation, real +
-    synthetic."""
+    synthetic. With `synthetic_at_real_size` (as many samples as real images), also TSTR on that set: the classic
+    definition, where the synthetic set replaces the real one image for image."""
     (xr, yr), (xs, ys), (xt, yt) = real, synthetic, test
     mixed = np.concatenate([xr, xs]), np.concatenate([yr, ys])
     matched = 4 * math.ceil(len(mixed[0]) / BATCH)
@@ -119,8 +121,13 @@ def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray
         "real_plus_synthetic_matched_steps": lambda s: train_and_score(*mixed, xt, yt, num_classes, s,
                                                                        steps=matched),
     }
+    if synthetic_at_real_size is not None:
+        arms["tstr_at_real_size"] = lambda s: train_and_score(*synthetic_at_real_size, xt, yt, num_classes, s)
     report = {name: Figure([arm(seed) for seed in seeds]).as_dict() for name, arm in arms.items()}
     report["tstr_to_real_ratio"] = {"mean": round(report["tstr"]["mean"] / report["real"]["mean"], 4)}
+    if synthetic_at_real_size is not None:
+        report["tstr_at_real_size_to_real_ratio"] = {
+            "mean": round(report["tstr_at_real_size"]["mean"] / report["real"]["mean"], 4)}
     report["protocol"] = {"seeds": seeds, "n_real": len(xr), "n_synthetic": len(xs), "n_test": len(xt),
                           "matched_steps": matched, "cnn": "conv3x3(32)-pool-conv3x3(64)-pool-dense(128), Adam 1e-3, "
                                                            "batch 128, pixels in [0, 1]"}
@@ -142,10 +149,13 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
         raise DataError(f"{overlap} of the {len(test)} test images are pixel-identical to images of the training data "
                         f"{data_spec!r}; pass real images never used for training or selection")
     synthetic = sample(model, sample_seed, per_class_labels(model.num_classes, per_class))
+    per_class_at_real_size = round(len(real) / model.num_classes)
+    at_real_size = sample(model, sample_seed, per_class_labels(model.num_classes, per_class_at_real_size))
     report = tstr_report((real.images, real.labels), synthetic, (test.images, test.labels), model.num_classes,
-                         list(seeds))
+                         list(seeds), synthetic_at_real_size=at_real_size)
     report["protocol"].update(data=data_spec, test_data=test_spec, test_images_in_training_data=overlap,
-                              per_class=per_class, sample_seed=sample_seed,
+                              per_class=per_class, per_class_at_real_size=per_class_at_real_size,
+                              sample_seed=sample_seed,
                               latent_scale=model.net.cfg.latent_scale, seconds=round(time.perf_counter() - started, 1))
     update_card(folder, protocol=report)
     return report

@@ -21,9 +21,11 @@ def test_tstr_report_ranks_good_and_useless_training_data() -> None:
     train, test = digits.split(0.3)
     shuffled = np.random.default_rng(0).permutation(train.labels)  # "synthetic" data whose labels mean nothing
     report = tstr_report((train.images, train.labels), (train.images, shuffled), (test.images, test.labels), 10,
-                         seeds=[0, 1])
+                         seeds=[0, 1], synthetic_at_real_size=(train.images, train.labels))
     assert report["real"]["mean"] > 0.6 and len(report["real"]["scores"]) == 2
     assert report["tstr"]["mean"] < 0.3 and report["tstr_to_real_ratio"]["mean"] < 0.4
+    # "synthetic" data identical to the real set, image for image, trains the same CNN: the same scores
+    assert report["tstr_at_real_size"] == report["real"] and report["tstr_at_real_size_to_real_ratio"]["mean"] == 1
     assert report["protocol"]["matched_steps"] == 4 * -(-2 * len(train) // 128)
     for arm in ("real_matched_steps", "real_augmented_matched_steps", "real_plus_synthetic_matched_steps"):
         assert 0 <= report[arm]["mean"] <= 1 and report[arm]["std"] >= 0
@@ -83,3 +85,18 @@ def test_scores_are_refused_on_data_that_would_flatter(tiny_gan: Path, tmp_path:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")
     assert main([args[0], "--model", str(folder), *args[1:], "--seeds", "0"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_protocol_also_scores_a_synthetic_set_as_large_as_the_real_one(tiny_gan: Path, tmp_path: Path,
+                                                                            capsys) -> None:
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    digits = load_dataset("digits#0:300")
+    test = tmp_path / "test.npz"  # real-like test images the model never saw: digits moved one pixel to the right
+    np.savez(test, images=np.roll(digits.images, 1, axis=2), labels=digits.labels)
+    assert main(["protocol", "--model", str(folder), "--data", "digits", "--test-data", str(test),
+                 "--per-class", "5", "--seeds", "0"]) == 0
+    protocol = json.loads((folder / "card.json").read_text())["protocol"]
+    n_real = protocol["protocol"]["n_real"]
+    assert protocol["protocol"]["n_synthetic"] == 50
+    assert abs(protocol["protocol"]["per_class_at_real_size"] * 10 - n_real) <= 5
+    assert 0 <= protocol["tstr_at_real_size"]["mean"] <= 1 and "tstr_at_real_size" in capsys.readouterr().out
