@@ -5,6 +5,7 @@ as an ImageFolder zip whose labels.csv has a `source` column (original, augmente
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from collections.abc import AsyncIterator
@@ -167,15 +168,21 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     model, seed, copies = served.model, request.seed, request.copies_per_image
     writer = ImageFolderZip(upload.class_names, seed, sources=True)
     labels = np.array([upload.class_names.index(c) for c in upload.classes], dtype=np.int64)
-    if request.include_originals:
-        yield await served.on_cpu(writer.add, upload.images, labels, range(len(labels)), "original")
-    if copies:
-        def augmented() -> bytes:
-            copies_made = np.stack([augment_image(image, np.random.default_rng([seed, i, c]), request.spec)
-                                    for i, image in enumerate(upload.images) for c in range(copies)])
-            return writer.add(copies_made, np.repeat(labels, copies), range(len(copies_made)), "augmented")
+    parts = settings.cpu_workers
 
-        yield await served.on_cpu(augmented)
+    async def add(images: np.ndarray, labels: np.ndarray, indices: range, source: str) -> bytes:
+        pngs = await served.encode_pngs(images, parts)
+        return await served.on_cpu(functools.partial(writer.add, images, labels, indices, source, pngs=pngs))
+
+    if request.include_originals:
+        yield await add(upload.images, labels, range(len(labels)), "original")
+    if copies:
+        def augmented() -> np.ndarray:
+            return np.stack([augment_image(image, np.random.default_rng([seed, i, c]), request.spec)
+                             for i, image in enumerate(upload.images) for c in range(copies)])
+
+        copies_made = await served.on_cpu(augmented)
+        yield await add(copies_made, np.repeat(labels, copies), range(len(copies_made)), "augmented")
     have = {name: upload.classes.count(name) * (int(request.include_originals) + copies)
             for name in upload.class_names}
     missing = {name: max(0, request.target_per_class - have[name])
@@ -189,7 +196,7 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
         part = plan.labels(start, start + settings.max_batch_size)
         images, _ = await generate(range(start, start + len(part)), part)
         out_labels = np.array([to_upload[label] for label in part], dtype=np.int64)
-        yield await served.on_cpu(writer.add, images, out_labels, range(start, start + len(part)), "synthetic")
+        yield await add(images, out_labels, range(start, start + len(part)), "synthetic")
     manifest = build_manifest(
         model, plan, "zip", augmentations=asdict(request.spec), copies_per_image=copies,
         target_per_class=request.target_per_class, include_originals=request.include_originals,

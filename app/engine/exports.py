@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from app.core.images import encode_pngs
 from app.engine.archives import ImageFolderZip, WebDatasetShards, npz_bytes
 from app.engine.filters import FilterReport, fill
 from app.engine.generation import sampler
@@ -60,14 +59,6 @@ def _writer(output: str, served: ServedModel, plan: SamplePlan, shard_size: int 
     return _OneFile(writer, f"{name}.{output}")
 
 
-async def _encode_pngs(served: ServedModel, images: np.ndarray, parts: int) -> list[bytes]:
-    """A chunk's PNGs, encoded in `parts` pieces at once on the CPU pool: one core encodes far slower than a GPU
-    generates."""
-    pieces = np.array_split(images, min(parts, max(len(images), 1)))
-    encoded = await asyncio.gather(*(served.on_cpu(encode_pngs, piece) for piece in pieces))
-    return [png for piece in encoded for png in piece]
-
-
 async def stream_export(served: ServedModel, plan: SamplePlan, output: str, settings: Settings,
                         shard_size: int | None = None, start: int = 0,
                         progress: Callable[[int], None] | None = None) -> AsyncIterator[tuple[str, bytes]]:
@@ -99,7 +90,7 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
             images, labels, indices = await pending  # type: ignore[misc]
             if position + 1 < len(starts):
                 pending = produce(starts[position + 1])
-            pngs = await _encode_pngs(served, images, settings.cpu_workers)
+            pngs = await served.encode_pngs(images, settings.cpu_workers)
             add = functools.partial(writer.add, images, labels, indices.tolist(), pngs=pngs)
             for piece in await served.on_cpu(add):
                 yield piece

@@ -58,6 +58,18 @@ async def test_augment_fills_every_class_to_the_target(shipped: Path) -> None:
     assert agreement > 0.95  # synthetic images carry the right labels
 
 
+async def test_an_augmented_zip_is_the_same_bytes_however_many_threads_encode_it(shipped: Path) -> None:
+    upload, answers = _small_mnist_upload(3), []
+    for workers in (1, 3):  # 3: originals, copies and each pass of samples are encoded in three pieces at once
+        async with serve(shipped, cpu_workers=workers) as client:
+            answers.append(await client.post("/v1/augment", files={"dataset": ("d.zip", upload)},
+                                             data={"model": "mnist-cgan", "target_per_class": "8",
+                                                   "copies_per_image": "1", "seed": "4"}))
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert answers[0].content == answers[1].content
+    assert len(zipfile.ZipFile(io.BytesIO(answers[0].content)).namelist()) > 10 * 8
+
+
 async def test_unknown_classes_are_reported_not_guessed(shipped: Path) -> None:
     blank = png_bytes(np.zeros((28, 28), np.uint8))
     upload = zip_bytes({"7/a.png": blank, "cat/b.png": blank})
