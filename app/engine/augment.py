@@ -170,9 +170,9 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     labels = np.array([upload.class_names.index(c) for c in upload.classes], dtype=np.int64)
     parts = settings.cpu_workers
 
-    async def add(images: np.ndarray, labels: np.ndarray, indices: range, source: str) -> bytes:
+    async def add(images: np.ndarray, image_labels: np.ndarray, indices: range, source: str) -> bytes:
         pngs = await served.encode_pngs(images, parts)
-        return await served.on_cpu(functools.partial(writer.add, images, labels, indices, source, pngs=pngs))
+        return await served.on_cpu(functools.partial(writer.add, images, image_labels, indices, source, pngs=pngs))
 
     if request.include_originals:
         yield await add(upload.images, labels, range(len(labels)), "original")

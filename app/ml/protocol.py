@@ -124,10 +124,9 @@ def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray
     if synthetic_at_real_size is not None:
         arms["tstr_at_real_size"] = lambda s: train_and_score(*synthetic_at_real_size, xt, yt, num_classes, s)
     report = {name: Figure([arm(seed) for seed in seeds]).as_dict() for name, arm in arms.items()}
-    report["tstr_to_real_ratio"] = {"mean": round(report["tstr"]["mean"] / report["real"]["mean"], 4)}
-    if synthetic_at_real_size is not None:
-        report["tstr_at_real_size_to_real_ratio"] = {
-            "mean": round(report["tstr_at_real_size"]["mean"] / report["real"]["mean"], 4)}
+    for name in ("tstr", "tstr_at_real_size"):
+        if name in report:
+            report[f"{name}_to_real_ratio"] = {"mean": round(report[name]["mean"] / report["real"]["mean"], 4)}
     report["protocol"] = {"seeds": seeds, "n_real": len(xr), "n_synthetic": len(xs), "n_test": len(xt),
                           "matched_steps": matched, "cnn": "conv3x3(32)-pool-conv3x3(64)-pool-dense(128), Adam 1e-3, "
                                                            "batch 128, pixels in [0, 1]"}
