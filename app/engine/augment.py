@@ -168,10 +168,9 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     model, seed, copies = served.model, request.seed, request.copies_per_image
     writer = ImageFolderZip(upload.class_names, seed, sources=True)
     labels = np.array([upload.class_names.index(c) for c in upload.classes], dtype=np.int64)
-    parts = settings.cpu_workers
 
     async def add(images: np.ndarray, image_labels: np.ndarray, indices: range, source: str) -> bytes:
-        pngs = await served.encode_pngs(images, parts)
+        pngs = await served.encode_pngs(images, settings.cpu_workers)
         return await served.on_cpu(functools.partial(writer.add, images, image_labels, indices, source, pngs=pngs))
 
     if request.include_originals:
