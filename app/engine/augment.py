@@ -4,6 +4,7 @@ as an ImageFolder zip whose labels.csv has a `source` column (original, augmente
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import functools
 import io
@@ -164,24 +165,11 @@ def parse_upload(data: bytes, model: SyntheticModel, convert: bool, limits: ZipL
 
 async def stream_augmented(served: ServedModel, upload: Upload, request: AugmentRequest, settings: Settings
                            ) -> AsyncIterator[bytes]:
-    """Originals, augmented copies, then synthetic samples filling each known class up to the target."""
-    model, seed, copies = served.model, request.seed, request.copies_per_image
+    """Originals, augmented copies, then synthetic samples filling each known class up to the target. The samples are
+    generated one chunk ahead: the first while the originals and copies are encoded, each next one while the last is."""
+    model, seed, copies, chunk = served.model, request.seed, request.copies_per_image, settings.max_batch_size
     writer = ImageFolderZip(upload.class_names, seed, sources=True)
     labels = np.array([upload.class_names.index(c) for c in upload.classes], dtype=np.int64)
-
-    async def add(images: np.ndarray, image_labels: np.ndarray, indices: range, source: str) -> bytes:
-        pngs = await served.encode_pngs(images, settings.cpu_workers)
-        return await served.on_cpu(functools.partial(writer.add, images, image_labels, indices, source, pngs=pngs))
-
-    if request.include_originals:
-        yield await add(upload.images, labels, range(len(labels)), "original")
-    if copies:
-        def augmented() -> np.ndarray:
-            return np.stack([augment_image(image, np.random.default_rng([seed, i, c]), request.spec)
-                             for i, image in enumerate(upload.images) for c in range(copies)])
-
-        copies_made = await served.on_cpu(augmented)
-        yield await add(copies_made, np.repeat(labels, copies), range(len(copies_made)), "augmented")
     have = {name: upload.classes.count(name) * (int(request.include_originals) + copies)
             for name in upload.class_names}
     missing = {name: max(0, request.target_per_class - have[name])
@@ -191,11 +179,36 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
     # model label → the upload's label for the same class name
     to_upload = {label: upload.class_names.index(model.class_names[label]) for label, count in plan.runs if count}
     generate = sampler(served, seed, 1.0, settings.request_timeout_s, wait_when_full=True)
-    for start in range(0, len(plan), settings.max_batch_size):
-        part = plan.labels(start, start + settings.max_batch_size)
-        images, _ = await generate(range(start, start + len(part)), part)
-        out_labels = np.array([to_upload[label] for label in part], dtype=np.int64)
-        yield await add(images, out_labels, range(start, start + len(part)), "synthetic")
+
+    def produce(start: int) -> asyncio.Future[tuple[np.ndarray, np.ndarray]]:
+        stop = min(start + chunk, len(plan))
+        return asyncio.ensure_future(generate(range(start, stop), plan.labels(start, stop)))
+
+    async def add(images: np.ndarray, image_labels: np.ndarray, indices: range, source: str) -> bytes:
+        pngs = await served.encode_pngs(images, settings.cpu_workers)
+        return await served.on_cpu(functools.partial(writer.add, images, image_labels, indices, source, pngs=pngs))
+
+    starts = list(range(0, len(plan), chunk))
+    pending = produce(starts[0]) if starts else None
+    try:
+        if request.include_originals:
+            yield await add(upload.images, labels, range(len(labels)), "original")
+        if copies:
+            def augmented() -> np.ndarray:
+                return np.stack([augment_image(image, np.random.default_rng([seed, i, c]), request.spec)
+                                 for i, image in enumerate(upload.images) for c in range(copies)])
+
+            copies_made = await served.on_cpu(augmented)
+            yield await add(copies_made, np.repeat(labels, copies), range(len(copies_made)), "augmented")
+        for position, start in enumerate(starts):
+            images, drawn = await pending  # type: ignore[misc]
+            pending = produce(starts[position + 1]) if position + 1 < len(starts) else None
+            out_labels = np.array([to_upload[label] for label in drawn], dtype=np.int64)
+            yield await add(images, out_labels, range(start, start + len(drawn)), "synthetic")
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
     manifest = build_manifest(
         model, plan, "zip", augmentations=asdict(request.spec), copies_per_image=copies,
         target_per_class=request.target_per_class, include_originals=request.include_originals,

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 from app.core.nets import Classifier
+from app.engine.batcher import MicroBatcher
+from app.engine.repository import ServedModel
 from app.ml.datasets import load_dataset
 from app.ml.evaluation import predict
 from tests.conftest import MNIST, copy_shipped, serve
@@ -68,6 +70,31 @@ async def test_an_augmented_zip_is_the_same_bytes_however_many_threads_encode_it
     assert [a.status_code for a in answers] == [200, 200], answers[0].text
     assert answers[0].content == answers[1].content
     assert len(zipfile.ZipFile(io.BytesIO(answers[0].content)).namelist()) > 10 * 8
+
+
+async def test_augment_generates_the_next_samples_while_the_last_are_encoded(
+        shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, int]] = []
+    submit, encode = MicroBatcher.submit, ServedModel.encode_pngs
+
+    async def logged_submit(self, z, *args, **kwargs):
+        events.append(("generate", len(z)))
+        return await submit(self, z, *args, **kwargs)
+
+    async def logged_encode(self, images, parts):
+        pngs = await encode(self, images, parts)
+        events.append(("encoded", len(images)))
+        return pngs
+
+    monkeypatch.setattr(MicroBatcher, "submit", logged_submit)
+    monkeypatch.setattr(ServedModel, "encode_pngs", logged_encode)
+    async with serve(shipped, max_batch_size=16) as client:
+        response = await client.post("/v1/augment", files={"dataset": ("d.zip", _small_mnist_upload(3))},
+                                     data={"model": "mnist-cgan", "target_per_class": "8", "copies_per_image": "1"})
+    assert response.status_code == 200, response.text
+    # 30 originals, 30 copies, then 20 samples in passes of 16 and 4: each pass starts before the last one's PNGs
+    assert events == [("generate", 16), ("encoded", 30), ("encoded", 30), ("generate", 4), ("encoded", 16),
+                      ("encoded", 4)]
 
 
 async def test_unknown_classes_are_reported_not_guessed(shipped: Path) -> None:
