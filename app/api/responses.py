@@ -13,7 +13,8 @@ from typing import IO
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.api.schemas import OutputFormat, SamplePublic, SamplesPublic
-from app.core.images import encode_png, image_grid
+from app.core.images import image_grid
+from app.core.png import encode_png
 from app.engine.archives import npz_bytes
 from app.engine.generation import INLINE_SAMPLES, Samples
 from app.errors import RangeNotSatisfiableError

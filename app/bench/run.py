@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from app.core.allocator import ALLOCATOR_ENV, tune_allocator
-from app.core.images import encode_png
 from app.core.model import load_model
+from app.core.png import encode_png
 from app.core.sampling import draw_latents, render
 
 

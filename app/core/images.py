@@ -1,4 +1,4 @@
-"""Pixels: uint8 ↔ the networks' [-1, 1] range, decoding uploaded images safely, PNG encoding and sample grids."""
+"""Pixels: uint8 ↔ the networks' [-1, 1] range, decoding uploaded images safely, and sample grids."""
 
 from __future__ import annotations
 
@@ -101,18 +101,6 @@ def to_8_bit(image: Image.Image) -> Image.Image:
         scaled = np.rint(np.asarray(image, dtype=np.float64) / 257.0)
         return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
     return image
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 `[H, W, C]` (C = 1 or 3) → PNG bytes (deterministic for the same pixels)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def encode_pngs(images: np.ndarray) -> list[bytes]:
-    """`encode_png` of every image of a uint8 `[N, H, W, C]` batch."""
-    return [encode_png(image) for image in images]
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:

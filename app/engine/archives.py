@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
-from app.core.images import encode_png, encode_pngs, image_grid
+from app.core.images import image_grid
+from app.core.png import encode_png, encode_pngs
 from app.engine.hub import MetadataParquet, ParquetExport, dataset_card
 from app.engine.sink import ByteSink
 from app.errors import InvalidInputError

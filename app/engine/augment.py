@@ -185,7 +185,7 @@ async def stream_augmented(served: ServedModel, upload: Upload, request: Augment
         return asyncio.ensure_future(generate(range(start, stop), plan.labels(start, stop)))
 
     async def add(images: np.ndarray, image_labels: np.ndarray, indices: range, source: str) -> bytes:
-        pngs = await served.encode_pngs(images, settings.cpu_workers)
+        pngs = await served.encode_pngs(images)
         return await served.on_cpu(functools.partial(writer.add, images, image_labels, indices, source, pngs=pngs))
 
     starts = list(range(0, len(plan), chunk))

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
-from app.core.images import encode_png, image_grid
+from app.core.images import image_grid
 from app.core.model import NEIGHBOURS_FILE
+from app.core.png import encode_png
 from app.engine.generation import generate_samples
 from app.engine.plans import SamplePlan
 from app.engine.repository import ServedModel

@@ -90,7 +90,7 @@ async def stream_export(served: ServedModel, plan: SamplePlan, output: str, sett
             images, labels, indices = await pending  # type: ignore[misc]
             if position + 1 < len(starts):
                 pending = produce(starts[position + 1])
-            pngs = await served.encode_pngs(images, settings.cpu_workers)
+            pngs = await served.encode_pngs(images)
             add = functools.partial(writer.add, images, labels, indices.tolist(), pngs=pngs)
             for piece in await served.on_cpu(add):
                 yield piece

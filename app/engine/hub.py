@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.core.images import encode_pngs
+from app.core.png import encode_pngs
 from app.engine.sink import ByteSink
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import multiprocessing
+import os
 import re
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 
 from app.core.checkpoint import read_json
-from app.core.images import encode_pngs
 from app.core.model import SyntheticModel, load_model
+from app.core.png import encode_pngs
 from app.engine.batcher import MicroBatcher
 from app.engine.filters import Judge, load_judge
 from app.engine.forward import DTYPES, forward_pass
@@ -81,6 +83,8 @@ class ServedModel:
     judge: Judge | None
     executor: Executor  # the device's one thread
     cpu: Executor  # a few threads for decoding and encoding (bounded, so is their memory)
+    png: Executor  # what encodes PNGs: those threads, or processes (SYNTHGEN_PNG_PROCESSES)
+    png_parts: int  # the pieces a batch's PNGs are split in, one per thread or process
     leases: int = 0
     retired: bool = False  # replaced by a reload: its worker stops with its last lease
 
@@ -88,11 +92,12 @@ class ServedModel:
         """Run CPU-heavy work (decoding, encoding) on the bounded CPU pool."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
-    async def encode_pngs(self, images: np.ndarray, parts: int) -> list[bytes]:
-        """PNGs of a uint8 `[N, H, W, C]` batch, encoded in `parts` pieces at once on the CPU pool (Pillow releases
-        the GIL while it compresses; one core encodes far slower than a GPU generates)."""
-        pieces = np.array_split(images, min(parts, max(len(images), 1)))
-        encoded = await asyncio.gather(*(self.on_cpu(encode_pngs, piece) for piece in pieces))
+    async def encode_pngs(self, images: np.ndarray) -> list[bytes]:
+        """PNGs of a uint8 `[N, H, W, C]` batch, encoded in pieces at once on every thread or process of the PNG pool
+        (one core encodes far slower than a GPU generates)."""
+        loop = asyncio.get_running_loop()
+        pieces = np.array_split(images, min(self.png_parts, max(len(images), 1)))
+        encoded = await asyncio.gather(*(loop.run_in_executor(self.png, encode_pngs, piece) for piece in pieces))
         return [png for piece in encoded for png in piece]
 
 
@@ -141,6 +146,13 @@ class ModelRepository:
     def __init__(self, settings: Settings, device: torch.device, executor: Executor, cpu: Executor,
                  metrics: Metrics) -> None:
         self.settings, self.device, self.executor, self.cpu, self.metrics = settings, device, executor, cpu, metrics
+        processes = settings.png_processes
+        if processes is None:
+            processes = min(len(os.sched_getaffinity(0)), 64) if device.type == "cuda" else 0
+        self.png: Executor = cpu  # forkserver: a fork of this process (torch's threads, held locks) would not be safe
+        if processes:
+            self.png = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"))
+        self.png_parts = processes or settings.cpu_workers
         self.roots = [settings.models_dir, trained_models_dir(settings)]
         self.entries: dict[str, ModelEntry] = {}
         self.latest: dict[str, str] = {}  # a versioned model's name → name@newest version
@@ -262,7 +274,7 @@ class ModelRepository:
                                    observer=self.metrics.observer(entry.metrics_label))
             batcher.start()
             old, entry.error = entry.served, None
-            entry.served = ServedModel(model, batcher, judge, self.executor, self.cpu)
+            entry.served = ServedModel(model, batcher, judge, self.executor, self.cpu, self.png, self.png_parts)
             if old is not None:
                 old.retired = True
                 if old.leases == 0:
@@ -289,6 +301,8 @@ class ModelRepository:
     async def close(self) -> None:
         for entry in self.entries.values():
             await self._stop(entry)
+        if self.png is not self.cpu:
+            await asyncio.to_thread(self.png.shutdown, wait=True, cancel_futures=True)
 
     async def supervise(self, every_s: float = 1.0, discover_every: int = 10) -> None:
         """Restart a ready model's worker that died (its queue is kept, so waiting requests carry on); until it

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from app.core.checkpoint import save_features, utc_now
 from app.core.device import resolve_device
-from app.core.images import encode_png, image_grid, to_model_range
+from app.core.images import image_grid, to_model_range
 from app.core.model import NEIGHBOURS_FILE, load_model
 from app.core.nets import Classifier, ClassifierConfig
+from app.core.png import encode_png
 from app.core.sampling import per_class_labels, sample
 from app.errors import DataError
 from app.ml.card import update_card

@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from app.core.images import encode_png
+from app.core.png import encode_png
 from app.engine import archives
 
 

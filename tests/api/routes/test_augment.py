@@ -81,8 +81,8 @@ async def test_augment_generates_the_next_samples_while_the_last_are_encoded(
         events.append(("generate", len(z)))
         return await submit(self, z, *args, **kwargs)
 
-    async def logged_encode(self, images, parts):
-        pngs = await encode(self, images, parts)
+    async def logged_encode(self, images):
+        pngs = await encode(self, images)
         events.append(("encoded", len(images)))
         return pngs
 

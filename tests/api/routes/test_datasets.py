@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +45,19 @@ async def test_zip_export_round_trips(models_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("output", ["zip", "tar", "parquet"])
-async def test_an_export_is_the_same_bytes_however_many_threads_encode_it(models_dir: Path, output: str) -> None:
-    answers = []
-    for workers in (1, 3):  # 3: each 8-sample chunk's PNGs are encoded in three pieces at once
-        async with serve(models_dir, max_batch_size=8, cpu_workers=workers) as client:
+async def test_an_export_is_the_same_bytes_however_many_threads_or_processes_encode_it(
+        models_dir: Path, output: str) -> None:
+    answers, encoders = [], []
+    # 3 threads or 2 processes: each 8-sample chunk's PNGs are encoded in that many pieces at once
+    for pool in ({"cpu_workers": 1}, {"cpu_workers": 3}, {"png_processes": 2}):
+        async with serve(models_dir, max_batch_size=8, **pool) as client:
             answers.append(await client.post("/v1/models/digits-gan/datasets",
                                              json={"per_class": 3, "seed": 5, "format": output}))
-    assert [a.status_code for a in answers] == [200, 200]
-    assert answers[0].content == answers[1].content
+            png = client.app.state.repository.png  # type: ignore[attr-defined]
+            encoders.append(len(png._processes) if isinstance(png, ProcessPoolExecutor) else 0)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].content == answers[1].content == answers[2].content
+    assert encoders == [0, 0, 2]  # the processes did the encoding
 
 
 async def test_tar_and_npz_exports(models_dir: Path) -> None:
