@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 
 from app.core.allocator import ALLOCATOR_ENV, tune_allocator
 from app.core.model import load_model
-from app.core.png import encode_png
+from app.core.png import encode_pngs
 from app.core.sampling import draw_latents, render
 
 
@@ -297,17 +298,21 @@ def raw_rate(folder: Path, batch_size: int, seconds: float, device: str) -> floa
 
 
 def raw_png_rate(folder: Path, batch_size: int, seconds: float, device: str) -> float:
-    """The raw model's forward passes with a PNG encoded per sample on every core (a thread per core, fed while the
-    next batch runs): what a zip export could reach on this machine."""
-    model = load_model(folder, device)
-    done, started, running = 0, time.perf_counter(), deque()
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    """The raw model's forward passes with each batch's PNGs encoded in a piece per core while the next batch runs,
+    on threads on a CPU and on processes on a GPU (as the server does by default): what a zip export could reach."""
+    model, cores = load_model(folder, device), len(os.sched_getaffinity(0))
+    done, running = 0, deque()
+    pool: Executor = (ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("forkserver"))
+                      if device == "cuda" else ThreadPoolExecutor(cores))
+    with pool:
+        pool.submit(encode_pngs, np.zeros((1, 1, 1, 1), np.uint8)).result()  # processes started before the clock
+        started = time.perf_counter()
         while time.perf_counter() - started < seconds:
             z, labels = draw_latents(done, range(batch_size), model.latent_dim, model.num_classes)
             images = render(model, z, labels, batch_size=batch_size)
-            running.extend(pool.submit(encode_png, image) for image in images)
+            running.extend(pool.submit(encode_pngs, piece) for piece in np.array_split(images, cores))
             done += batch_size
-            while len(running) > 2 * batch_size:  # one batch encoding while the next one is generated
+            while len(running) > cores:  # one batch encoding while the next one is generated
                 running.popleft().result()
         for future in running:
             future.result()
