@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,13 @@ class ServedModel:
         (one core encodes far slower than a GPU generates)."""
         loop = asyncio.get_running_loop()
         pieces = np.array_split(images, min(self.png_parts, max(len(images), 1)))
-        encoded = await asyncio.gather(*(loop.run_in_executor(self.png, encode_pngs, piece) for piece in pieces))
+        try:
+            encoded = await asyncio.gather(*(loop.run_in_executor(self.png, encode_pngs, piece) for piece in pieces))
+        except BrokenProcessPool:  # a process died (killed, out of memory): this model encodes on threads from now on
+            log.error("a PNG encoding process died; model %s encodes PNGs on the CPU threads from now on",
+                      self.model.name)
+            self.png = self.cpu
+            return await self.encode_pngs(images)
         return [png for piece in encoded for png in piece]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import os
+import signal
 import tarfile
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -58,6 +61,19 @@ async def test_an_export_is_the_same_bytes_however_many_threads_or_processes_enc
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert answers[0].content == answers[1].content == answers[2].content
     assert encoders == [0, 0, 2]  # the processes did the encoding
+
+
+async def test_an_export_survives_a_png_process_that_died(models_dir: Path) -> None:
+    request = {"per_class": 3, "seed": 5, "format": "zip"}
+    async with serve(models_dir, max_batch_size=8, png_processes=2) as client:
+        first = await client.post("/v1/models/digits-gan/datasets", json=request)
+        png = client.app.state.repository.png  # type: ignore[attr-defined]
+        os.kill(next(iter(png._processes)), signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        second = await client.post("/v1/models/digits-gan/datasets", json=request)
+        third = await client.post("/v1/models/digits-gan/datasets", json=request)
+    assert [first.status_code, second.status_code, third.status_code] == [200, 200, 200], second.text
+    assert first.content == second.content == third.content  # encoded on the threads instead, the same bytes
 
 
 async def test_tar_and_npz_exports(models_dir: Path) -> None:
