@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     png_processes: int | None = Field(None, ge=0, le=256, description="processes that encode the PNGs of exports "
                                       "and augmented zips; 0: the cpu_workers threads (Pillow holds the GIL for a "
                                       "quarter of the work, so threads stop scaling at about four cores); default: "
-                                      "the cores on a GPU, which generates faster than threads encode, else 0")
+                                      "cpu_workers on a GPU, which generates faster than threads encode, else 0")
     max_concurrent_uploads: int = Field(4, ge=1, description="upload requests (augment, reconstruct, inpaint) in work "
                                         "at once; more wait, then get 503")
     max_uploads_per_client: int = Field(2, ge=1, description="upload requests one API key (or address) may have in "

@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import logging
 import multiprocessing
-import os
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -155,7 +154,7 @@ class ModelRepository:
         self.settings, self.device, self.executor, self.cpu, self.metrics = settings, device, executor, cpu, metrics
         processes = settings.png_processes
         if processes is None:
-            processes = min(len(os.sched_getaffinity(0)), 64) if device.type == "cuda" else 0
+            processes = settings.cpu_workers if device.type == "cuda" else 0
         self.png: Executor = cpu  # forkserver: a fork of this process (torch's threads, held locks) would not be safe
         if processes:
             self.png = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"))
