@@ -101,7 +101,8 @@ def _train(args: argparse.Namespace) -> None:
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
                                  lr=args.lr if args.lr is not None else (2e-4 if args.arch == "gan" else 1e-3),
-                                 val_fraction=args.val_fraction, hyperparameters=hyperparameters,
+                                 val_fraction=args.val_fraction, val_data=args.val_data,
+                                 hyperparameters=hyperparameters,
                                  class_names=args.class_names.split(",") if args.class_names else None,
                                  progress=not args.quiet,
                                  tensorboard_dir=Path(args.tensorboard) if args.tensorboard else None))
@@ -170,7 +171,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_per_class(args.per_class)
     _apply_process_options(args)
     card = evaluate(Path(args.model), args.data, test_spec=args.test_data, per_class=args.per_class, seed=args.seed,
-                    device=args.device, progress=not args.quiet)
+                    device=args.device, progress=not args.quiet, val_spec=args.val_data)
     print(json.dumps(card["metrics"], indent=2, sort_keys=True))
 
 
@@ -181,7 +182,7 @@ def _tune(args: argparse.Namespace) -> None:
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
     _check_per_class(args.per_class)
-    sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds)
+    sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data)
     for scale, figure in sampling["validation_tstr"].items():
         print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}")
     print(f"chosen: {sampling['latent_scale']} (written to config.json); run synthgen evaluate and protocol again")
@@ -192,7 +193,7 @@ def _protocol(args: argparse.Namespace) -> None:
 
     seeds = _numbers("--seeds", args.seeds, int)
     _check_per_class(args.per_class)
-    report = run_protocol(Path(args.model), args.data, args.test_data, args.per_class, seeds)
+    report = run_protocol(Path(args.model), args.data, args.test_data, args.per_class, seeds, val_spec=args.val_data)
     for arm, figure in report.items():
         if "mean" in figure:
             print(f"{arm:34s} {figure['mean']:.4f}" + (f" ± {figure['std']:.4f}" if "std" in figure else ""))
@@ -248,6 +249,11 @@ def _db(args: argparse.Namespace) -> None:
     print("the jobs database schema is up to date")
 
 
+def _val_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--val-data", default=None, help="the validation data SPEC, for a model trained with "
+                        "--val-data (default: the one in its config.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synthgen", description="Synthetic image datasets from GANs and VAEs.")
     parser.add_argument("--version", action="version", version=f"synthgen {__version__}")
@@ -264,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 GAN, 1e-3 VAE)")
-    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out at random to "
+                       "validate on")
+    train.add_argument("--val-data", default=None, help="validation data SPEC instead of --val-fraction, all of --data "
+                       "then trains: e.g. a block of other writers' digits, so that selection judges unseen writers")
     train.add_argument("--hparams", default=None, help='JSON hyper-parameter overrides, e.g. \'{"latent_dim": 32}\'')
     train.add_argument("--class-names", default=None, help="comma-separated names of labels 0..K-1, e.g. "
                        "t-shirt,trouser,… (IDX files carry none)")
@@ -300,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", required=True, help="the training data SPEC (split as in training)")
     evaluate.add_argument("--test-data", default=None, help="real data no training saw, for held-out scores")
+    _val_data_option(evaluate)
     evaluate.add_argument("--per-class", type=int, default=1000, help="synthetic samples per class")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
@@ -312,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--model", required=True)
     protocol.add_argument("--data", required=True, help="the training data SPEC (its training split is the real arm)")
     protocol.add_argument("--test-data", required=True, help="real data never used for training or selection")
+    _val_data_option(protocol)
     protocol.add_argument("--per-class", type=int, default=1000)
     protocol.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the CNN")
     protocol.set_defaults(run=_protocol)
@@ -320,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "split by TSTR; writes config.json and the card's sampling section")
     tune.add_argument("--model", required=True)
     tune.add_argument("--data", required=True, help="the training data SPEC (its validation split scores each scale)")
+    _val_data_option(tune)
     tune.add_argument("--scales", default="1,1.25,1.5,2,2.5,3", help="comma-separated candidates, each in (0, 4]")
     tune.add_argument("--per-class", type=int, default=1000)
     tune.add_argument("--seeds", default="0,1", help="comma-separated seeds of the CNN")

@@ -13,6 +13,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +121,38 @@ def load_training_data(spec: str, class_names: list[str], fingerprint: str | Non
         raise DataError(f"{spec!r} is not the data this model was trained on (its fingerprint differs from the one in "
                         "config.json's training_data); pass the training data SPEC recorded there")
     return dataset
+
+
+def load_validation_data(spec: str, training: ImageDataset, fingerprint: str | None = None) -> ImageDataset:
+    """Validation images given apart from the training data (`--val-data`), labelled as `training` is; refused when
+    more than a few of them are training images (a validation set must be held out) or, given the `fingerprint`
+    recorded in training, when they are not the images the model was validated on."""
+    val = load_training_data(spec, training.class_names, None)
+    if fingerprint is not None and val.fingerprint() != fingerprint:
+        raise DataError(f"{spec!r} is not the validation data this model was trained with (its fingerprint differs "
+                        "from config.json's training_data.val_fingerprint); pass the val_data SPEC recorded there")
+    if val.shape != training.shape:
+        raise DataError(f"the validation images are {val.shape[0]}x{val.shape[1]}x{val.shape[2]}, the training images "
+                        f"{training.shape[0]}x{training.shape[1]}x{training.shape[2]}: they must match")
+    overlap = shared_images(training, val)
+    if overlap > len(val) // 100:  # a few duplicates happen in real data; more means the sets overlap
+        raise DataError(f"{overlap} of the {len(val)} validation images are pixel-identical to training images; pass "
+                        "images held out of --data (e.g. another slice: data#0:7000 and data#7000:8000)")
+    return val
+
+
+def split_as_trained(dataset: ImageDataset, training_data: dict[str, Any],
+                     val_spec: str | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """The (train, validation) split a model was trained with, from config.json's `training_data`: all of `dataset`
+    and its validation data when it was given apart (`val_spec` stands in for the recorded path, e.g. on another
+    machine), else the seeded random split of `dataset`."""
+    recorded = training_data.get("val_data")
+    if recorded is None:
+        if val_spec is not None:
+            raise DataError("this model was validated on a random split of its training data, not on --val-data; "
+                            "leave --val-data out")
+        return dataset.split(training_data.get("val_fraction", 0.1), training_data.get("split_seed", 0))
+    return dataset, load_validation_data(val_spec or recorded, dataset, training_data.get("val_fingerprint"))
 
 
 def shared_images(a: ImageDataset, b: ImageDataset) -> int:

@@ -25,7 +25,7 @@ from app.core.png import encode_png
 from app.core.sampling import per_class_labels, sample
 from app.errors import DataError
 from app.ml.card import update_card
-from app.ml.datasets import ImageDataset, load_dataset, load_training_data
+from app.ml.datasets import ImageDataset, load_dataset, load_training_data, split_as_trained
 
 MAX_SHIPPED_FEATURES = 20_000
 
@@ -200,14 +200,16 @@ def sliced_wasserstein(real: np.ndarray, fake: np.ndarray, projections: int = 12
 
 
 def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_class: int = 1000, seed: int = 0,
-             device: str = "auto", progress: bool = True, classifier_epochs: int = 8) -> dict[str, Any]:
-    """Evaluate a model against real data; writes the evaluator and the metrics into its folder, returns the card."""
+             device: str = "auto", progress: bool = True, classifier_epochs: int = 8,
+             val_spec: str | None = None) -> dict[str, Any]:
+    """Evaluate a model against real data (split as in training; `val_spec` stands in for its recorded --val-data);
+    writes the evaluator and the metrics into its folder, returns the card."""
     started = time.perf_counter()
     dev = resolve_device(device)
     model = load_model(folder, dev)
     training_data = model.config["training_data"]
     dataset = load_training_data(data_spec, model.class_names, training_data.get("fingerprint"))
-    train_set, val_set = dataset.split(training_data.get("val_fraction", 0.1), training_data.get("split_seed", 0))
+    train_set, val_set = split_as_trained(dataset, training_data, val_spec)
     k = model.num_classes
     evaluator = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed, dev, progress=progress)
     real_steps = classifier_steps(len(train_set), classifier_epochs)

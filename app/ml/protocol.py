@@ -25,7 +25,7 @@ from app.core.model import load_model
 from app.core.sampling import per_class_labels, sample
 from app.errors import DataError
 from app.ml.card import update_card
-from app.ml.datasets import load_dataset, load_training_data, shared_images
+from app.ml.datasets import load_dataset, load_training_data, shared_images, split_as_trained
 
 BATCH = 128
 
@@ -134,19 +134,21 @@ def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray
 
 
 def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 1000,
-                 seeds: tuple[int, ...] = (0, 1, 2), sample_seed: int = 0) -> dict[str, Any]:
+                 seeds: tuple[int, ...] = (0, 1, 2), sample_seed: int = 0,
+                 val_spec: str | None = None) -> dict[str, Any]:
     """The protocol for one model: its training split as the real data (split as in training), `per_class` samples
     of every class (seed `sample_seed`), scored on `test_spec`; written to the card's `protocol` section."""
     started = time.perf_counter()
     model = load_model(folder, "cpu")
     training = model.config["training_data"]
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
-    real, _ = data.split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
+    real, val = split_as_trained(data, training, val_spec)
     test = load_dataset(test_spec).aligned_to(model.class_names)
-    overlap = shared_images(data, test)
+    overlap = shared_images(data, test) + (shared_images(val, test) if "val_data" in training else 0)
     if overlap > len(test) // 100:  # a few duplicates happen in real data; more means the test set was trained on
-        raise DataError(f"{overlap} of the {len(test)} test images are pixel-identical to images of the training data "
-                        f"{data_spec!r}; pass real images never used for training or selection")
+        raise DataError(f"{overlap} of the {len(test)} test images are pixel-identical to images of the training "
+                        f"data {data_spec!r} or its validation data; pass real images never used for training or "
+                        "selection")
     synthetic = sample(model, sample_seed, per_class_labels(model.num_classes, per_class))
     per_class_at_real_size = round(len(real) / model.num_classes)
     at_real_size = sample(model, sample_seed, per_class_labels(model.num_classes, per_class_at_real_size))
@@ -171,7 +173,8 @@ def nearest_one_within_standard_error(figures: dict[float, Figure]) -> float:
 
 
 def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0),
-                      per_class: int = 1000, seeds: tuple[int, ...] = (0, 1), sample_seed: int = 0) -> dict[str, Any]:
+                      per_class: int = 1000, seeds: tuple[int, ...] = (0, 1), sample_seed: int = 0,
+                      val_spec: str | None = None) -> dict[str, Any]:
     """Choose the model's `latent_scale` on its validation split (split as in training; no test data): the protocol
     CNN trained on `per_class` samples of every class at each scale, mean accuracy over `seeds`. The scale nearest 1
     whose mean is within one standard error of the best one's (a wider draw than needed costs fidelity) is written to
@@ -181,7 +184,7 @@ def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = 
     model = load_model(folder, "cpu")
     training = model.config["training_data"]
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
-    _, val = data.split(training.get("val_fraction", 0.1), training.get("split_seed", 0))
+    _, val = split_as_trained(data, training, val_spec)
     labels = per_class_labels(model.num_classes, per_class)
     figures = {}
     for scale in scales:

@@ -33,7 +33,7 @@ from app.core.sampling import draw_latents, per_class_labels
 from app.engine.archives import check_output_dir
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
-from app.ml.datasets import ImageDataset, load_dataset
+from app.ml.datasets import ImageDataset, load_dataset, load_validation_data
 from app.ml.plots import labelled_grid, loss_plot
 
 STATE_FILE = "training_state.safetensors"  # everything --resume needs, in one file replaced atomically
@@ -55,6 +55,7 @@ class TrainOptions:
     resume: bool = False
     batch_size: int = 64
     val_fraction: float = 0.1
+    val_data: str | None = None  # validation images given apart (e.g. other writers); replaces val_fraction
     lr: float = 2e-4
     checkpoint_every: int = 1
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -453,6 +454,14 @@ def _tensorboard(folder: Path | None) -> Any:
     return SummaryWriter(str(folder))
 
 
+def _validation_record(options: TrainOptions, val_set: ImageDataset) -> dict[str, Any]:
+    """How the validation split was made, in config.json's training_data, so that tune, evaluate and protocol remake
+    it (app.ml.datasets.split_as_trained)."""
+    if options.val_data is not None:
+        return {"val_data": options.val_data, "val_fingerprint": val_set.fingerprint()}
+    return {"val_fraction": options.val_fraction, "split_seed": 0}
+
+
 def train(options: TrainOptions) -> dict[str, Any]:
     """Train a model into `options.out`; returns the training summary written to its card."""
     if options.epochs < 1 or options.batch_size < 2:
@@ -478,7 +487,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
                                 f"{CLASS_NAME_RULE}; rename it (--class-names)")
     if options.resume:
         options = dataclasses.replace(options, hyperparameters=_resumed_hyperparameters(options, dataset))
-    train_set, val_set = dataset.split(options.val_fraction)
+    if options.val_data is not None:
+        train_set, val_set = dataset, load_validation_data(options.val_data, dataset)
+    else:
+        train_set, val_set = dataset.split(options.val_fraction)
     torch.manual_seed(options.seed)
     trainer = make_trainer(options.arch, dataset, options, device)
     shuffle = torch.Generator().manual_seed(options.seed)
@@ -503,7 +515,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "pixel_normalisation": PIXEL_NORMALISATION,
         "image": {"height": hparams.height, "width": hparams.width, "channels": hparams.channels},
         "training_data": {"spec": options.data, "fingerprint": dataset.fingerprint(), "n_train": len(train_set),
-                          "n_val": len(val_set), "val_fraction": options.val_fraction, "split_seed": 0},
+                          "n_val": len(val_set), **_validation_record(options, val_set)},
         "training": {"arch": options.arch, "epochs": options.epochs, "seed": options.seed,
                      "batch_size": options.batch_size, "lr": options.lr, "device": str(device),
                      "warnings": warnings},

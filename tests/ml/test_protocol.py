@@ -14,6 +14,7 @@ from app.core.model import load_model
 from app.core.sampling import per_class_labels, sample
 from app.ml.datasets import load_dataset
 from app.ml.protocol import Figure, nearest_one_within_standard_error, tstr_report, tune_latent_scale
+from tests.conftest import TINY_GAN
 
 
 def test_tstr_report_ranks_good_and_useless_training_data() -> None:
@@ -100,3 +101,41 @@ def test_the_protocol_also_scores_a_synthetic_set_as_large_as_the_real_one(tiny_
     assert protocol["protocol"]["n_synthetic"] == 50
     assert abs(protocol["protocol"]["per_class_at_real_size"] * 10 - n_real) <= 5
     assert 0 <= protocol["tstr_at_real_size"]["mean"] <= 1 and "tstr_at_real_size" in capsys.readouterr().out
+
+
+def test_a_model_validated_on_data_given_apart_is_tuned_and_scored_on_that_data(tmp_path: Path, capsys) -> None:
+    # e.g. a block of other writers' digits: all of --data trains, and tune, evaluate and protocol remake that split
+    folder = tmp_path / "model"
+    val = "digits#1200:1500"
+    assert main(["train", "--arch", "gan", "--data", "digits#0:1200", "--val-data", val, "--out", str(folder),
+                 "--epochs", "1", "--quiet", "--hparams", json.dumps(TINY_GAN)]) == 0
+    recorded = json.loads((folder / "config.json").read_text())["training_data"]
+    assert recorded["val_data"] == val and recorded["n_train"] == 1200 and recorded["n_val"] == 300
+    assert recorded["val_fingerprint"] == load_dataset(val).fingerprint() and "val_fraction" not in recorded
+    assert main(["tune", "--model", str(folder), "--data", "digits#0:1200", "--scales", "1", "--per-class", "5",
+                 "--seeds", "0"]) == 0
+    assert json.loads((folder / "card.json").read_text())["sampling"]["n_val"] == 300
+    capsys.readouterr()
+    # the validation block is no test data; other validation images are not the ones the model was selected on
+    assert main(["protocol", "--model", str(folder), "--data", "digits#0:1200", "--test-data", val,
+                 "--per-class", "5", "--seeds", "0"]) == 2
+    assert "300 of the 300 test images are pixel-identical" in capsys.readouterr().err
+    assert main(["tune", "--model", str(folder), "--data", "digits#0:1200", "--val-data", "digits#1200:1400",
+                 "--seeds", "0"]) == 2
+    assert "not the validation data this model was trained with" in capsys.readouterr().err
+    assert main(["protocol", "--model", str(folder), "--data", "digits#0:1200", "--val-data", val, "--test-data",
+                 "digits#1500:1797", "--per-class", "5", "--seeds", "0"]) == 0  # the recorded path, passed again
+    assert json.loads((folder / "card.json").read_text())["protocol"]["protocol"]["n_real"] == 1200
+    assert main(["evaluate", "--model", str(folder), "--data", "digits#0:1200", "--per-class", "5", "--quiet"]) == 0
+    evaluation = json.loads((folder / "card.json").read_text())["evaluation"]
+    assert (evaluation["n_real_train"], evaluation["n_real_val"]) == (1200, 300)
+
+
+def test_validation_data_must_be_held_out_and_match_the_split(tiny_gan: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--arch", "gan", "--data", "digits#0:1200", "--val-data", "digits#1000:1300", "--out",
+                 str(tmp_path / "overlap"), "--epochs", "1", "--quiet"]) == 2
+    assert "200 of the 300 validation images are pixel-identical to training images" in capsys.readouterr().err
+    assert not (tmp_path / "overlap").exists()
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")  # validated on a random split of its data
+    assert main(["tune", "--model", str(folder), "--data", "digits", "--val-data", "digits#0:100", "--seeds", "0"]) == 2
+    assert "leave --val-data out" in capsys.readouterr().err
