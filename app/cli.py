@@ -182,9 +182,17 @@ def _tune(args: argparse.Namespace) -> None:
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
     _check_per_class(args.per_class)
-    sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data)
+    if not 0 <= args.min_label_agreement <= 1:
+        raise InvalidInputError(f"--min-label-agreement must be in [0, 1], not {args.min_label_agreement}")
+    sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data,
+                                 min_label_agreement=args.min_label_agreement)
     for scale, figure in sampling["validation_tstr"].items():
-        print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}")
+        print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}  "
+              f"label agreement {sampling['label_agreement'][scale]:.4f}")
+    if not sampling["floor_met"]:
+        print(f"no scale reached label agreement {sampling['label_agreement_floor']:.4f} "
+              f"({args.min_label_agreement} × the real validation images' {sampling['real_val_accuracy']:.4f}): "
+              "took the scale with the highest; the samples are often not what their label says", file=sys.stderr)
     print(f"chosen: {sampling['latent_scale']} (written to config.json); run synthgen evaluate and protocol again")
 
 
@@ -335,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--scales", default="1,1.25,1.5,2,2.5,3", help="comma-separated candidates, each in (0, 4]")
     tune.add_argument("--per-class", type=int, default=1000)
     tune.add_argument("--seeds", default="0,1", help="comma-separated seeds of the CNN")
+    tune.add_argument("--min-label-agreement", type=float, default=0.95,
+                      help="only scales whose samples the evaluator classifies as their label at least this share as "
+                           "often as real validation images (0 turns the check off)")
     tune.set_defaults(run=_tune)
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")

@@ -26,6 +26,7 @@ from app.core.sampling import per_class_labels, sample
 from app.errors import DataError
 from app.ml.card import update_card
 from app.ml.datasets import load_dataset, load_training_data, shared_images, split_as_trained
+from app.ml.evaluation import accuracy, predict, train_classifier
 
 BATCH = 128
 
@@ -162,7 +163,9 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
     return report
 
 
-RULE = "the scale nearest 1 whose mean validation TSTR is within one standard error of the best"
+RULE = ("among the scales whose samples the evaluator classifies as their label at least min_label_agreement times "
+        "as often as the real validation images, the scale nearest 1 whose mean validation TSTR is within one standard "
+        "error of the best")
 
 
 def nearest_one_within_standard_error(figures: dict[float, Figure]) -> float:
@@ -172,33 +175,52 @@ def nearest_one_within_standard_error(figures: dict[float, Figure]) -> float:
     return min((scale for scale, figure in figures.items() if figure.mean >= floor), key=lambda scale: abs(scale - 1))
 
 
+def choose_scale(figures: dict[float, Figure], agreement: dict[float, float], floor: float) -> tuple[float, bool]:
+    """(the chosen scale, whether any scale's label agreement reached `floor`): the scale nearest 1 within one
+    standard error of the best among those at or above the floor; where none is, the one with the highest agreement
+    (a wider draw that mislabels more is not worth its TSTR)."""
+    eligible = {scale: figure for scale, figure in figures.items() if agreement[scale] >= floor}
+    if not eligible:
+        return max(agreement, key=lambda scale: (agreement[scale], -abs(scale - 1))), False
+    return nearest_one_within_standard_error(eligible), True
+
+
 def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0),
                       per_class: int = 1000, seeds: tuple[int, ...] = (0, 1), sample_seed: int = 0,
-                      val_spec: str | None = None) -> dict[str, Any]:
+                      val_spec: str | None = None, min_label_agreement: float = 0.95) -> dict[str, Any]:
     """Choose the model's `latent_scale` on its validation split (split as in training; no test data): the protocol
-    CNN trained on `per_class` samples of every class at each scale, mean accuracy over `seeds`. The scale nearest 1
-    whose mean is within one standard error of the best one's (a wider draw than needed costs fidelity) is written to
+    CNN trained on `per_class` samples of every class at each scale, mean accuracy over `seeds`; the evaluator (as
+    `synthgen evaluate` trains it on the real training split) checks each scale's labels. Among the scales whose
+    label agreement is at least `min_label_agreement` times the evaluator's accuracy on the real validation images,
+    the scale nearest 1 within one standard error of the best (a wider draw than needed costs fidelity) is written to
     config.json, the sweep to the card's `sampling` section. The card's other figures were measured at the old
     scale: evaluate and run the protocol again."""
     started = time.perf_counter()
     model = load_model(folder, "cpu")
     training = model.config["training_data"]
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
-    _, val = split_as_trained(data, training, val_spec)
+    train, val = split_as_trained(data, training, val_spec)
+    evaluator = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed)
+    real_accuracy = accuracy(evaluator, val.images, val.labels)
     labels = per_class_labels(model.num_classes, per_class)
-    figures = {}
+    figures, agreement = {}, {}
     for scale in scales:
         model.net.cfg.latent_scale = scale
         images, drawn = sample(model, sample_seed, labels)
         figures[scale] = Figure([train_and_score(images, drawn, val.images, val.labels, model.num_classes, seed)
                                  for seed in seeds])
-    chosen = nearest_one_within_standard_error(figures)
+        agreement[scale] = float((predict(evaluator, images)[0].argmax(1).numpy() == drawn).mean())
+    floor = min_label_agreement * real_accuracy
+    chosen, floor_met = choose_scale(figures, agreement, floor)
     config = read_json(folder / "config.json")
     config["hyperparameters"]["latent_scale"] = chosen
     write_json(folder / "config.json", config)
     sampling = {"latent_scale": chosen, "selected_on": "validation split", "rule": RULE, "n_val": len(val),
                 "per_class": per_class, "sample_seed": sample_seed, "seeds": list(seeds),
+                "min_label_agreement": min_label_agreement, "real_val_accuracy": round(real_accuracy, 4),
+                "label_agreement_floor": round(floor, 4), "floor_met": floor_met,
                 "seconds": round(time.perf_counter() - started, 1),
-                "validation_tstr": {str(scale): figure.as_dict() for scale, figure in figures.items()}}
+                "validation_tstr": {str(scale): figure.as_dict() for scale, figure in figures.items()},
+                "label_agreement": {str(scale): round(value, 4) for scale, value in agreement.items()}}
     update_card(folder, sampling=sampling)
     return sampling

@@ -13,7 +13,7 @@ from app.cli import main
 from app.core.model import load_model
 from app.core.sampling import per_class_labels, sample
 from app.ml.datasets import load_dataset
-from app.ml.protocol import Figure, nearest_one_within_standard_error, tstr_report, tune_latent_scale
+from app.ml.protocol import Figure, choose_scale, nearest_one_within_standard_error, tstr_report, tune_latent_scale
 from tests.conftest import TINY_GAN
 
 
@@ -47,7 +47,7 @@ def test_tuned_latent_scale_is_the_default_spread(fixture: str, tmp_path: Path, 
 def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, capsys) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")
     assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,0.01", "--per-class", "20",
-                 "--seeds", "0"]) == 0
+                 "--seeds", "0", "--min-label-agreement", "0"]) == 0
     card = json.loads((folder / "card.json").read_text())["sampling"]
     scores = {float(scale): figure["mean"] for scale, figure in card["validation_tstr"].items()}
     best = max(scores, key=lambda scale: (scores[scale], -abs(scale - 1)))  # one seed: no margin; a tie goes to 1
@@ -56,9 +56,33 @@ def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, ca
     assert load_model(folder).net.cfg.latent_scale == card["latent_scale"]
 
 
+def test_tune_falls_back_to_the_best_labelled_scale_when_none_reaches_the_floor(tiny_gan: Path, tmp_path: Path,
+                                                                                capsys) -> None:
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")  # one epoch: its samples are rarely what their label says
+    assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,2,3", "--per-class", "20",
+                 "--seeds", "0"]) == 0
+    card = json.loads((folder / "card.json").read_text())["sampling"]
+    agreement = {float(scale): value for scale, value in card["label_agreement"].items()}
+    assert card["real_val_accuracy"] > 0.8
+    assert card["label_agreement_floor"] == pytest.approx(0.95 * card["real_val_accuracy"], abs=1e-3)
+    assert max(agreement.values()) < card["label_agreement_floor"] and card["floor_met"] is False
+    assert card["latent_scale"] == max(agreement, key=lambda scale: (agreement[scale], -abs(scale - 1)))
+    output = capsys.readouterr()
+    assert "no scale reached label agreement" in output.err and "label agreement" in output.out
+
+
+def test_scales_that_mislabel_are_not_chosen_however_high_their_tstr() -> None:
+    figures = {1.0: Figure([0.90, 0.90]), 1.5: Figure([0.93, 0.93]), 2.0: Figure([0.96, 0.96])}
+    assert choose_scale(figures, {1.0: 0.99, 1.5: 0.97, 2.0: 0.90}, floor=0.95) == (1.5, True)
+    assert choose_scale(figures, {1.0: 0.99, 1.5: 0.97, 2.0: 0.96}, floor=0.95) == (2.0, True)
+    assert choose_scale(figures, {1.0: 0.99, 1.5: 0.97, 2.0: 0.96}, floor=0) == (2.0, True)
+    assert choose_scale(figures, {1.0: 0.80, 1.5: 0.85, 2.0: 0.70}, floor=0.95) == (1.5, False)
+
+
 @pytest.mark.parametrize(("args", "message"), [(["--scales", "0,1"], "every scale must be in (0, 4]"),
                                              (["--scales", "1,x"], "comma-separated"),
-                                             (["--per-class", "0"], "--per-class must be at least 1")])
+                                             (["--per-class", "0"], "--per-class must be at least 1"),
+                                             (["--min-label-agreement", "1.5"], "--min-label-agreement must be in")])
 def test_tune_refuses_bad_arguments(tiny_gan: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")
     assert main(["tune", "--model", str(folder), "--data", "digits", *args]) == 2
