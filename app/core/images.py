@@ -18,6 +18,12 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 PIXEL_NORMALISATION = {"from_uint8": "x / 127.5 - 1", "range": [-1.0, 1.0], "layout": "NCHW"}
 
 
+def shared_images(a: np.ndarray, b: np.ndarray) -> int:
+    """How many images of `b` are pixel-identical to an image of `a` (uint8 `[N, H, W, C]`)."""
+    seen = {image.tobytes() for image in a}
+    return sum(image.tobytes() in seen for image in b)
+
+
 def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 `[N, H, W, C]` → float32 `[N, C, H, W]` in [-1, 1]."""
     images = np.ascontiguousarray(images)

@@ -25,6 +25,7 @@ import numpy as np
 
 from app.core.checkpoint import read_json, write_json
 from app.core.imagefolder import DecodedFolder
+from app.core.images import shared_images
 from app.core.recipes import check_hyperparameters, choose_recipe, validation_warnings
 from app.engine.jobstore import TRAININGS_DIR, Job
 from app.engine.repository import trained_models_dir
@@ -81,14 +82,34 @@ def load_dataset_file(path: Path) -> DecodedFolder:
         return DecodedFolder(archive["images"], archive["labels"], [str(n) for n in archive["class_names"]])
 
 
+def check_validation_set(folder: DecodedFolder, val: DecodedFolder) -> None:
+    """Refuse validation images that cannot judge a model of `folder`: other classes, another size, or images it
+    trains on (a few duplicates happen in real data; more mean the sets overlap)."""
+    if val.class_names != folder.class_names:
+        raise InvalidInputError(f"the validation set's classes {val.class_names} are not the dataset's "
+                                f"{folder.class_names}; give it a folder for each class of the dataset, and no other")
+    if val.images.shape[1:] != folder.images.shape[1:]:
+        raise InvalidInputError("the validation images are {}x{}x{}, the dataset's {}x{}x{} (height, width, channels): "
+                                "send them at the dataset's size".format(*val.images.shape[1:],
+                                                                         *folder.images.shape[1:]))
+    overlap = shared_images(folder.images, val.images)
+    if overlap > len(val.images) // 100:
+        raise InvalidInputError(f"{overlap} of the {len(val.images)} validation images are also in the dataset; "
+                                "validate on images the model does not train on")
+
+
 ARCHS = ("gan", "vae")
 
 
-def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any],
+                  val: DecodedFolder | None = None) -> tuple[dict[str, Any], list[str]]:
     """Per architecture (both for `auto`) the settings a training runs with: the recipe for the data's size, then
     the user's `overrides` (epochs, batch_size, val_fraction, hyperparameters: one set, or one per architecture as
     {"gan": {...}, "vae": {...}}), checked against the networks' configs and the size limit; and the warnings the
-    user should read."""
+    user should read. With a validation set `val`, all of `folder` trains and no val_fraction applies."""
+    if val is not None and overrides.get("val_fraction") is not None:
+        raise InvalidInputError("val_fraction splits the dataset, but a validation set was given: all of the dataset "
+                                "trains; send one of the two")
     n, (height, width, channels) = len(folder.images), folder.images.shape[1:]
     recipes = {}
     for name in ARCHS if arch == "auto" else (arch,):
@@ -105,17 +126,26 @@ def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any]) -
             raise InvalidInputError(f"hyperparameters.{name}: a JSON object of {name} hyper-parameters")
         settings["hyperparameters"].update(given)
         check_hyperparameters(name, settings["hyperparameters"], height, width, channels, len(folder.class_names))
-        n_val = round(n * settings["val_fraction"])
-        if not 0 < n_val < n:
+        if val is not None:
+            settings["val_fraction"] = None
+        n_val = held_out(n, settings["val_fraction"])
+        if val is None and not 0 < n_val < n:
             raise InvalidInputError(f"a validation fraction of {settings['val_fraction']} leaves no training or no "
                                     f"validation images of {n}")
         steps = max(1, (n - n_val) // settings["batch_size"])
-        settings["notes"] = [f"{n - n_val} training and {n_val} validation images; {settings['epochs']} epochs of "
-                             f"{steps} steps (batch {settings['batch_size']})", *recipe.notes]
+        validation = f"the {len(val.images)} validation set images" if val is not None else f"{n_val} validation images"
+        settings["notes"] = [f"{n - n_val} training images and {validation}; {settings['epochs']} epochs of {steps} "
+                             f"steps (batch {settings['batch_size']})", *recipe.notes]
         recipes[name] = settings
     any_recipe = next(iter(recipes.values()))
-    warnings = validation_warnings(round(n * any_recipe["val_fraction"]), len(folder.class_names))
-    return recipes, warnings + folder.conversions
+    n_val = len(val.images) if val is not None else held_out(n, any_recipe["val_fraction"])
+    warnings = validation_warnings(n_val, len(folder.class_names))
+    return recipes, warnings + folder.conversions + (val.conversions if val is not None else [])
+
+
+def held_out(n: int, val_fraction: float | None) -> int:
+    """How many of a dataset's `n` images a training holds out to validate on (none with a validation set)."""
+    return 0 if val_fraction is None else round(n * val_fraction)
 
 
 def check_model_name(settings: Settings, models_dir: Path, name: str, owner: str) -> None:
@@ -153,22 +183,25 @@ class TrainingRun:
     def stages(self) -> list[Stage]:
         images = self.request["dataset"]["images"]
         return [Stage(arch, self.work / arch, recipe["epochs"], recipe["epochs"] * max(
-            1, (images - round(images * recipe["val_fraction"])) // recipe["batch_size"]))
+            1, (images - held_out(images, recipe["val_fraction"])) // recipe["batch_size"]))
             for arch, recipe in self.request["recipes"].items()]
 
     async def run(self) -> dict[str, Any]:
         """Train and evaluate every stage (resuming what a previous worker left); returns the chosen stage's card
         figures."""
         data = str((self.settings.data_dir / self.request["dataset_file"]).resolve())
+        val_file = self.request.get("val_dataset_file")
+        validation = ["--val-data", str((self.settings.data_dir / val_file).resolve())] if val_file else []
         candidates: dict[str, dict[str, Any]] = {}
         done_epochs, stages = 0, self.stages()
         for index, stage in enumerate(stages):
             if not (stage.folder / EVALUATED).exists():
-                await self._train(stage, data, done_epochs, sum(later.steps for later in stages[index + 1 :]))
+                await self._train(stage, data, validation, done_epochs,
+                                  sum(later.steps for later in stages[index + 1 :]))
                 self.progress.update(stage="evaluating", arch=stage.arch, eta_seconds=None)
                 await self.report(progress=self.progress)
-                await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, "--per-class",
-                                                      str(self.request["eval_per_class"]), "--quiet"])
+                await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, *validation,
+                                                      "--per-class", str(self.request["eval_per_class"]), "--quiet"])
                 (stage.folder / EVALUATED).touch()
                 (stage.folder / STATE_FILE).unlink(missing_ok=True)  # the checkpoint is not needed any more
             done_epochs += stage.epochs
@@ -178,15 +211,15 @@ class TrainingRun:
         self.progress["candidates"] = candidates
         return candidates
 
-    async def _train(self, stage: Stage, data: str, done_epochs: int, later_steps: int) -> None:
+    async def _train(self, stage: Stage, data: str, validation: list[str], done_epochs: int, later_steps: int) -> None:
         recipe = self.request["recipes"][stage.arch]
         resume = (stage.folder / STATE_FILE).is_file()
         if not resume and stage.folder.exists():  # killed before its first checkpoint: start again
             shutil.rmtree(stage.folder)
         arguments = ["--arch", stage.arch, "--data", data, "--out", str(stage.folder), "--epochs",
                      str(recipe["epochs"]), "--seed", str(self.request["seed"]), "--batch-size",
-                     str(recipe["batch_size"]), "--val-fraction", str(recipe["val_fraction"]), "--lr",
-                     str(recipe["lr"]), "--hparams", json.dumps(recipe["hyperparameters"]), "--quiet",
+                     str(recipe["batch_size"]), *(validation or ["--val-fraction", str(recipe["val_fraction"])]),
+                     "--lr", str(recipe["lr"]), "--hparams", json.dumps(recipe["hyperparameters"]), "--quiet",
                      "--tensorboard", str(self.work / "tensorboard" / stage.arch)]
         self.progress.update(stage="training", arch=stage.arch)
         await self._child("train", stage, arguments + (["--resume"] if resume else []), done_epochs, later_steps)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from app.core.imagefolder import FolderLimits, decode_image_folder
-from app.core.images import MAX_IMAGE_PIXELS, to_model_range
+from app.core.images import MAX_IMAGE_PIXELS, shared_images, to_model_range
 from app.core.safezip import ZipLimits, check_image_file, read_zip
 from app.errors import DataError
 
@@ -134,7 +134,7 @@ def load_validation_data(spec: str, training: ImageDataset, fingerprint: str | N
     if val.shape != training.shape:
         raise DataError(f"the validation images are {val.shape[0]}x{val.shape[1]}x{val.shape[2]}, the training images "
                         f"{training.shape[0]}x{training.shape[1]}x{training.shape[2]}: they must match")
-    overlap = shared_images(training, val)
+    overlap = shared_images(training.images, val.images)
     if overlap > len(val) // 100:  # a few duplicates happen in real data; more means the sets overlap
         raise DataError(f"{overlap} of the {len(val)} validation images are pixel-identical to training images; pass "
                         "images held out of --data (e.g. another slice: data#0:7000 and data#7000:8000)")
@@ -153,12 +153,6 @@ def split_as_trained(dataset: ImageDataset, training_data: dict[str, Any],
                             "leave --val-data out")
         return dataset.split(training_data.get("val_fraction", 0.1), training_data.get("split_seed", 0))
     return dataset, load_validation_data(val_spec or recorded, dataset, training_data.get("val_fingerprint"))
-
-
-def shared_images(a: ImageDataset, b: ImageDataset) -> int:
-    """How many images of `b` are pixel-identical to an image of `a`."""
-    seen = {image.tobytes() for image in a.images}
-    return sum(image.tobytes() in seen for image in b.images)
 
 
 def _load_whole(spec: str) -> ImageDataset:

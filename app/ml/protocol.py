@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.core.checkpoint import read_json, write_json
+from app.core.images import shared_images
 from app.core.model import load_model
 from app.core.sampling import per_class_labels, sample
 from app.errors import DataError
 from app.ml.card import update_card
-from app.ml.datasets import load_dataset, load_training_data, shared_images, split_as_trained
+from app.ml.datasets import load_dataset, load_training_data, split_as_trained
 from app.ml.evaluation import accuracy, predict, train_classifier
 
 BATCH = 128
@@ -145,7 +146,8 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
     real, val = split_as_trained(data, training, val_spec)
     test = load_dataset(test_spec).aligned_to(model.class_names)
-    overlap = shared_images(data, test) + (shared_images(val, test) if "val_data" in training else 0)
+    overlap = shared_images(data.images, test.images) + (shared_images(val.images, test.images)
+                                                          if "val_data" in training else 0)
     if overlap > len(test) // 100:  # a few duplicates happen in real data; more means the test set was trained on
         raise DataError(f"{overlap} of the {len(test)} test images are pixel-identical to images of the training "
                         f"data {data_spec!r} or its validation data; pass real images never used for training or "

@@ -33,7 +33,7 @@ from app.core.sampling import draw_latents, per_class_labels
 from app.engine.archives import check_output_dir
 from app.errors import CheckpointError, InvalidInputError
 from app.ml.card import update_card
-from app.ml.datasets import ImageDataset, load_dataset, load_validation_data
+from app.ml.datasets import ImageDataset, load_dataset, load_validation_data, split_as_trained
 from app.ml.plots import labelled_grid, loss_plot
 
 STATE_FILE = "training_state.safetensors"  # everything --resume needs, in one file replaced atomically
@@ -404,6 +404,16 @@ def _resumed_hyperparameters(options: TrainOptions, dataset: ImageDataset) -> di
     return kept
 
 
+def _resumed_split(options: TrainOptions, dataset: ImageDataset) -> tuple[ImageDataset, ImageDataset, TrainOptions]:
+    """(train, validation, options) of the run in `options.out`: a resumed run validates as it started, on its
+    --val-data (given again only where it moved: the images must be the recorded ones) or its random split."""
+    recorded = read_json(Path(options.out) / "config.json").get("training_data", {})
+    train_set, val_set = split_as_trained(dataset, recorded, options.val_data)
+    options = dataclasses.replace(options, val_data=options.val_data or recorded.get("val_data"),
+                                  val_fraction=recorded.get("val_fraction", options.val_fraction))
+    return train_set, val_set, options
+
+
 def _restore(trainer: Trainer, out: Path, shuffle: torch.Generator) -> tuple[int, dict[str, list[float]], float]:
     try:
         with safe_open(str(out / STATE_FILE), framework="pt") as handle:
@@ -487,7 +497,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
                                 f"{CLASS_NAME_RULE}; rename it (--class-names)")
     if options.resume:
         options = dataclasses.replace(options, hyperparameters=_resumed_hyperparameters(options, dataset))
-    if options.val_data is not None:
+        train_set, val_set, options = _resumed_split(options, dataset)
+    elif options.val_data is not None:
         train_set, val_set = dataset, load_validation_data(options.val_data, dataset)
     else:
         train_set, val_set = dataset.split(options.val_fraction)

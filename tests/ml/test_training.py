@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.core.nets import ConditionalVAE, VaeConfig
-from app.errors import InvalidInputError
+from app.errors import DataError, InvalidInputError
 from app.ml.training import TrainOptions, diff_augment, fit_prior, random_affine, train
 from tests.conftest import TINY_GAN, TINY_VAE, train_tiny
 
@@ -85,6 +85,25 @@ def test_same_seed_same_weights_and_resume_matches(tmp_path: Path) -> None:
         weights = load_file(str(other / "generator.safetensors"))
         assert all((weights[k] == v).all() for k, v in reference.items())
     assert json.loads((resumed / "card.json").read_text())["training"]["epochs_done"] == 2
+
+
+def test_a_resumed_run_validates_as_it_started(tmp_path: Path) -> None:
+    """--val-data need not be given again (a random split instead would train on 10 % fewer images)."""
+    def run(out: Path, epochs: int, **kwargs: object) -> Path:
+        train(TrainOptions(arch="gan", data="digits#0:1400", out=out, epochs=epochs, device="cpu", progress=False,
+                           hyperparameters=TINY_GAN, **kwargs))
+        return out
+
+    straight = run(tmp_path / "straight", 2, val_data="digits#1400:1797")
+    resumed = run(run(tmp_path / "resumed", 1, val_data="digits#1400:1797"), 2, resume=True, val_fraction=0.3)
+    reference = load_file(str(straight / "generator.safetensors"))
+    assert all(torch.equal(load_file(str(resumed / "generator.safetensors"))[k], v) for k, v in reference.items())
+    training = json.loads((resumed / "config.json").read_text())["training_data"]
+    assert training["val_data"] == "digits#1400:1797" and training["n_train"] == 1400 and "val_fraction" not in training
+    with pytest.raises(DataError, match="not the validation data this model was trained with"):
+        run(resumed, 3, resume=True, val_data="digits#1500:1797")
+    with pytest.raises(DataError, match="leave --val-data out"):
+        run(run(tmp_path / "random", 1), 2, resume=True, val_data="digits#1400:1797")
 
 
 def test_vae_gan_learns_to_rebuild_real_images_and_resumes_exactly(tmp_path: Path) -> None:
