@@ -165,6 +165,10 @@ class TrainingPublic(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="what to read before trusting the result")
     dataset_id: str = Field(description="send it as `dataset_id` to train again on the same images without uploading")
     dataset: dict[str, Any] = Field(default_factory=dict, description="images, classes, shape and images per class")
+    val_dataset_id: str | None = Field(default=None, description="the validation set's id, when one was given "
+                                       "apart from the dataset (send it as `val_dataset_id` to validate on it again)")
+    val_dataset: dict[str, Any] | None = Field(default=None, description="the validation set: images and images per "
+                                               "class (none: a random `val_fraction` of the dataset validates)")
     recipes: dict[str, Any] = Field(default_factory=dict, description="per architecture: the settings it trains with "
                                     "and why")
     gates: dict[str, float | None] = Field(default_factory=dict)

@@ -34,6 +34,7 @@ from app.engine.model_jobs import (
     EVALUATED,
     TRAINING_RESERVED_BYTES,
     check_model_name,
+    check_validation_set,
     dataset_path,
     load_dataset_file,
     plan_training,
@@ -66,6 +67,7 @@ def training_public(job: Job) -> TrainingPublic:
         losses=progress.get("losses") or {}, eta_s=progress.get("eta_seconds"),
         elapsed_s=progress.get("elapsed_seconds"),
         warnings=request["warnings"], dataset_id=request["dataset_id"], dataset=request["dataset"],
+        val_dataset_id=request.get("val_dataset_id"), val_dataset=request.get("val_dataset"),
         recipes=request["recipes"], gates=request["gates"], candidates=progress.get("candidates") or {},
         chosen=progress.get("chosen"), gate_failures=progress.get("gate_failures") or [], model=progress.get("model"),
         error=job.error, samples_url=f"/v1/trainings/{job.id}/samples.png", card_url=f"/v1/trainings/{job.id}/card",
@@ -73,15 +75,15 @@ def training_public(job: Job) -> TrainingPublic:
         started_at=_time(job.started_at), finished_at=_time(job.finished_at))
 
 
-def _decode_upload(data: bytes, settings: Settings, convert: bool) -> DecodedFolder:
-    entries, _ = read_zip(io.BytesIO(data), zip_limits(settings), name="upload")
+def _decode_upload(data: bytes, settings: Settings, convert: bool, source: str = "upload") -> DecodedFolder:
+    entries, _ = read_zip(io.BytesIO(data), zip_limits(settings), name=source)
     for class_name in entries:
         if class_name:
             check_class_name(class_name)
     limits = FolderLimits(max_pixels=settings.max_training_pixels, pixels_setting="SYNTHGEN_MAX_TRAINING_PIXELS",
                           max_images=settings.max_training_images, min_per_class=settings.min_images_per_class,
                           max_decoded_bytes=settings.max_training_decoded_bytes)
-    return decode_image_folder(entries, "upload", limits, convert)
+    return decode_image_folder(entries, source, limits, convert)
 
 
 @router.post(
@@ -90,12 +92,16 @@ def _decode_upload(data: bytes, settings: Settings, convert: bool) -> DecodedFol
         "Upload a zip in ImageFolder layout (`<class>/<image>.png`, optionally inside one folder), or name a dataset "
         "uploaded before (`dataset_id`), and a model `name`. Trains a `gan`, a `vae`, or both (`auto`, keeping the "
         "one with the better TSTR on the validation split) with settings chosen from the data's size (DiffAugment "
-        "for small datasets; every setting can be overridden within limits), evaluates it into a quality card, and, "
-        "if it passes the gates you give (`min_tstr`, `min_tstr_ratio` = TSTR / real-data accuracy), registers it as "
-        "the next version of `name` and loads it. Runs in the background under the job system (resumed from its "
-        "last epoch if its worker dies); answers 202 with the training and its `Location`. Refused with 422 naming "
-        "the file and the fix: mixed sizes or colour modes (or send `convert=true`), unreadable files, classes "
-        "with too few images, too many images or pixels."),
+        "for small datasets; every setting can be overridden within limits). The validation split is a random "
+        "`val_fraction` of the dataset, or a validation set of its own (`val_dataset`, a zip of the same classes "
+        "and size, or `val_dataset_id`): images from elsewhere (other people, cameras or sites) judge how the "
+        "samples train a classifier for images the model never saw; all of the dataset then trains. The model is "
+        "evaluated into a quality card and, if it passes the gates you give (`min_tstr`, `min_tstr_ratio` = TSTR / "
+        "real-data accuracy), registers it as the next version of `name` and loads it. Runs in the background "
+        "under the job system (resumed from its last epoch if its worker dies); answers 202 with the training and "
+        "its `Location`. Refused with 422 naming the file and the fix: mixed sizes or colour modes (or send "
+        "`convert=true`), unreadable files, classes with too few images, too many images or pixels, a validation "
+        "set with other classes, another size, or images of the dataset."),
     responses={202: {"description": "the training, queued", "links": LINKS},
                **{code: {"model": ErrorPublic} for code in (404, 409, 413, 415, 429, 507)}},
     dependencies=[Depends(require_form)],
@@ -108,6 +114,10 @@ async def create_training(
     dataset: Annotated[UploadFile | None, File(description="an ImageFolder zip")] = None,
     dataset_id: Annotated[str | None, Form(description="instead of a zip: the dataset_id of an earlier training")
                           ] = None,
+    val_dataset: Annotated[UploadFile | None, File(description="validation images apart from the dataset, as an "
+                                                   "ImageFolder zip of the same classes and size")] = None,
+    val_dataset_id: Annotated[str | None, Form(description="instead of a validation zip: the val_dataset_id of "
+                                               "an earlier training")] = None,
     arch: Annotated[Literal["gan", "vae", "auto"], Form(description="auto: both, keep the better")] = "auto",
     epochs: Annotated[FormInt | None, Form(ge=1, description="default: chosen from the data's size")] = None,
     batch_size: Annotated[FormInt | None, Form(ge=2, le=1024)] = None,
@@ -130,6 +140,9 @@ async def create_training(
     validate_model_name(name)  # the pattern alone lets `a..b` through, which no model route would then accept
     if (dataset is None) == (dataset_id is None):
         raise InvalidInputError("send either a `dataset` zip or the `dataset_id` of an earlier upload")
+    if val_dataset is not None and val_dataset_id is not None:
+        raise InvalidInputError("send either a `val_dataset` zip or the `val_dataset_id` of an earlier upload, not "
+                                "both")
     if epochs is not None and epochs > settings.max_training_epochs:
         raise InvalidInputError(f"epochs {epochs} is over the limit of {settings.max_training_epochs} "
                                 "(SYNTHGEN_MAX_TRAINING_EPOCHS)")
@@ -149,14 +162,29 @@ async def create_training(
     stored = await asyncio.to_thread(dataset_path, settings, caller.owner, dataset_id)
     if dataset is None:
         folder = await asyncio.to_thread(load_dataset_file, stored)
+    val_folder, val_stored = None, None
+    if val_dataset is not None:
+        val_folder = await loop.run_in_executor(repository.cpu, _decode_upload, await val_dataset.read(), settings,
+                                                convert, "val_dataset")
+    elif val_dataset_id is not None:
+        val_folder = await asyncio.to_thread(load_dataset_file, await asyncio.to_thread(
+            dataset_path, settings, caller.owner, val_dataset_id))
+    if val_folder is not None:
+        await loop.run_in_executor(repository.cpu, check_validation_set, folder, val_folder)
+        val_dataset_id = await asyncio.to_thread(save_dataset, settings, caller.owner, val_folder)
+        val_stored = await asyncio.to_thread(dataset_path, settings, caller.owner, val_dataset_id)
     recipes, warnings = plan_training(folder, arch, {"epochs": epochs, "batch_size": batch_size,
-                                                     "val_fraction": val_fraction, "hyperparameters": overrides})
+                                                     "val_fraction": val_fraction, "hyperparameters": overrides},
+                                      val_folder)
     height, width, channels = folder.images.shape[1:]
     request = {
         "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class,
         "dataset_file": str(stored.relative_to(settings.data_dir)),
         "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
                     "height": height, "width": width, "channels": channels},
+        "val_dataset_id": val_dataset_id,
+        "val_dataset_file": str(val_stored.relative_to(settings.data_dir)) if val_stored else None,
+        "val_dataset": {"images": len(val_folder.images), "per_class": val_folder.counts()} if val_folder else None,
         "recipes": recipes, "warnings": warnings, "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio},
         "callback_url": callback_url}
     job = await asyncio.to_thread(store.create, name, request, sum(r["epochs"] for r in recipes.values()), "model",

@@ -131,12 +131,16 @@ def _form_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
-def submit_training(name: str, archive: bytes | None, dataset_id: str | None, options: dict[str, Any]) -> Call:
-    """A training of `name` on a zip's bytes or an earlier upload's id; `options` as the route's form fields."""
+def submit_training(name: str, archive: bytes | None, dataset_id: str | None, options: dict[str, Any],
+                    val_archive: bytes | None = None) -> Call:
+    """A training of `name` on a zip's bytes or an earlier upload's id (and optionally a validation zip's bytes);
+    `options` as the route's form fields."""
     fields = {"name": name, **({"dataset_id": dataset_id} if dataset_id else {}), **options}
-    files = {"dataset": ("dataset.zip", archive, "application/zip")} if archive is not None else None
+    files = {key: (f"{key}.zip", data, "application/zip") for key, data in (("dataset", archive),
+                                                                           ("val_dataset", val_archive))
+             if data is not None}
     return Call("POST", "/v1/trainings", data={k: _form_value(v) for k, v in fields.items() if v is not None},
-                files=files)
+                files=files or None)
 
 
 def training(training_id: str) -> Call:

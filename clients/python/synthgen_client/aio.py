@@ -142,10 +142,11 @@ class AsyncClient:
         return path_out
 
     async def train(self, name: str, dataset: str | Path | None = None, dataset_id: str | None = None,
-                    wait: bool = True, **options: Any) -> dict[str, Any]:
+                    wait: bool = True, val_dataset: str | Path | None = None, **options: Any) -> dict[str, Any]:
         """Train a model `name` on an ImageFolder zip (or an earlier upload's `dataset_id`); see `Client.train`."""
         archive = Path(dataset).read_bytes() if dataset is not None else None
-        training = await self._run(calls.submit_training(name, archive, dataset_id, options))
+        val_archive = Path(val_dataset).read_bytes() if val_dataset is not None else None
+        training = await self._run(calls.submit_training(name, archive, dataset_id, options, val_archive))
         return await self.wait_training(training["id"]) if wait else training
 
     async def training(self, training_id: str) -> dict[str, Any]:

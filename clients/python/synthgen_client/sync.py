@@ -148,13 +148,15 @@ class Client:
         return path_out
 
     def train(self, name: str, dataset: str | Path | None = None, dataset_id: str | None = None, wait: bool = True,
-              progress: bool = True, **options: Any) -> dict[str, Any]:
-        """Train a model `name` on an ImageFolder zip (or an earlier upload's `dataset_id`) on the server; with
-        `wait`, until it is promoted (JobFailedError if it failed, e.g. its quality gates). `options`: arch,
-        epochs, batch_size, val_fraction, hyperparameters (a dict), seed, convert, min_tstr, min_tstr_ratio,
-        eval_per_class, callback_url."""
+              progress: bool = True, val_dataset: str | Path | None = None, **options: Any) -> dict[str, Any]:
+        """Train a model `name` on an ImageFolder zip (or an earlier upload's `dataset_id`) on the server, validated
+        on a random val_fraction of it or on `val_dataset` (a zip of other images of the same classes; or
+        val_dataset_id); with `wait`, until it is promoted (JobFailedError if it failed, e.g. its quality gates).
+        `options`: arch, epochs, batch_size, val_fraction, val_dataset_id, hyperparameters (a dict), seed, convert,
+        min_tstr, min_tstr_ratio, eval_per_class, callback_url."""
         archive = Path(dataset).read_bytes() if dataset is not None else None
-        training = self._run(calls.submit_training(name, archive, dataset_id, options))
+        val_archive = Path(val_dataset).read_bytes() if val_dataset is not None else None
+        training = self._run(calls.submit_training(name, archive, dataset_id, options, val_archive))
         return self.wait_training(training["id"], progress=progress) if wait else training
 
     def training(self, training_id: str) -> dict[str, Any]:

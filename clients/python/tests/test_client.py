@@ -201,10 +201,12 @@ async def test_streamed_calls_are_retried(kind: type[Client] | type[AsyncClient]
 def test_train_a_model_and_use_it(url: str, tmp_path: Path) -> None:
     with Client(url) as client:
         images = client.download_dataset("digits-gan", tmp_path / "d.zip", per_class=10, seed=4, progress=False)
+        others = client.download_dataset("digits-gan", tmp_path / "v.zip", per_class=10, seed=5, progress=False)
         tiny = {"g_channels": 8, "d_channels": 8, "latent_dim": 16, "embed_dim": 8}
         training = client.train("client-digits", images, arch="gan", epochs=1, hyperparameters=tiny,
-                                eval_per_class=10, progress=False)
+                                eval_per_class=10, progress=False, val_dataset=others)
         assert training["model"] == "client-digits@1" and training["candidates"]["gan"]["tstr_accuracy"] >= 0
+        assert training["val_dataset"]["images"] == 100 and training["val_dataset_id"] != training["dataset_id"]
         samples, labels = client.generate("client-digits@1", n=3, label=7, seed=0)
         assert samples.shape == (3, 8, 8) and labels.tolist() == [7] * 3
         with pytest.raises(InvalidRequestError, match="unknown gan hyper-parameter"):

@@ -28,22 +28,31 @@ NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "
 PER_CLASS = 50
 
 
-@pytest.fixture(scope="module")
-def fashion_zip() -> bytes:
-    """50 real Fashion-MNIST training images of every class as an ImageFolder zip (500 images)."""
+def _fashion_zip(first: int, per_class: int) -> bytes:
+    """Real Fashion-MNIST training images of every class (the `first`-th to the next `per_class` of each) as an
+    ImageFolder zip."""
     if not FASHION.exists():
         pytest.skip(f"the Fashion-MNIST images are not at {FASHION} (../shared/datasets)")
     data = load_dataset(str(FASHION))
     members = {}
     for label, name in enumerate(NAMES):
-        for i in np.flatnonzero(data.labels == label)[:PER_CLASS]:
+        for i in np.flatnonzero(data.labels == label)[first : first + per_class]:
             members[f"fashion/{name}/{i:05d}.png"] = png_bytes(data.images[i, :, :, 0])
     return zip_bytes(members)
 
 
-async def _submit(client: httpx.AsyncClient, archive: bytes | None, **fields: object) -> httpx.Response:
-    files = {"dataset": ("fashion.zip", archive, "application/zip")} if archive is not None else None
-    return await client.post("/v1/trainings", files=files, data={k: str(v) for k, v in fields.items()})
+@pytest.fixture(scope="module")
+def fashion_zip() -> bytes:
+    """50 real Fashion-MNIST training images of every class (500 images)."""
+    return _fashion_zip(0, PER_CLASS)
+
+
+async def _submit(client: httpx.AsyncClient, archive: bytes | None, val_archive: bytes | None = None,
+                  **fields: object) -> httpx.Response:
+    files = {key: (f"{key}.zip", data, "application/zip") for key, data in (("dataset", archive),
+                                                                           ("val_dataset", val_archive))
+             if data is not None}
+    return await client.post("/v1/trainings", files=files or None, data={k: str(v) for k, v in fields.items()})
 
 
 async def _wait(client: httpx.AsyncClient, training_id: str, timeout_s: float = 240.0) -> tuple[dict, list[dict]]:
@@ -101,14 +110,18 @@ async def test_train_a_gan_on_500_images_through_the_api(tmp_path: Path, models_
         events = list((tmp_path / "data" / training["tensorboard_logdir"]).rglob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0
 
-        # the same images again, by id, with a gate it cannot pass: reported, not promoted
-        answer = await _submit(client, None, dataset_id=training["dataset_id"], name="fashion-small", arch="gan",
-                               epochs=1, eval_per_class=20, min_tstr=0.999)
+        # the same images again, by id, validated on 20 other images of each class and with a gate it cannot pass:
+        # all 500 images train, the card is judged on the 200, and the model is reported, not promoted
+        answer = await _submit(client, None, _fashion_zip(PER_CLASS, 20), dataset_id=training["dataset_id"],
+                               name="fashion-small", arch="gan", epochs=1, eval_per_class=20, min_tstr=0.999)
         assert answer.status_code == 202, answer.text
+        assert answer.json()["val_dataset"]["per_class"] == dict.fromkeys(sorted(NAMES), 20)
+        assert answer.json()["recipes"]["gan"]["val_fraction"] is None
         gated, _ = await _wait(client, answer.json()["id"])
         assert gated["state"] == "failed" and gated["model"] is None
         assert "min_tstr 0.999" in gated["error"] and gated["gate_failures"]
-        assert (await client.get(f"/v1/trainings/{gated['id']}/card")).status_code == 200
+        gated_card = (await client.get(f"/v1/trainings/{gated['id']}/card")).json()
+        assert (gated_card["evaluation"]["n_real_train"], gated_card["evaluation"]["n_real_val"]) == (500, 200)
         assert (await client.get("/v1/models/fashion-small")).json()["versions"] == [1]
         listed = (await client.get("/v1/trainings")).json()["trainings"]
         assert [t["id"] for t in listed] == [gated["id"], training["id"]]
@@ -168,6 +181,38 @@ async def test_bad_uploads_are_refused_naming_the_file_and_the_fix(models_dir: P
         answer = await _submit(client, archive, **{"name": "mine", "arch": "gan", **fields})
         assert answer.status_code == status, answer.text
         assert message in answer.json()["detail"]
+
+
+def _other_grey(classes: str = "ab", size: int = 8) -> bytes:
+    """Validation images: 10 a class, other pixels than `_folder`'s."""
+    return zip_bytes({f"{c}/{i}.png": png_bytes(np.full((size, size), 50, np.uint8)) for c in classes
+                      for i in range(10)})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("val_archive", "fields", "status", "message"),
+    [
+        (_other_grey("ac"), {}, 422, "the validation set's classes ['a', 'c'] are not the dataset's ['a', 'b']"),
+        (_other_grey(size=9), {}, 422, "the validation images are 9x9x1, the dataset's 8x8x1"),
+        (_folder(), {}, 422, "20 of the 20 validation images are also in the dataset"),
+        (_other_grey(), {"val_fraction": 0.2}, 422, "val_fraction splits the dataset, but a validation set was given"),
+        (_other_grey(), {"val_dataset_id": "0" * 32}, 422, "either a `val_dataset` zip or the `val_dataset_id`"),
+        (_folder(**{"a/broken.png": b"not a png"}), {}, 422, "val_dataset:a/broken.png: not a readable PNG/JPEG"),
+        (b"not a zip", {}, 422, "val_dataset: not a readable zip"),
+        (None, {"val_dataset_id": "0" * 32}, 404, "no dataset 0000"),
+    ],
+)
+async def test_a_validation_set_must_fit_the_dataset(models_dir: Path, val_archive: bytes | None, fields: dict,
+                                                     status: int, message: str) -> None:
+    async with serve(models_dir, run_jobs=False) as client:
+        answer = await _submit(client, _folder(), val_archive, **{"name": "mine", "arch": "gan", **fields})
+        assert answer.status_code == status, answer.text
+        assert message in answer.json()["detail"]
+        accepted = await _submit(client, _folder(), _other_grey(), name="mine", arch="gan")
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["val_dataset"] == {"images": 20, "per_class": {"a": 10, "b": 10}}
+        assert "20 training images and the 20 validation set images" in accepted.json()["recipes"]["gan"]["notes"][0]
 
 
 @pytest.mark.anyio
