@@ -43,6 +43,21 @@ def _per_class(per_class: dict[str, dict[str, Any]]) -> str:
             f"{rows}</table>")
 
 
+def _sampling(sampling: dict[str, Any]) -> str:
+    """The latent-scale sweep: validation TSTR and label agreement per scale, and the choice."""
+    agreement = sampling.get("label_agreement", {})
+    rows = "".join(f"<tr><td>{html.escape(str(scale))}</td><td>{_cell(figure)}</td>"
+                   f"<td>{_cell(agreement.get(scale, '–'))}</td></tr>"
+                   for scale, figure in sampling.get("validation_tstr", {}).items())
+    note = f"chosen: {_cell(sampling.get('latent_scale'))}"
+    if "label_agreement_floor" in sampling:
+        note += (f"; a scale whose label agreement is under {_cell(sampling['label_agreement_floor'])} "
+                 f"({_cell(sampling.get('min_label_agreement'))} × the real validation images' "
+                 f"{_cell(sampling.get('real_val_accuracy'))}) is not chosen")
+    return (f"<table><tr><th>latent_scale</th><th>validation TSTR</th><th>label agreement</th></tr>{rows}</table>"
+            f'<p class="note">{note}</p>')
+
+
 def _image(png: bytes | None, alt: str) -> str:
     if not png:
         return f'<p class="note">no {html.escape(alt)}</p>'
@@ -64,10 +79,7 @@ def card_page(name: str, card: dict[str, Any], samples_png: bytes | None, neighb
         if card.get(key):
             sections += [f"<h2>{title}</h2>", _table(card[key])]
     if card.get("sampling"):
-        sampling = card["sampling"]
-        sweep = {f"latent_scale {scale}": figure for scale, figure in sampling.get("validation_tstr", {}).items()}
-        sections += ["<h2>Sampling: the latent scale chosen on the validation split (TSTR)</h2>", _table(sweep),
-                     f'<p class="note">chosen: {_cell(sampling.get("latent_scale"))}</p>']
+        sections += ["<h2>Sampling: the latent scale chosen on the validation split</h2>", _sampling(card["sampling"])]
     if card.get("per_class"):
         sections += ["<h2>Per class</h2>", _per_class(card["per_class"])]
     sections += ["<h2>Samples (seed 0, one row per class)</h2>"]
