@@ -182,6 +182,7 @@ def _tune(args: argparse.Namespace) -> None:
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
     _check_per_class(args.per_class)
+    _apply_process_options(args)
     if not 0 <= args.min_label_agreement <= 1:
         raise InvalidInputError(f"--min-label-agreement must be in [0, 1], not {args.min_label_agreement}")
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data,
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--min-label-agreement", type=float, default=0.95,
                       help="only scales whose samples the evaluator classifies as their label at least this share as "
                            "often as real validation images (0 turns the check off)")
+    _process_options(tune)
     tune.set_defaults(run=_tune)
 
     serve = commands.add_parser("serve", help="serve the model repository over HTTP (settings: SYNTHGEN_* env)")

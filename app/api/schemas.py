@@ -150,7 +150,8 @@ class TrainingPublic(BaseModel):
     id: str
     name: str = Field(description="the model it trains; each training adds a version")
     state: JobState
-    stage: str = Field(description="queued, training, evaluating, checked (the quality gates), done")
+    stage: str = Field(description="queued, training, tuning (with tune=true), evaluating, checked (the quality "
+                       "gates), done")
     arch: str | None = Field(None, description="the architecture in work (`auto` trains gan, then vae)")
     epoch: int = Field(0, description="epochs done of the architecture in work")
     epochs: int = Field(0, description="epochs it trains")

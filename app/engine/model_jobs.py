@@ -198,6 +198,11 @@ class TrainingRun:
             if not (stage.folder / EVALUATED).exists():
                 await self._train(stage, data, validation, done_epochs,
                                   sum(later.steps for later in stages[index + 1 :]))
+                if self.request.get("tune"):
+                    self.progress.update(stage="tuning", arch=stage.arch, eta_seconds=None)
+                    await self.report(progress=self.progress)
+                    await self._child("tune", stage, ["--model", str(stage.folder), "--data", data, *validation,
+                                                      "--per-class", str(self.request["eval_per_class"])])
                 self.progress.update(stage="evaluating", arch=stage.arch, eta_seconds=None)
                 await self.report(progress=self.progress)
                 await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, *validation,
@@ -228,10 +233,12 @@ class TrainingRun:
                      later_steps: int = 0) -> None:
         """Run `synthgen COMMAND ARGUMENTS` and wait for it, reporting its progress; stop it if cancelled."""
         self.work.mkdir(parents=True, exist_ok=True)
-        options = ["--device", self.device, "--threads", str(self.settings.training_threads), "--nice",
-                   str(self.settings.training_nice), "--exit-with-parent"]
-        if self.device != "cpu":
-            options += ["--gpu-memory-fraction", str(self.settings.training_gpu_memory_fraction)]
+        options = ["--threads", str(self.settings.training_threads), "--nice", str(self.settings.training_nice),
+                   "--exit-with-parent"]
+        if command != "tune":  # tune runs on the CPU
+            options += ["--device", self.device]
+            if self.device != "cpu":
+                options += ["--gpu-memory-fraction", str(self.settings.training_gpu_memory_fraction)]
         log_file = self.work / f"{stage.arch}-{command}.log"
         with open(log_file, "ab") as log_handle:
             process = await asyncio.create_subprocess_exec(

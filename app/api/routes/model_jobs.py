@@ -132,6 +132,9 @@ async def create_training(
                                                "split")] = None,
     min_tstr_ratio: Annotated[FormFloat | None, Form(ge=0, le=2, description="gate: TSTR / real-data accuracy "
                                                      "on the validation split")] = None,
+    tune: Annotated[FormBool, Form(description="before the card, choose how widely default draws spread "
+                                   "(latent_scale) on the validation split, as `synthgen tune` does: TSTR at six "
+                                   "scales, scales that mislabel excluded; a few minutes more")] = False,
     eval_per_class: Annotated[FormInt, Form(ge=10, le=1000, description="synthetic samples per class the card "
                                             "is computed on")] = 1000,
     callback_url: Annotated[str | None, Form(max_length=2048, description="POSTed the training when it succeeds or "
@@ -178,7 +181,7 @@ async def create_training(
                                       val_folder)
     height, width, channels = folder.images.shape[1:]
     request = {
-        "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class,
+        "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class, "tune": tune,
         "dataset_file": str(stored.relative_to(settings.data_dir)),
         "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
                     "height": height, "width": width, "channels": channels},

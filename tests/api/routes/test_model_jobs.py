@@ -110,18 +110,23 @@ async def test_train_a_gan_on_500_images_through_the_api(tmp_path: Path, models_
         events = list((tmp_path / "data" / training["tensorboard_logdir"]).rglob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0
 
-        # the same images again, by id, validated on 20 other images of each class and with a gate it cannot pass:
-        # all 500 images train, the card is judged on the 200, and the model is reported, not promoted
+        # the same images again, by id, validated on 20 other images of each class, tuned, and with a gate it cannot
+        # pass: all 500 images train, the scale and the card are judged on the 200, the model is reported, not promoted
         answer = await _submit(client, None, _fashion_zip(PER_CLASS, 20), dataset_id=training["dataset_id"],
-                               name="fashion-small", arch="gan", epochs=1, eval_per_class=20, min_tstr=0.999)
+                               name="fashion-small", arch="gan", epochs=1, eval_per_class=20, min_tstr=0.999,
+                               tune="true")
         assert answer.status_code == 202, answer.text
         assert answer.json()["val_dataset"]["per_class"] == dict.fromkeys(sorted(NAMES), 20)
         assert answer.json()["recipes"]["gan"]["val_fraction"] is None
-        gated, _ = await _wait(client, answer.json()["id"])
+        gated, gated_seen = await _wait(client, answer.json()["id"])
         assert gated["state"] == "failed" and gated["model"] is None
+        assert "tuning" in {t["stage"] for t in gated_seen}
         assert "min_tstr 0.999" in gated["error"] and gated["gate_failures"]
         gated_card = (await client.get(f"/v1/trainings/{gated['id']}/card")).json()
         assert (gated_card["evaluation"]["n_real_train"], gated_card["evaluation"]["n_real_val"]) == (500, 200)
+        sampling = gated_card["sampling"]
+        assert sampling["n_val"] == 200 and sampling["per_class"] == 20 and len(sampling["label_agreement"]) == 6
+        assert gated_card["evaluation"]["latent_scale"] == sampling["latent_scale"]  # the card is at the tuned scale
         assert (await client.get("/v1/models/fashion-small")).json()["versions"] == [1]
         listed = (await client.get("/v1/trainings")).json()["trainings"]
         assert [t["id"] for t in listed] == [gated["id"], training["id"]]
