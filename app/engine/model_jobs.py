@@ -1,10 +1,11 @@
 """Model jobs (`/v1/trainings`): a user's images in, a versioned model with its quality card out.
 
-The server never imports training code: a worker runs `synthgen train` and then `synthgen evaluate` as child
-processes (fewer CPU threads, a lower priority and a share of the GPU's memory, so interactive generation keeps
-its share), reads the child's `progress.json` into the job, and promotes the result to `<name>/<version>/` in the
-trained models' folder once it passed the quality gates it was given. A worker that dies takes its child with it;
-the worker that takes the job over resumes the training from its last complete epoch (same final weights).
+The server never imports training code: a worker runs `synthgen train`, `synthgen tune` (when asked) and
+`synthgen evaluate` as child processes (fewer CPU threads, a lower priority and a share of the GPU's memory, so
+interactive generation keeps its share), reads the child's `progress.json` into the job, and promotes the result
+to `<name>/<version>/` in the trained models' folder once it passed the quality gates it was given. A worker that
+dies takes its child with it; the worker that takes the job over resumes the training from its last complete epoch
+(same final weights).
 """
 
 from __future__ import annotations
