@@ -182,9 +182,9 @@ def _tune(args: argparse.Namespace) -> None:
     if not scales or not all(0 < scale <= 4 for scale in scales):
         raise InvalidInputError(f"every scale must be in (0, 4], not {args.scales}")
     _check_per_class(args.per_class)
-    _apply_process_options(args)
     if not 0 <= args.min_label_agreement <= 1:
         raise InvalidInputError(f"--min-label-agreement must be in [0, 1], not {args.min_label_agreement}")
+    _apply_process_options(args)
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data,
                                  min_label_agreement=args.min_label_agreement)
     for scale, figure in sampling["validation_tstr"].items():

@@ -170,10 +170,11 @@ async def create_training(
         val_folder = await loop.run_in_executor(repository.cpu, _decode_upload, await val_dataset.read(), settings,
                                                 convert, "val_dataset")
     elif val_dataset_id is not None:
-        val_folder = await asyncio.to_thread(load_dataset_file, await asyncio.to_thread(
-            dataset_path, settings, caller.owner, val_dataset_id))
+        val_stored = await asyncio.to_thread(dataset_path, settings, caller.owner, val_dataset_id)
+        val_folder = await asyncio.to_thread(load_dataset_file, val_stored)
     if val_folder is not None:
         await loop.run_in_executor(repository.cpu, check_validation_set, folder, val_folder)
+    if val_dataset is not None:  # stored once it fits; one given by id is stored already
         val_dataset_id = await asyncio.to_thread(save_dataset, settings, caller.owner, val_folder)
         val_stored = await asyncio.to_thread(dataset_path, settings, caller.owner, val_dataset_id)
     recipes, warnings = plan_training(folder, arch, {"epochs": epochs, "batch_size": batch_size,

@@ -214,10 +214,21 @@ async def test_a_validation_set_must_fit_the_dataset(models_dir: Path, val_archi
         answer = await _submit(client, _folder(), val_archive, **{"name": "mine", "arch": "gan", **fields})
         assert answer.status_code == status, answer.text
         assert message in answer.json()["detail"]
+
+
+@pytest.mark.anyio
+async def test_a_validation_set_that_fits_is_kept_and_reused_by_id(models_dir: Path) -> None:
+    async with serve(models_dir, run_jobs=False, max_trainings_per_key=2) as client:
         accepted = await _submit(client, _folder(), _other_grey(), name="mine", arch="gan")
         assert accepted.status_code == 202, accepted.text
-        assert accepted.json()["val_dataset"] == {"images": 20, "per_class": {"a": 10, "b": 10}}
-        assert "20 training images and the 20 validation set images" in accepted.json()["recipes"]["gan"]["notes"][0]
+        training = accepted.json()
+        assert training["val_dataset"] == {"images": 20, "per_class": {"a": 10, "b": 10}}
+        assert "20 training images and the 20 validation set images" in training["recipes"]["gan"]["notes"][0]
+        again = await _submit(client, None, name="mine", arch="gan", dataset_id=training["dataset_id"],
+                              val_dataset_id=training["val_dataset_id"])
+        assert again.status_code == 202, again.text
+        assert (again.json()["val_dataset_id"], again.json()["val_dataset"]) == (training["val_dataset_id"],
+                                                                                training["val_dataset"])
 
 
 @pytest.mark.anyio
