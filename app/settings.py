@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     max_training_decoded_bytes: int = Field(512 * 1_048_576, ge=1024, description="most bytes a training upload's "
                                             "images may decode to (width × height × channels, summed from their "
                                             "headers before decoding)")
+    datasets_quota_bytes_per_key: int = Field(2 * 1024**3, ge=1024, description="bytes of training datasets one "
+                                              "API key may keep stored (decoded; kept while a training uses them, "
+                                              "then for SYNTHGEN_JOB_TTL_S)")
     min_images_per_class: int = Field(10, ge=1, description="fewer images in a class refuse the training upload")
     max_training_epochs: int = Field(1000, ge=1, description="most epochs a training may ask for")
     training_threads: int = Field(1, ge=1, le=256, description="CPU threads of a training process (the rest stay "

@@ -106,7 +106,7 @@ def cli_gan(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--hparams", "{bad"], "--hparams is not valid JSON"),
         (["--hparams", "[1, 2]"], "--hparams must be a JSON object"),
         (["--hparams", '{"latent_dim": -3}'], "latent_dim = -3 is out of range"),
-        (["--hparams", '{"g_channels": 0}'], "leave a layer empty"),
+        (["--hparams", '{"g_channels": 0}'], "g_channels must be at least 1, not 0"),
         (["--hparams", '{"g_channels": 4000}'], "parameters, over the"),
         (["--lr", "0"], "--lr must be greater than 0"),
         (["--lr", "nan"], "--lr must be greater than 0"),

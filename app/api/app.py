@@ -29,6 +29,7 @@ from app.core.device import resolve_device
 from app.engine.jobs import JobWorker, worker_name
 from app.engine.jobstore import JobStore
 from app.engine.metrics import Metrics
+from app.engine.model_jobs import remove_unused_datasets
 from app.engine.remote_models import model_settings
 from app.engine.repository import ModelRepository
 from app.engine.results import result_storage
@@ -43,10 +44,12 @@ Concurrent requests are packed into batches per model; a sample is a pure functi
 Try **POST /v1/models/{name}/generate** with `format=png` to see a grid of samples."""
 
 
-async def _expire_jobs(store: JobStore, ttl_s: float, every_s: float = 30.0) -> None:
-    """Delete finished jobs and their results once past their TTL."""
+async def _expire_jobs(store: JobStore, settings: Settings, every_s: float = 30.0) -> None:
+    """Delete finished jobs and their results once past their TTL, and training datasets no training has used for
+    as long."""
     while True:
-        await asyncio.to_thread(store.expire, ttl_s)
+        await asyncio.to_thread(store.expire, settings.job_ttl_s)
+        await asyncio.to_thread(remove_unused_datasets, settings, store, settings.job_ttl_s)
         await asyncio.sleep(every_s)
 
 
@@ -101,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = JobWorker(store, repository, settings, worker_name(settings), metrics, on_finished=announce) \
             if settings.run_jobs else None
         app.state.jobs, app.state.job_worker, app.state.webhooks = store, worker, webhooks
-        housekeeping = [asyncio.create_task(_expire_jobs(store, settings.job_ttl_s)),
+        housekeeping = [asyncio.create_task(_expire_jobs(store, settings)),
                         asyncio.create_task(repository.supervise())]
         await repository.load_all()
         # Everything alive now (torch, the app, the models) lives as long as the process: out of the collector's

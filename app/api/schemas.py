@@ -51,7 +51,7 @@ ArchiveFormat = Literal["zip", "tar", "parquet", "npz"]
 
 class _Strict(BaseModel):
     # strict: `true` is not 1, "1" is not a number; unknown fields are refused
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Filters(_Strict):

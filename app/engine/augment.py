@@ -102,6 +102,7 @@ def _flat_labels(extras: dict[str, bytes], files: list[tuple[str, bytes]]) -> di
         raise DataError("the upload has images at its top level but no labels.csv; use class folders "
                         "<class>/<image>.png or add labels.csv with file_name and class_name columns")
     mapping: dict[str, str] = {}
+    rows: dict[str, int] = {}  # file name → the row that labelled it
     try:
         reader = csv.DictReader(io.StringIO(extras["labels.csv"].decode("utf-8")))
         header = reader.fieldnames or []
@@ -113,7 +114,11 @@ def _flat_labels(extras: dict[str, bytes], files: list[tuple[str, bytes]]) -> di
             if not file_name or not class_name:
                 raise DataError(f"labels.csv row {reader.line_num}: no {'file_name' if not file_name else column}; "
                                 f"every row needs a file_name and a {column}")
-            mapping[file_name.split("/")[-1]] = class_name
+            base = file_name.split("/")[-1]
+            if mapping.get(base, class_name) != class_name:
+                raise DataError(f"labels.csv rows {rows[base]} and {reader.line_num} give {base!r} two labels "
+                                f"({mapping[base]!r} and {class_name!r}); keep one row per image")
+            mapping[base], rows[base] = class_name, reader.line_num
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"labels.csv is not readable UTF-8 CSV ({exc})") from exc
     if not mapping:
@@ -121,6 +126,10 @@ def _flat_labels(extras: dict[str, bytes], files: list[tuple[str, bytes]]) -> di
     missing = [name for name, _ in files if _base(name) not in mapping]
     if missing:
         raise DataError(f"labels.csv does not label {len(missing)} image(s), e.g. {missing[0]!r}")
+    stray = sorted(set(mapping) - {_base(name) for name, _ in files}, key=rows.__getitem__)
+    if stray:
+        raise DataError(f"labels.csv row {rows[stray[0]]} names {stray[0]!r}, which is not an image of the upload "
+                        f"({len(stray)} such row(s)); remove those rows or add the images")
     return mapping
 
 

@@ -190,6 +190,12 @@ class JobStore:
                               .order_by(JOBS.c.created_at.desc()).limit(limit)).all()
         return [self._job(row) for row in rows]
 
+    def requests(self, kind: str) -> list[dict[str, Any]]:
+        """The requests of every job of one kind, of every owner and state."""
+        with self.engine.connect() as db:
+            return [json.loads(text) for text in db.execute(sa.select(JOBS.c.request).where(JOBS.c.kind == kind))
+                    .scalars()]
+
     def update(self, job_id: str, worker: str | None = None, **fields: Any) -> bool:
         """Set fields (a checkpoint as a dict); with `worker`, only while that worker holds the job's lease.
         Returns whether a row was changed."""

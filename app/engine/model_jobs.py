@@ -15,8 +15,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,9 @@ from app.core.checkpoint import read_json, write_json
 from app.core.imagefolder import DecodedFolder
 from app.core.images import shared_images
 from app.core.recipes import check_hyperparameters, choose_recipe, validation_warnings
-from app.engine.jobstore import TRAININGS_DIR, Job
+from app.engine.jobstore import TRAININGS_DIR, Job, JobStore
 from app.engine.repository import trained_models_dir
-from app.errors import CheckpointError, ConflictError, DataError, InvalidInputError, NotFoundError
+from app.errors import CheckpointError, ConflictError, DataError, InvalidInputError, NotFoundError, QuotaExceededError
 from app.settings import Settings
 
 log = logging.getLogger("synthgen.trainings")
@@ -50,32 +53,62 @@ def _datasets_dir(settings: Settings, owner: str) -> Path:
     return settings.data_dir / "datasets" / (owner or "open")
 
 
-def save_dataset(settings: Settings, owner: str, folder: DecodedFolder) -> str:
+def save_dataset(settings: Settings, owner: str, folder: DecodedFolder) -> tuple[str, Path, bool]:
     """Keep a decoded upload for this API key as `.npz` (no pickle); its id is a hash of its content, so the same
-    images uploaded twice are kept once."""
+    images uploaded twice are kept once. Returns the id, the file and whether this call wrote it. Refused (507)
+    where the key's stored datasets would pass SYNTHGEN_DATASETS_QUOTA_BYTES_PER_KEY."""
     digest = hashlib.sha256()
     digest.update(repr((folder.images.shape, folder.class_names)).encode())
     digest.update(np.ascontiguousarray(folder.images).data)  # hashed and written in place: no copy of the images
     digest.update(folder.labels.astype("<i8").tobytes())
     dataset_id = digest.hexdigest()[:DATASET_ID_LENGTH]
     path = _datasets_dir(settings, owner) / f"{dataset_id}.npz"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as file:
-            np.savez(file, images=folder.images, labels=folder.labels, class_names=np.array(folder.class_names))
-        tmp.replace(path)
-    return dataset_id
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)  # kept already, and in use again: kept for another TTL (see `remove_unused_datasets`)
+        return dataset_id, path, False
+    used = sum(stored.stat().st_size for stored in path.parent.glob("*.npz"))
+    size = folder.images.nbytes + folder.labels.nbytes
+    if used + size > settings.datasets_quota_bytes_per_key:
+        raise QuotaExceededError(f"this API key's stored datasets would pass {settings.datasets_quota_bytes_per_key} "
+                                 f"bytes (SYNTHGEN_DATASETS_QUOTA_BYTES_PER_KEY): {used} stored, {size} more needed; "
+                                 "delete trainings you no longer need (their datasets go with them) or reuse a "
+                                 "dataset by its dataset_id")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    with tmp.open("wb") as file:
+        np.savez(file, images=folder.images, labels=folder.labels, class_names=np.array(folder.class_names))
+    tmp.replace(path)
+    return dataset_id, path, True
 
 
-def dataset_path(settings: Settings, owner: str, dataset_id: str) -> Path:
-    """The file of a dataset this API key uploaded; another key's is as absent as a missing one."""
+def remove_unused_datasets(settings: Settings, store: JobStore, older_than_s: float,
+                           files: list[str] | None = None) -> int:
+    """Delete stored datasets no training refers to and unused for `older_than_s` (only `files`, relative to the
+    data directory, where given), and files left half-written; returns how many."""
+    in_use = {request.get(key) for request in store.requests("training")
+              for key in ("dataset_file", "val_dataset_file")}
+    root, cutoff, removed = settings.data_dir, time.time() - older_than_s, 0
+    candidates = [root / name for name in files] if files is not None else \
+        [*(root / "datasets").glob("*/*.npz"), *(root / "datasets").glob("*/*.tmp")]
+    for path in candidates:
+        with contextlib.suppress(FileNotFoundError):
+            if str(path.relative_to(root)) not in in_use and path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def use_dataset(settings: Settings, owner: str, dataset_id: str) -> Path:
+    """The file of a dataset this API key uploaded (another key's is as absent as a missing one), kept for another
+    TTL from now."""
     if len(dataset_id) != DATASET_ID_LENGTH or any(c not in "0123456789abcdef" for c in dataset_id):
         raise InvalidInputError(f"invalid dataset id {dataset_id!r}: the `dataset_id` of an earlier training")
     path = _datasets_dir(settings, owner) / f"{dataset_id}.npz"
-    if not path.is_file():
-        raise NotFoundError(f"no dataset {dataset_id} uploaded with this API key; upload the zip again")
-    return path
+    with contextlib.suppress(FileNotFoundError):  # removed in between
+        if path.is_file():
+            os.utime(path)
+            return path
+    raise NotFoundError(f"no dataset {dataset_id} uploaded with this API key; upload the zip again")
 
 
 def load_dataset_file(path: Path) -> DecodedFolder:

@@ -26,7 +26,8 @@ FLAT = [("upload:a.png", b""), ("upload:b.png", b"")]
 def test_flat_labels_by_class_name_or_label() -> None:
     assert _flat_labels({"labels.csv": b"file_name,class_name\na.png,1\nsub/b.png,2\n"}, FLAT) == \
         {"a.png": "1", "b.png": "2"}
-    assert _flat_labels({"labels.csv": b"label,file_name\n3,a.png\n4,b.png\n"}, FLAT) == {"a.png": "3", "b.png": "4"}
+    assert _flat_labels({"labels.csv": b"label,file_name\n3,a.png\n4,b.png\n4,b.png\n"}, FLAT) == \
+        {"a.png": "3", "b.png": "4"}  # a repeated row that agrees is harmless
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,10 @@ def test_flat_labels_by_class_name_or_label() -> None:
         (b"name,class\na.png,1\n", "needs a header with file_name and class_name"),
         (b"", "needs a header with file_name and class_name"),
         (b"file_name,class_name\n\xff,1\n", "not readable UTF-8 CSV"),
+        (b"file_name,label\na.png,3\nb.png,nope\nb.png,8\n", "labels.csv rows 3 and 4 give 'b.png' two labels "
+         r"\('nope' and '8'\); keep one row per image"),
+        (b"file_name,label\na.png,3\n../c.png,3\nb.png,8\n", "labels.csv row 3 names 'c.png', which is not an image "
+         r"of the upload \(1 such row"),
     ],
 )
 def test_bad_labels_csv_is_refused_naming_the_row(csv: bytes, message: str) -> None:

@@ -35,11 +35,12 @@ from app.engine.model_jobs import (
     TRAINING_RESERVED_BYTES,
     check_model_name,
     check_validation_set,
-    dataset_path,
     load_dataset_file,
     plan_training,
+    remove_unused_datasets,
     save_dataset,
     trainings_dir,
+    use_dataset,
 )
 from app.engine.repository import MODEL_NAME, validate_model_name
 from app.errors import InvalidInputError, NotFoundError
@@ -161,38 +162,47 @@ async def create_training(
     loop = asyncio.get_running_loop()
     if dataset is not None:  # the middleware has already bounded the whole body by SYNTHGEN_MAX_UPLOAD_BYTES
         folder = await loop.run_in_executor(repository.cpu, _decode_upload, await dataset.read(), settings, convert)
-        dataset_id = await asyncio.to_thread(save_dataset, settings, caller.owner, folder)
-    stored = await asyncio.to_thread(dataset_path, settings, caller.owner, dataset_id)
-    if dataset is None:
+    else:
+        stored = await asyncio.to_thread(use_dataset, settings, caller.owner, dataset_id)
         folder = await asyncio.to_thread(load_dataset_file, stored)
     val_folder, val_stored = None, None
     if val_dataset is not None:
         val_folder = await loop.run_in_executor(repository.cpu, _decode_upload, await val_dataset.read(), settings,
                                                 convert, "val_dataset")
     elif val_dataset_id is not None:
-        val_stored = await asyncio.to_thread(dataset_path, settings, caller.owner, val_dataset_id)
+        val_stored = await asyncio.to_thread(use_dataset, settings, caller.owner, val_dataset_id)
         val_folder = await asyncio.to_thread(load_dataset_file, val_stored)
     if val_folder is not None:
         await loop.run_in_executor(repository.cpu, check_validation_set, folder, val_folder)
-    if val_dataset is not None:  # stored once it fits; one given by id is stored already
-        val_dataset_id = await asyncio.to_thread(save_dataset, settings, caller.owner, val_folder)
-        val_stored = await asyncio.to_thread(dataset_path, settings, caller.owner, val_dataset_id)
     recipes, warnings = plan_training(folder, arch, {"epochs": epochs, "batch_size": batch_size,
                                                      "val_fraction": val_fraction, "hyperparameters": overrides},
                                       val_folder)
-    height, width, channels = folder.images.shape[1:]
-    request = {
-        "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class, "tune": tune,
-        "dataset_file": str(stored.relative_to(settings.data_dir)),
-        "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
-                    "height": height, "width": width, "channels": channels},
-        "val_dataset_id": val_dataset_id,
-        "val_dataset_file": str(val_stored.relative_to(settings.data_dir)) if val_stored else None,
-        "val_dataset": {"images": len(val_folder.images), "per_class": val_folder.counts()} if val_folder else None,
-        "recipes": recipes, "warnings": warnings, "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio},
-        "callback_url": callback_url}
-    job = await asyncio.to_thread(store.create, name, request, sum(r["epochs"] for r in recipes.values()), "model",
-                                  caller.owner, TRAINING_RESERVED_BYTES, JobLimits.from_settings(settings), "training")
+    written: list[Path] = []  # uploads are stored only once every check passed, and removed if the job is refused
+    try:
+        if dataset is not None:
+            dataset_id, stored, new = await asyncio.to_thread(save_dataset, settings, caller.owner, folder)
+            written += [stored] if new else []
+        if val_dataset is not None:
+            val_dataset_id, val_stored, new = await asyncio.to_thread(save_dataset, settings, caller.owner, val_folder)
+            written += [val_stored] if new else []
+        height, width, channels = folder.images.shape[1:]
+        request = {
+            "arch": arch, "seed": seed, "dataset_id": dataset_id, "eval_per_class": eval_per_class, "tune": tune,
+            "dataset_file": str(stored.relative_to(settings.data_dir)),
+            "dataset": {"images": len(folder.images), "classes": folder.class_names, "per_class": folder.counts(),
+                        "height": height, "width": width, "channels": channels},
+            "val_dataset_id": val_dataset_id,
+            "val_dataset_file": str(val_stored.relative_to(settings.data_dir)) if val_stored else None,
+            "val_dataset": {"images": len(val_folder.images), "per_class": val_folder.counts()} if val_folder else None,
+            "recipes": recipes, "warnings": warnings,
+            "gates": {"min_tstr": min_tstr, "min_tstr_ratio": min_tstr_ratio}, "callback_url": callback_url}
+        job = await asyncio.to_thread(store.create, name, request, sum(r["epochs"] for r in recipes.values()),
+                                      "model", caller.owner, TRAINING_RESERVED_BYTES,
+                                      JobLimits.from_settings(settings), "training")
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     if worker is not None:
         worker.wake()
     response.headers["Location"] = f"/v1/trainings/{job.id}"
@@ -257,11 +267,15 @@ async def get_training_card(training_id: TrainingId, store: StoreDep, caller: Ca
 
 @router.delete("/{training_id}", status_code=204, summary="Cancel and delete a training",
                responses={404: {"model": ErrorPublic}},
-               description="Stops a queued or running training and deletes it and its working files; a model it "
-                           "already promoted stays.")
-async def delete_training(training_id: TrainingId, store: StoreDep, worker: WorkerDep, caller: CallerDep) -> Response:
-    await asyncio.to_thread(store.get, training_id, caller.owner, "training")
+               description="Stops a queued or running training and deletes it, its working files and the "
+                           "datasets it was given (unless another training uses them); a model it already promoted "
+                           "stays.")
+async def delete_training(training_id: TrainingId, store: StoreDep, worker: WorkerDep, caller: CallerDep,
+                          settings: SettingsDep) -> Response:
+    job = await asyncio.to_thread(store.get, training_id, caller.owner, "training")
     if worker is not None:  # a training running in another process stops at its next lease renewal
         await worker.cancel(training_id)
     await asyncio.to_thread(store.delete, training_id)
+    files = [job.request[key] for key in ("dataset_file", "val_dataset_file") if job.request.get(key)]
+    await asyncio.to_thread(remove_unused_datasets, settings, store, 0, files)
     return Response(status_code=204)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -29,8 +30,12 @@ class SyntheticConfig:
     latent_dim: int = 64
     n_up: int = 0
     latent_scale: float = 1.0
+    SIZES: ClassVar[tuple[str, ...]] = ("latent_dim",)  # fields that size a layer: at least 1
 
     def __post_init__(self) -> None:
+        for name in self.SIZES:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not self.n_up:
             self.n_up = upsampling_steps(self.height, self.width)
         if not 0 < self.latent_scale <= 4:

@@ -19,6 +19,7 @@ from app.core.nets.vae import MixturePrior
 class GanConfig(SyntheticConfig):
     """Hyper-parameters of a (conditional) GAN; `num_classes == 0` makes it unconditional."""
 
+    SIZES: ClassVar[tuple[str, ...]] = ("latent_dim", "g_channels", "d_channels", "embed_dim", "prior_components")
     g_channels: int = 32
     d_channels: int = 32
     embed_dim: int = 32

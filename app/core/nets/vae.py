@@ -24,6 +24,7 @@ from app.core.nets.base import SyntheticConfig, SyntheticNet
 class VaeConfig(SyntheticConfig):
     """Hyper-parameters of a (conditional) VAE; `num_classes == 0` makes it unconditional."""
 
+    SIZES: ClassVar[tuple[str, ...]] = ("latent_dim", "base_channels", "prior_components")
     latent_dim: int = 16
     base_channels: int = 32
     beta: float = 1.0

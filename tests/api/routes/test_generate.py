@@ -115,6 +115,8 @@ async def test_disconnected_client_is_cancelled(models_dir: Path) -> None:
         ({"json": {"n": 2, "format": "gif"}}, 422, "format: Input should be 'json', 'npz' or 'png'"),
         ({"json": {"n": 2, "colour": "red"}}, 422, "colour: Extra inputs are not permitted"),
         ({"json": {"n": 2, "truncation": -1}}, 422, "truncation"),
+        ({"content": b'{"n": 2, "truncation": NaN}', "headers": {"content-type": "application/json"}}, 422,
+         "truncation: Input should be a finite number"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
         ({"content": b"n=2", "headers": {"content-type": "text/plain"}}, 415, "Content-Type: application/json"),
         ({"content": b"{" + b" " * 2_000_000 + b"}", "headers": {"content-type": "application/json"}}, 413,

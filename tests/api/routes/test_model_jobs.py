@@ -166,7 +166,8 @@ def _folder(per_class: int = 10, **odd: bytes) -> bytes:
         (_folder(), {"hyperparameters": '{"g_channels": 1024}'}, 422, "over the 5,000,000 a model may have"),
         (_folder(), {"hyperparameters": '{"diff_augment": 5}'}, 422, "diff_augment must be str, not 5"),
         (_folder(), {"hyperparameters": '{"latent_dim": -1}'}, 422, "latent_dim = -1 is out of range"),
-        (_folder(), {"hyperparameters": '{"g_channels": 0}'}, 422, "leave a layer empty"),
+        (_folder(), {"hyperparameters": '{"g_channels": 0}'}, 422, "g_channels must be at least 1, not 0"),
+        (_folder(), {"hyperparameters": '{"latent_dim": 0}'}, 422, "latent_dim must be at least 1, not 0"),
         (_folder(), {"arch": "auto", "hyperparameters": '{"gan": {"g_channels": 8}, "vae": {"colour": 1}}'}, 422,
          "unknown vae hyper-parameter(s) ['colour']"),
         (_folder(), {"epochs": 5000}, 422, "over the limit of 1000"),
@@ -229,6 +230,32 @@ async def test_a_validation_set_that_fits_is_kept_and_reused_by_id(models_dir: P
         assert again.status_code == 202, again.text
         assert (again.json()["val_dataset_id"], again.json()["val_dataset"]) == (training["val_dataset_id"],
                                                                                 training["val_dataset"])
+
+
+def _stored(data: Path) -> list[str]:
+    return sorted(path.name for path in (data / "datasets").rglob("*") if path.is_file())
+
+
+@pytest.mark.anyio
+async def test_only_an_accepted_training_keeps_its_datasets_until_it_is_deleted(models_dir: Path, tmp_path: Path
+                                                                                 ) -> None:
+    data = tmp_path / "data"
+    async with serve(models_dir, run_jobs=False, data_dir=data) as client:
+        bad = await _submit(client, _folder(), name="mine", arch="gan", hyperparameters='{"latent_dim": 0}')
+        assert bad.status_code == 422 and _stored(data) == []
+        accepted = await _submit(client, _folder(), _other_grey(), name="mine", arch="gan")
+        assert accepted.status_code == 202, accepted.text
+        training = accepted.json()
+        assert _stored(data) == sorted(f"{training[key]}.npz" for key in ("dataset_id", "val_dataset_id"))
+        busy = await _submit(client, _folder(11), name="mine", arch="gan")  # one training per key at a time
+        assert busy.status_code == 429 and len(_stored(data)) == 2
+        assert (await client.delete(f"/v1/trainings/{training['id']}")).status_code == 204
+        assert _stored(data) == []
+    async with serve(models_dir, run_jobs=False, data_dir=data, datasets_quota_bytes_per_key=3000) as client:
+        over = await _submit(client, _folder(), _other_grey(), name="mine", arch="gan")  # 1,440 bytes each, decoded
+        assert over.status_code == 507, over.text
+        assert "SYNTHGEN_DATASETS_QUOTA_BYTES_PER_KEY" in over.json()["detail"]
+        assert _stored(data) == []  # the dataset stored before the validation set was refused is taken back
 
 
 @pytest.mark.anyio
