@@ -223,23 +223,25 @@ class TrainingRun:
     async def run(self) -> dict[str, Any]:
         """Train and evaluate every stage (resuming what a previous worker left); returns the chosen stage's card
         figures."""
-        data = str((self.settings.data_dir / self.request["dataset_file"]).resolve())
-        val_file = self.request.get("val_dataset_file")
-        validation = ["--val-data", str((self.settings.data_dir / val_file).resolve())] if val_file else []
+        # the children run in the data directory, on paths relative to it: the cards and configs they write name
+        # no server path
+        data, val_file = self.request["dataset_file"], self.request.get("val_dataset_file")
+        validation = ["--val-data", val_file] if val_file else []
         candidates: dict[str, dict[str, Any]] = {}
         done_epochs, stages = 0, self.stages()
         for index, stage in enumerate(stages):
             if not (stage.folder / EVALUATED).exists():
+                model = ["--model", self._relative(stage.folder)]
                 await self._train(stage, data, validation, done_epochs,
                                   sum(later.steps for later in stages[index + 1 :]))
                 if self.request.get("tune"):
                     self.progress.update(stage="tuning", arch=stage.arch, eta_seconds=None)
                     await self.report(progress=self.progress)
-                    await self._child("tune", stage, ["--model", str(stage.folder), "--data", data, *validation,
+                    await self._child("tune", stage, [*model, "--data", data, *validation,
                                                       "--per-class", str(self.request["eval_per_class"])])
                 self.progress.update(stage="evaluating", arch=stage.arch, eta_seconds=None)
                 await self.report(progress=self.progress)
-                await self._child("evaluate", stage, ["--model", str(stage.folder), "--data", data, *validation,
+                await self._child("evaluate", stage, [*model, "--data", data, *validation,
                                                       "--per-class", str(self.request["eval_per_class"]), "--quiet"])
                 (stage.folder / EVALUATED).touch()
                 (stage.folder / STATE_FILE).unlink(missing_ok=True)  # the checkpoint is not needed any more
@@ -250,16 +252,19 @@ class TrainingRun:
         self.progress["candidates"] = candidates
         return candidates
 
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.settings.data_dir))
+
     async def _train(self, stage: Stage, data: str, validation: list[str], done_epochs: int, later_steps: int) -> None:
         recipe = self.request["recipes"][stage.arch]
         resume = (stage.folder / STATE_FILE).is_file()
         if not resume and stage.folder.exists():  # killed before its first checkpoint: start again
             shutil.rmtree(stage.folder)
-        arguments = ["--arch", stage.arch, "--data", data, "--out", str(stage.folder), "--epochs",
+        arguments = ["--arch", stage.arch, "--data", data, "--out", self._relative(stage.folder), "--epochs",
                      str(recipe["epochs"]), "--seed", str(self.request["seed"]), "--batch-size",
                      str(recipe["batch_size"]), *(validation or ["--val-fraction", str(recipe["val_fraction"])]),
                      "--lr", str(recipe["lr"]), "--hparams", json.dumps(recipe["hyperparameters"]), "--quiet",
-                     "--tensorboard", str(self.work / "tensorboard" / stage.arch)]
+                     "--tensorboard", self._relative(self.work / "tensorboard" / stage.arch)]
         self.progress.update(stage="training", arch=stage.arch)
         await self._child("train", stage, arguments + (["--resume"] if resume else []), done_epochs, later_steps)
 
@@ -277,7 +282,7 @@ class TrainingRun:
         with open(log_file, "ab") as log_handle:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "app", command, *arguments, *options, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_handle, stderr=asyncio.subprocess.STDOUT)
+                stdout=log_handle, stderr=asyncio.subprocess.STDOUT, cwd=self.settings.data_dir)
         try:
             while True:
                 with contextlib.suppress(TimeoutError):

@@ -101,6 +101,9 @@ async def test_train_a_gan_on_500_images_through_the_api(tmp_path: Path, models_
         assert 0.1 < metrics["tstr_accuracy"] <= 1 and 0.1 < metrics["real_accuracy"] <= 1
         assert card["evaluation"]["n_real_val"] == 100  # TSTR judged on real images the model never trained on
         assert (await client.get("/v1/models/fashion-small/card")).json()["metrics"] == metrics
+        detail = (await client.get("/v1/models/fashion-small")).text
+        assert str(tmp_path) not in json.dumps(card) + detail  # no server path in answers
+        assert card["evaluation"]["data"] == f"datasets/open/{training['dataset_id']}.npz"
         grid = await client.get(f"/v1/trainings/{training['id']}/samples.png")
         assert grid.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(grid.content)).height >= 10 * 28  # a row per class
@@ -123,6 +126,7 @@ async def test_train_a_gan_on_500_images_through_the_api(tmp_path: Path, models_
         assert "tuning" in {t["stage"] for t in gated_seen}
         assert "min_tstr 0.999" in gated["error"] and gated["gate_failures"]
         gated_card = (await client.get(f"/v1/trainings/{gated['id']}/card")).json()
+        assert str(tmp_path) not in json.dumps(gated_card)
         assert (gated_card["evaluation"]["n_real_train"], gated_card["evaluation"]["n_real_val"]) == (500, 200)
         sampling = gated_card["sampling"]
         assert sampling["n_val"] == 200 and sampling["per_class"] == 20 and len(sampling["label_agreement"]) == 6
