@@ -190,8 +190,10 @@ def check_model_name(settings: Settings, models_dir: Path, name: str, owner: str
                             "another name")
     versions = trained_models_dir(settings) / name
     latest = _latest_version(versions)
-    if latest and read_json(versions / str(latest) / "config.json").get("trained_by", "") != owner:
-        raise ConflictError(f"the model {name!r} belongs to another API key; choose another name")
+    trained_by = read_json(versions / str(latest) / "config.json").get("trained_by", "") if latest else owner
+    if trained_by != owner:
+        whose = "another API key" if trained_by else "no key (it was trained while the server had no API keys)"
+        raise ConflictError(f"the model {name!r} belongs to {whose}; choose another name")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Uploaded training datasets kept as .npz: the same images give the same id, load back unchanged, count against
-the key's quota and go once no training has used them for the TTL."""
+the key's quota and go once no training has used them for the TTL; a trained name takes versions from its key only."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.core.checkpoint import write_json
 from app.core.imagefolder import DecodedFolder
 from app.engine.jobstore import JobStore
 from app.engine.model_jobs import (
     DATASET_ID_LENGTH,
+    check_model_name,
     load_dataset_file,
     remove_unused_datasets,
     save_dataset,
     use_dataset,
 )
-from app.errors import QuotaExceededError
+from app.errors import ConflictError, QuotaExceededError
 from app.settings import Settings
 
 
@@ -65,3 +67,17 @@ def test_stored_datasets_count_against_the_quota_and_go_once_unused(tmp_path: Pa
 
 def _names(root: Path) -> list[str]:
     return sorted(path.name for path in (root / "datasets").rglob("*") if path.is_file())
+
+
+def test_a_trained_model_takes_new_versions_only_from_its_key(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, models_dir=tmp_path / "models", device="cpu")
+    for name, trained_by in (("mine", "key"), ("shared", "")):
+        (tmp_path / "models" / name / "1").mkdir(parents=True)
+        write_json(tmp_path / "models" / name / "1" / "config.json", {"trained_by": trained_by})
+    check_model_name(settings, tmp_path / "repository", "mine", "key")
+    check_model_name(settings, tmp_path / "repository", "new", "key")
+    with pytest.raises(ConflictError, match="'mine' belongs to another API key"):
+        check_model_name(settings, tmp_path / "repository", "mine", "other")
+    with pytest.raises(ConflictError, match="'shared' belongs to no key \\(it was trained while the server had no API"):
+        check_model_name(settings, tmp_path / "repository", "shared", "key")
+    check_model_name(settings, tmp_path / "repository", "shared", "")  # still open: the same no-key owner
