@@ -112,6 +112,7 @@ def cli_gan(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--lr", "nan"], "--lr must be greater than 0"),
         (["--class-names", "a,a,b,c,d,e,f,g,h,i"], "class name 'a' (label 1)"),
         (["--class-names", "../evil,a,b,c,d,e,f,g,h,i"], "class name '../evil' (label 0)"),
+        (["--data", "digits#0:9"], "--data has no training images of 2 of its 10 classes (4, 9)"),
     ],
 )
 def test_bad_training_arguments_exit_cleanly(tmp_path: Path, capsys, args: list[str], message: str) -> None:

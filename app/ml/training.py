@@ -502,6 +502,11 @@ def train(options: TrainOptions) -> dict[str, Any]:
         train_set, val_set = dataset, load_validation_data(options.val_data, dataset)
     else:
         train_set, val_set = dataset.split(options.val_fraction)
+    missing = [name for label, name in enumerate(dataset.class_names) if not (train_set.labels == label).any()]
+    if missing:
+        raise InvalidInputError(f"--data has no training images of {len(missing)} of its {len(dataset.class_names)} "
+                                f"classes ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); a "
+                                "conditional model cannot learn a class it never sees: give images of every class")
     torch.manual_seed(options.seed)
     trainer = make_trainer(options.arch, dataset, options, device)
     shuffle = torch.Generator().manual_seed(options.seed)
