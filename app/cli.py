@@ -121,7 +121,8 @@ def _generate(args: argparse.Namespace) -> None:
     plan = plan_samples(model, per_class=args.per_class, n=args.n, label=args.label, seed=args.seed,
                         truncation=args.truncation, max_samples=sys.maxsize, scope="the command line")
     images, drawn = sample(model, plan.seed, plan.labels(), truncation=plan.truncation)
-    manifest = build_manifest(model, plan, "zip")  # written only into a zip or its unzipped directory
+    out_format = {".parquet": "parquet", ".tar": "tar"}.get(Path(args.out).suffix, "zip")  # as the server names it
+    manifest = build_manifest(model, plan, out_format)  # written into a zip, its directory, a shard or a table
     write_output(Path(args.out), images, drawn, model.class_names, plan.seed, manifest)
     print(f"wrote {len(images)} samples of {model.name} to {args.out}")
 

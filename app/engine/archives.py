@@ -28,6 +28,7 @@ from app.core.png import encode_png, encode_pngs
 from app.engine.hub import MetadataParquet, ParquetExport, dataset_card
 from app.engine.sink import ByteSink
 from app.errors import InvalidInputError
+from app.settings import Settings
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp keeps zips byte-identical between runs
 LABELS_HEADER = ["file_name", "label", "class_name", "seed", "index"]
@@ -295,9 +296,11 @@ def _write_output(path: Path, images: np.ndarray, labels: np.ndarray, class_name
         path.write_bytes(b"".join(data for _, data in shards.add(images, labels, range(len(images)))
                                   + shards.finish(None)))
         return
-    if path.suffix == ".parquet":
-        table = ParquetExport(class_names, seed)
-        path.write_bytes(table.add(images, labels, range(len(images))) + table.finish(manifest))
+    if path.suffix == ".parquet":  # a row group per forward pass of the server's default size, as its exports
+        table, rows = ParquetExport(class_names, seed), Settings.model_fields["max_batch_size"].default
+        path.write_bytes(b"".join(table.add(images[start : start + rows], labels[start : start + rows],
+                                            range(start, min(start + rows, len(images))))
+                                  for start in range(0, len(images), rows)) + table.finish(manifest))
         return
     archive = ImageFolderZip(class_names, seed)
     data = archive.add(images, labels, range(len(images))) + archive.finish(manifest)

@@ -49,7 +49,7 @@ async def test_zip_export_round_trips(models_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("output", ["zip", "tar", "parquet"])
 async def test_an_export_is_the_same_bytes_however_many_threads_or_processes_encode_it(
-        models_dir: Path, output: str) -> None:
+        models_dir: Path, output: str, tmp_path: Path) -> None:
     answers, encoders = [], []
     # 3 threads or 2 processes: each 8-sample chunk's PNGs are encoded in that many pieces at once
     for pool in ({"cpu_workers": 1}, {"cpu_workers": 3}, {"png_processes": 2}):
@@ -61,6 +61,14 @@ async def test_an_export_is_the_same_bytes_however_many_threads_or_processes_enc
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert answers[0].content == answers[1].content == answers[2].content
     assert encoders == [0, 0, 2]  # the processes did the encoding
+    async with serve(models_dir) as client:  # passes of the default size: a Parquet row group each
+        default = await client.post("/v1/models/digits-gan/datasets", json={"per_class": 3, "seed": 5,
+                                                                            "format": output})
+    assert (default.content == answers[0].content) == (output != "parquet")
+    out = tmp_path / f"cli.{output}"  # the offline command line writes the same file as a server of default settings
+    assert main(["generate", "--model", str(models_dir / "digits-gan"), "--per-class", "3", "--seed", "5",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert out.read_bytes() == default.content
 
 
 async def test_an_export_survives_a_png_process_that_died(models_dir: Path) -> None:
