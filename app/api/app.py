@@ -53,6 +53,24 @@ async def _expire_jobs(store: JobStore, settings: Settings, every_s: float = 30.
         await asyncio.sleep(every_s)
 
 
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _standard_bounds(node: object) -> None:
+    """Bounds of form fields whose type carries a validator come out of FastAPI as pydantic's `ge`/`le`; JSON Schema
+    (Swagger UI, client generators) reads `minimum`/`maximum`."""
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number"):
+            for pydantic_name, json_name in _BOUNDS.items():
+                if pydantic_name in node:
+                    node[json_name] = node.pop(pydantic_name)
+        for value in node.values():
+            _standard_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _standard_bounds(value)
+
+
 def _json_first(schema: dict) -> dict:
     """Answers with several media types list application/json first: client generators type a response by its
     first media type, and JSON is the one with a schema."""
@@ -146,7 +164,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.state.settings = settings
     default_openapi = app.openapi
-    app.openapi = lambda: app.openapi_schema or _json_first(default_openapi())  # type: ignore[method-assign]
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            _standard_bounds(_json_first(default_openapi()))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = metrics
     if settings.rate_limit_per_s:
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
