@@ -178,6 +178,16 @@ class Settings(BaseSettings):
                     raise ValueError(f"{entry!r} is not a network such as 10.0.0.0/8") from None
         return value
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for entry in (entry for entry in value if entry != "*"):  # uvicorn reads anything else as a literal host
+            try:                                                      # name: a typo would trust no proxy
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an address, a network such as 172.16.0.0/12, or *") from None
+        return value
+
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
         if self.max_queued_samples < self.max_samples_per_request:  # such a request would get 503 forever

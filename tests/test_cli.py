@@ -248,6 +248,7 @@ def test_unreachable_database_exits_cleanly_without_its_password(tmp_path: Path,
     ({"SYNTHGEN_MAX_QUEUED_SAMPLES": "50"},  # a request of 51 to 10,000 samples would get 503 forever
      "SYNTHGEN_MAX_QUEUED_SAMPLES (50) must be at least SYNTHGEN_MAX_SAMPLES_PER_REQUEST (10000)"),
     ({"SYNTHGEN_WEBHOOK_ALLOW_HOSTS": "10.0.0.0/33"}, "'10.0.0.0/33' is not a network such as 10.0.0.0/8"),
+    ({"SYNTHGEN_FORWARDED_ALLOW_IPS": "127.0.0.1,nginx"}, "'nginx' is not an address, a network such as"),
     ({"SYNTHGEN_ADMIN_API_KEYS": "an-admin-key-of-some-length,short"},
      "SYNTHGEN_ADMIN_API_KEYS: each API key must be at least 16 characters long"),
 ])
