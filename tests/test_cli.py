@@ -77,7 +77,16 @@ def test_bad_arguments_exit_cleanly(tiny_gan: Path, tmp_path: Path, capsys, args
 
 def test_bad_model_folder_exits_cleanly(tmp_path: Path, capsys) -> None:
     assert _generate(tmp_path / "nope", tmp_path / "x.npz", "--n", "1") == 2
-    assert "no such model folder" in capsys.readouterr().err
+    assert "no such model folder; --model takes a model's folder" in capsys.readouterr().err
+    assert _generate(Path("mnist-cgan"), tmp_path / "x.npz", "--n", "1") == 2  # a name, as the server takes
+    assert "mnist-cgan: no such model folder; did you mean models/mnist-cgan?" in capsys.readouterr().err
+
+
+def test_an_idx_labels_file_as_data_says_to_give_the_images_file(tmp_path: Path, capsys) -> None:
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(b"")
+    assert main(["train", "--arch", "gan", "--data", str(labels), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "an IDX labels file; give the images file" in capsys.readouterr().err
 
 
 def test_dataset_command_is_the_clients(server: tuple[str, int], tmp_path: Path) -> None:

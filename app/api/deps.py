@@ -169,7 +169,12 @@ def require_content_type(*allowed: str, how: str) -> Callable[[Request], Awaitab
 
 
 require_json = require_content_type("application/json", how="as JSON with 'Content-Type: application/json'")
-require_multipart = require_content_type("multipart/form-data", how="as multipart/form-data with the file(s) as "
-                                         "parts (curl -F 'dataset=@data.zip', httpx files=...)")
+
+
+def require_multipart(example: str) -> Callable[[Request], Awaitable[None]]:
+    """A multipart-only route's check; `example` shows its file parts in curl's words."""
+    return require_content_type("multipart/form-data", how=f"as multipart/form-data with the file(s) as parts (curl "
+                                f"{example}, httpx files=...)")
+
 require_form = require_content_type("multipart/form-data", "application/x-www-form-urlencoded",
                                     how="as multipart/form-data (curl -F 'dataset=@data.zip', httpx files=...)")

@@ -353,5 +353,6 @@ class ModelRepository:
         if private:
             problems.append(f"{private} model version(s) trained through the API are not ready")
         if not any(entry.status == ModelStatus.READY for entry in self.entries.values()):
-            problems.append("no model is loaded")
+            problems.append("no model is loaded: SYNTHGEN_MODELS_DIR holds no model folder, or none could load (the "
+                            "server's log says why)")
         return problems

@@ -174,6 +174,9 @@ def _load_whole(spec: str) -> ImageDataset:
         return load_image_zip(path)
     if "idx3-ubyte" in path.name:
         return load_idx_pair(path)
+    if "idx1-ubyte" in path.name:
+        raise DataError(f"{path}: an IDX labels file; give the images file (…-images-idx3-ubyte…): its labels are "
+                        "read from the labels file beside it")
     raise DataError(f"{path}: unknown data format; use an .npz, a .zip, an IDX images file or an ImageFolder directory")
 
 

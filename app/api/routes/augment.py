@@ -33,7 +33,7 @@ ERRORS = {code: {"model": ErrorPublic} for code in (401, 403, 404, 409, 413, 415
     response_class=StreamingResponse,
     responses={200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                      "description": "the augmented dataset"}, **ERRORS},
-    dependencies=[Depends(require_multipart)],
+    dependencies=[Depends(require_multipart("-F 'dataset=@data.zip'"))],
 )
 async def augment_dataset(
     repository: RepositoryDep,

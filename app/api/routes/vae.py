@@ -45,7 +45,8 @@ def _split_labels(labels: str | None) -> list[str | int] | None:
 @router.post("/{name}/reconstruct", summary="Reconstruct images", response_class=Response,
              description="Upload PNG/JPEG images; each is encoded and decoded (the posterior mean). `labels`: one "
                          "class for all or one per image, comma-separated; omitted → the best-fitting class.",
-             responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_multipart)])
+             responses={**SAMPLE_RESPONSES, **ERRORS},
+             dependencies=[Depends(require_multipart("-F 'files=@digit.png' -F 'files=@other.png'"))])
 async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName, caller: CallerDep,
                              files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                              labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,
@@ -73,7 +74,8 @@ async def interpolate_samples(body: Annotated[InterpolateRequest, Body(openapi_e
 @router.post("/{name}/inpaint", summary="Fill missing pixels", response_class=Response,
              description="Upload an image and a mask of the same size (white = missing). The gaps are filled by "
                          "iterating encode/decode while the known pixels stay clamped.",
-             responses={**SAMPLE_RESPONSES, **ERRORS}, dependencies=[Depends(require_multipart)])
+             responses={**SAMPLE_RESPONSES, **ERRORS},
+             dependencies=[Depends(require_multipart("-F 'image=@digit.png' -F 'mask=@mask.png'"))])
 async def inpaint_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName, caller: CallerDep,
                          image: Annotated[UploadFile, File(description="the damaged image (PNG/JPEG)")],
                          mask: Annotated[UploadFile, File(description="white where pixels are missing")],

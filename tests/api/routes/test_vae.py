@@ -43,16 +43,19 @@ async def test_vae_routes(models_dir: Path) -> None:
         assert junk.status_code == 422 and "not a readable" in junk.json()["detail"]
 
 
-@pytest.mark.parametrize("path", ["/v1/models/digits-vae/reconstruct", "/v1/models/digits-vae/inpaint",
-                                  "/v1/augment", "/v1/trainings"])
+@pytest.mark.parametrize(("path", "parts"), [("/v1/models/digits-vae/reconstruct", "-F 'files=@digit.png'"),
+                                             ("/v1/models/digits-vae/inpaint", "-F 'image=@digit.png' -F 'mask="),
+                                             ("/v1/augment", "-F 'dataset=@data.zip'"),
+                                             ("/v1/trainings", "-F 'dataset=@data.zip'")])
 @pytest.mark.parametrize("body", [{"json": {"labels": "3"}}, {"data": {"labels": "3"}}, {"content": b"raw"}])
-async def test_upload_routes_want_multipart(models_dir: Path, path: str, body: dict) -> None:
+async def test_upload_routes_want_multipart(models_dir: Path, path: str, parts: str, body: dict) -> None:
     async with serve(models_dir) as client:
         response = await client.post(path, **body)
     if path == "/v1/trainings" and "data" in body:  # a form without a file names an earlier upload: fields checked
         assert response.status_code == 422 and "name: Field required" in response.json()["detail"], response.text
-    else:  # not 'dataset: Field required' or 'Expected UploadFile': how to send it
+    else:  # not 'dataset: Field required' or 'Expected UploadFile': how to send it, with the route's own parts
         assert response.status_code == 415 and "multipart/form-data" in response.json()["detail"], response.text
+        assert f"(curl {parts}" in response.json()["detail"]
 
 
 async def test_metadata_bombs_get_422_naming_the_file(models_dir: Path) -> None:
