@@ -93,10 +93,11 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return int(first), min(size, int(last) + 1) if last else size
 
 
-def open_file_response(handle: IO[bytes], size: int, media_type: str, filename: str, range_header: str | None
-                       ) -> StreamingResponse:
+def open_file_response(handle: IO[bytes], size: int, media_type: str, filename: str, range_header: str | None,
+                       head: bool = False) -> Response:
     """Stream an already opened file (whole, or the one range `byte_range` reads): once opened, deleting the file
-    cannot truncate the answer. The handle is closed when the answer ends or the client goes away."""
+    cannot truncate the answer. The handle is closed when the answer ends or the client goes away. With `head`,
+    only the headers (size, ranges) for a HEAD request."""
     try:
         span = byte_range(range_header, size)
     except RangeNotSatisfiableError:
@@ -107,6 +108,9 @@ def open_file_response(handle: IO[bytes], size: int, media_type: str, filename: 
                "Content-Disposition": f'attachment; filename="{filename}"'}
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    if head:
+        handle.close()
+        return Response(status_code=status, media_type=media_type, headers=headers)
 
     async def body() -> AsyncIterator[bytes]:
         try:

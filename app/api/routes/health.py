@@ -15,6 +15,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="Liveness", description="200 while the process runs.", response_model=LivePublic)
+@router.head("/healthz", include_in_schema=False)  # probes that only look at the status
 async def check_liveness() -> LivePublic:
     return LivePublic()
 

@@ -152,6 +152,12 @@ async def download_job_file(job_id: JobId, file_name: str, store: StoreDep, call
     return await _file_response(store, job, file_name, request)
 
 
+# HEAD (size and Range support, for download tools) answers as GET does, without the body; not a separate
+# operation in the schema
+for _path, _download in (("/{job_id}/result", download_job_result), ("/{job_id}/files/{file_name}", download_job_file)):
+    router.add_api_route(_path, _download, methods=["HEAD"], include_in_schema=False)
+
+
 async def _finished(store: JobStore, job_id: str, owner: str) -> Job:
     job = await asyncio.to_thread(store.get, job_id, owner, "dataset")
     if job.state != JobState.SUCCEEDED:
@@ -171,7 +177,8 @@ async def _file_response(store: JobStore, job: Job, name: str, request: Request)
     if url is not None:
         handle.close()
         return RedirectResponse(url, status_code=307)
-    return open_file_response(handle, size, _media_type(name, job), name, request.headers.get("range"))
+    return open_file_response(handle, size, _media_type(name, job), name, request.headers.get("range"),
+                              head=request.method == "HEAD")
 
 
 @router.delete("/{job_id}", status_code=204, summary="Cancel and delete a job", responses={404: {"model": ErrorPublic}},

@@ -37,6 +37,12 @@ async def test_job_lifecycle_and_range_download(models_dir: Path, database_url: 
         assert last.status_code == 206 and last.content == whole.content[-100:]
         beyond = await client.get(done["result_url"], headers={"Range": f"bytes={len(whole.content)}-"})
         assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(whole.content)}"
+        # download tools ask with HEAD first: the size and Range support, no body
+        for url in (done["result_url"], f"/v1/jobs/{job['id']}/files/{done['files'][0]['name']}"):
+            head = await client.head(url)
+            assert (head.status_code, head.content) == (200, b"") and head.headers["accept-ranges"] == "bytes"
+            assert int(head.headers["content-length"]) == done["files"][0]["bytes"]
+        assert (await client.head("/healthz")).status_code == 200
         # the same dataset as the streamed export
         streamed = await client.post("/v1/models/digits-gan/datasets", json={"per_class": 30, "seed": 4})
         with zipfile.ZipFile(io.BytesIO(streamed.content)) as a, zipfile.ZipFile(io.BytesIO(whole.content)) as b:
