@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(SYNTHGEN_RUN_JOBS=false)")
     serve.set_defaults(run=_serve)
 
-    worker = commands.add_parser("worker", help="run dataset jobs from the shared jobs database, nothing else")
+    worker = commands.add_parser("worker", help="run dataset jobs and trainings from the shared jobs database (no "
+                                 "API)")
     worker.add_argument("--models-dir", default=None, help="overrides SYNTHGEN_MODELS_DIR (default: models)")
     worker.add_argument("--device", default=None, help="overrides SYNTHGEN_DEVICE: auto, cpu, cuda or cuda:N")
     worker.add_argument("--metrics-port", type=_port, default=None,

@@ -67,8 +67,8 @@ class Settings(BaseSettings):
                                       "and augmented zips; 0: the cpu_workers threads (Pillow holds the GIL for a "
                                       "quarter of the work, so threads stop scaling at about four cores); default: "
                                       "cpu_workers on a GPU, which generates faster than threads encode, else 0")
-    max_concurrent_uploads: int = Field(4, ge=1, description="upload requests (augment, reconstruct, inpaint) in work "
-                                        "at once; more wait, then get 503")
+    max_concurrent_uploads: int = Field(4, ge=1, description="upload requests (augment, reconstruct, inpaint, "
+                                        "trainings) in work at once; more wait, then get 503")
     max_uploads_per_client: int = Field(2, ge=1, description="upload requests one API key (or address) may have in "
                                         "work at once; more get 429")
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="a connection must send its request headers "

@@ -135,6 +135,10 @@ def check_validation_set(folder: DecodedFolder, val: DecodedFolder) -> None:
 ARCHS = ("gan", "vae")
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any],
                   val: DecodedFolder | None = None) -> tuple[dict[str, Any], list[str]]:
     """Per architecture (both for `auto`) the settings a training runs with: the recipe for the data's size, then
@@ -168,8 +172,8 @@ def plan_training(folder: DecodedFolder, arch: str, overrides: dict[str, Any],
                                     f"validation images of {n}")
         steps = max(1, (n - n_val) // settings["batch_size"])
         validation = f"the {len(val.images)} validation set images" if val is not None else f"{n_val} validation images"
-        settings["notes"] = [f"{n - n_val} training images and {validation}; {settings['epochs']} epochs of {steps} "
-                             f"steps (batch {settings['batch_size']})", *recipe.notes]
+        settings["notes"] = [f"{n - n_val} training images and {validation}; {_count(settings['epochs'], 'epoch')} "
+                             f"of {_count(steps, 'step')} (batch {settings['batch_size']})", *recipe.notes]
         recipes[name] = settings
     any_recipe = next(iter(recipes.values()))
     n_val = len(val.images) if val is not None else held_out(n, any_recipe["val_fraction"])
