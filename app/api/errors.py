@@ -90,6 +90,13 @@ async def send_error(send: Send, exc: SynthgenError, request_id: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_NAMES = {  # what a name that misses its pattern should look like, in words
+    "name": "1-64 letters, digits and '._-', starting with a letter or digit; with @N for a version where a model is "
+            "named (mnist-cgan, my-shoes@2)",
+    "model": "1-64 letters, digits and '._-', starting with a letter or digit, with @N for a version (mnist-cgan@1)",
+}
+
+
 def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if part != "body") or "body"
 
@@ -105,6 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
         for error in exc.errors():
             if error.get("type") == "json_invalid":
                 problems.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})")
+            elif error.get("type") == "string_pattern_mismatch" and error.get("loc", ())[-1] in _NAMES:
+                problems.append(f"{_location(tuple(error['loc']))}: {_NAMES[error['loc'][-1]]}")
             else:
                 problems.append(f"{_location(tuple(error.get('loc', ())))}: {error.get('msg')}")
         return error_response(request, 422, "; ".join(problems))
@@ -120,4 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a validation problem
             return error_response(request, 422, f"the body could not be parsed ({exc.detail}); send UTF-8 JSON, or "
                                   "multipart form data for uploads")
-        return error_response(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        detail = str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":  # no route matched
+            detail = "no such route; the routes are listed at /docs (GET /openapi.json)"
+        return error_response(request, exc.status_code, detail, getattr(exc, "headers", None))

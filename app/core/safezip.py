@@ -76,11 +76,14 @@ def read_zip(source: str | Path | IO[bytes], limits: ZipLimits | None = None, na
         members = archive.infolist()
         if len(members) > limits.max_files:
             raise DataError(f"{label}: {len(members)} members is over the limit of {limits.max_files}")
-        kept = []
+        kept, seen = [], set()
         for info in members:
             if not info.filename:
                 raise DataError(f"{label}: a member has an empty name; re-create the zip with a standard tool "
                                 "(zip -r, or your file manager's compress)")
+            if info.filename in seen:  # unzip tools keep one copy or the other: which image is meant is unclear
+                raise DataError(f"{label}: {info.filename!r} is in the zip twice; keep one copy")
+            seen.add(info.filename)
             parts = PurePosixPath(info.filename).parts
             if not parts:  # ".", "./": the archive's root itself, like the hidden entries skipped below
                 continue

@@ -51,7 +51,8 @@ def resolve_label(label: str | int, class_names: list[str]) -> int:
         index = int(label)
     if 0 <= index < len(class_names):
         return index
-    raise InvalidInputError(f"unknown label {label!r}; use a class name or an index: {class_names}")
+    shown = repr(label) if len(repr(label)) <= 100 else f"{repr(label)[:100]}… ({len(repr(label))} characters)"
+    raise InvalidInputError(f"unknown label {shown}; use a class name or an index: {class_names}")
 
 
 def draw_latents(seed: int, indices: Sequence[int], latent_dim: int, num_classes: int,

@@ -66,3 +66,10 @@ def test_root_entries_are_skipped(root: str) -> None:
 def test_a_member_without_a_name_is_refused() -> None:
     with pytest.raises(DataError, match="upload: a member has an empty name"):
         read_zip(_zip(["", "1/a.png"]), name="upload")
+
+
+def test_a_member_twice_is_refused() -> None:
+    with pytest.warns(UserWarning, match="Duplicate name"):  # zipfile writes it, with a warning
+        upload = _zip(["1/a.png", "1/b.png", "1/a.png"])
+    with pytest.raises(DataError, match="upload: '1/a.png' is in the zip twice; keep one copy"):
+        read_zip(upload, name="upload")
