@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,13 @@ from app.settings import Settings
 
 log = logging.getLogger("synthgen.jobs")
 MAX_ATTEMPTS = 3
+
+
+def with_checksums(manifest: bytes, sizes: dict[str, int], digests: dict[str, str]) -> bytes:
+    """A tar job's manifest with every shard's size and sha256 under `files`, as `synthgen export` writes it."""
+    fields = json.loads(manifest)
+    fields["files"] = {name: {"bytes": sizes[name], "sha256": digests[name]} for name in fields["shards"]}
+    return (json.dumps(fields, sort_keys=True, indent=2) + "\n").encode()
 
 
 def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str, shard_size: int | None = None,
@@ -68,7 +76,8 @@ def estimate_bytes(plan: SamplePlan, model: SyntheticModel, output: str, shard_s
     per_sample = 3 * 512 + (png + 511) + 512 + -(-text // 512) * 512
     full, rest = divmod(n, shard_size or max(n, 1))
     shard_bytes = [-(-(size * per_sample + 1024) // 10240) * 10240 for size in (shard_size or n, rest)]
-    return total + full * shard_bytes[0] + (shard_bytes[1] if rest else 0)
+    listed = (full + bool(rest)) * 256 if shard_size else 0  # each shard's name, size and sha256 in the manifest
+    return total + full * shard_bytes[0] + (shard_bytes[1] if rest else 0) + listed
 
 
 def _failure(exc: Exception) -> str:
@@ -240,6 +249,8 @@ class JobWorker:
                 shard_size = job.request.get("shard_size") if job.format == "tar" else None
                 written, done, reported = sum(checkpoint["files"].values()), checkpoint["next"], time.monotonic()
                 current: str | None = None
+                digests: dict[str, str] = dict(checkpoint.get("sha256", {}))  # of the files complete
+                digest = hashlib.sha256()
 
                 def advanced(samples: int) -> None:  # a chunk's pieces may be many (one per shard it fills)
                     nonlocal done
@@ -248,16 +259,20 @@ class JobWorker:
                 stream = stream_export(served, plan, job.format, self.settings, shard_size, start=checkpoint["next"],
                                        progress=advanced)
                 async for name, data in stream:
+                    if name != current:
+                        if current is not None:
+                            await asyncio.to_thread(writer.close_file)
+                            digests[current] = digest.hexdigest()
+                            await self._checkpoint(job, writer, shard_size, digests)
+                        if shard_size and name == "manifest.json":  # one piece, the last: every shard's sha256
+                            data = with_checksums(data, writer.state()["files"], digests)
+                        await asyncio.to_thread(writer.open, name)
+                        current, digest = name, hashlib.sha256()
                     written += len(data)
                     if written > job.reserved_bytes:
                         raise QuotaExceededError(f"the result passed the {job.reserved_bytes} bytes reserved for it; "
                                                  "the partial result was removed")
-                    if name != current:
-                        if current is not None:
-                            await asyncio.to_thread(writer.close_file)
-                            await self._checkpoint(job, writer, shard_size)
-                        await asyncio.to_thread(writer.open, name)
-                        current = name
+                    digest.update(data)
                     await asyncio.to_thread(writer.write, data)
                     if time.monotonic() - reported > self.PROGRESS_EVERY_S:
                         await self._update(job.id, done=done)
@@ -399,9 +414,11 @@ class JobWorker:
         finally:
             self._forget(job.id)
 
-    async def _checkpoint(self, job: Job, writer: ResultWriter, shard_size: int | None) -> None:
+    async def _checkpoint(self, job: Job, writer: ResultWriter, shard_size: int | None, digests: dict[str, str]
+                          ) -> None:
         """After each complete shard of a tar job: what a worker taking the job over resumes from."""
         if shard_size and resumable(job):
             state = writer.state()
             shards = sum(name.endswith(".tar") for name in state["files"])
-            await self._update(job.id, persist=True, checkpoint={**state, "next": min(shards * shard_size, job.total)})
+            await self._update(job.id, persist=True, checkpoint={**state, "sha256": digests,
+                                                                 "next": min(shards * shard_size, job.total)})

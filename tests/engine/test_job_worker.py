@@ -5,6 +5,8 @@ again after a crash."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from app.cli import main
 from app.core.nets.gan import ConditionalGAN, GanConfig
 from app.engine import results
 from app.engine.jobs import JobWorker, estimate_bytes, plan_for
@@ -128,7 +131,15 @@ async def test_a_job_stopped_after_its_last_shard_resumes_with_the_same_manifest
     assert jobs.store.get(job.id).checkpoint["next"] == 10
     resumed = await jobs.run(job, "two:1")
     assert resumed.state == JobState.SUCCEEDED and resumed.done == 10
-    assert jobs.files(resumed) == jobs.files(reference)  # the manifest too: "count": 10
+    assert jobs.files(resumed) == jobs.files(reference)  # the manifest too: "count": 10, and the shards' sha256
+    files = jobs.files(reference)
+    out = jobs.root / "exported"  # the command line's export of the same plan: the same shards and manifest
+    assert main(["export", "--model", str(jobs.root / "models" / "tiny"), "--n", "10", "--seed", "7", "--shard-size",
+                 "4", "--out", str(out)]) == 0
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == files
+    listed = json.loads(files["manifest.json"])["files"]
+    assert listed == {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                      for name, data in files.items() if name.endswith(".tar")}
 
 
 @pytest.mark.parametrize("class_names", [["é" + "a" * 99, "b" * 100, "c" * 100]])
