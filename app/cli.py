@@ -56,6 +56,14 @@ def _process_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
 
 
+def _check_model_folder(text: str) -> None:
+    """--model names a model's folder; a name (as the server takes) gets a hint."""
+    if not Path(text).is_dir():
+        hint = f"did you mean models/{text}?" if (Path("models") / text).is_dir() else \
+            "give a model's folder, such as models/mnist-cgan"
+        raise InvalidInputError(f"--model {text}: no such model folder; {hint}")
+
+
 def _sample_options(parser: argparse.ArgumentParser) -> None:
     """Which samples a command writes: the model and the plan."""
     parser.add_argument("--model", required=True, help="model folder, e.g. models/mnist-cgan")
@@ -395,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return client(argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None) is not None:
+            _check_model_folder(args.model)
         args.run(args)
     except SynthgenError as exc:
         print(f"synthgen {args.command}: error: {exc}", file=sys.stderr)

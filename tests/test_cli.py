@@ -77,7 +77,7 @@ def test_bad_arguments_exit_cleanly(tiny_gan: Path, tmp_path: Path, capsys, args
 
 def test_bad_model_folder_exits_cleanly(tmp_path: Path, capsys) -> None:
     assert _generate(tmp_path / "nope", tmp_path / "x.npz", "--n", "1") == 2
-    assert "no such model folder; --model takes a model's folder" in capsys.readouterr().err
+    assert "no such model folder; give a model's folder, such as models/mnist-cgan" in capsys.readouterr().err
     assert _generate(Path("mnist-cgan"), tmp_path / "x.npz", "--n", "1") == 2  # a name, as the server takes
     assert "mnist-cgan: no such model folder; did you mean models/mnist-cgan?" in capsys.readouterr().err
 

@@ -164,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.state.settings = settings
     default_openapi = app.openapi
+
     def openapi() -> dict:
         if app.openapi_schema is None:
             _standard_bounds(_json_first(default_openapi()))

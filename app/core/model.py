@@ -72,9 +72,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
     """Load a checkpoint folder for sampling (eval mode, serving parts only) on `device`."""
     folder = Path(folder)
     if not folder.is_dir():
-        hint = f"; did you mean models/{folder}?" if (Path("models") / folder).is_dir() else \
-            "; --model takes a model's folder, such as models/mnist-cgan"
-        raise CheckpointError(f"{folder}: no such model folder{hint}")
+        raise CheckpointError(f"{folder}: no such model folder")
     net, config = SyntheticNet.from_pretrained(folder, serving=True)
     names = config.get("class_names")
     if not isinstance(names, list) or len(names) != net.cfg.num_classes:

@@ -71,9 +71,9 @@ def validation_warnings(n_val: int, classes: int) -> list[str]:
 
 def check_hyperparameters(arch: str, values: dict[str, Any], height: int, width: int, channels: int,
                           classes: int) -> None:
-    """Refuse hyper-parameters of `arch` (gan or vae) that are unknown, out of range, of the wrong type, leave a
-    layer empty or make a model over `MAX_MODEL_PARAMETERS`, before anything is allocated (API trainings and
-    `synthgen train` alike)."""
+    """Refuse hyper-parameters of `arch` (gan or vae) that are unknown, out of range, of the wrong type, size a layer
+    below 1 or make a model over `MAX_MODEL_PARAMETERS`, before anything is allocated (API trainings and `synthgen
+    train` alike)."""
     config_class = GanConfig if arch == "gan" else VaeConfig
     allowed = {f.name for f in dataclasses.fields(config_class)} - NOT_TRAINING_FIELDS
     unknown = sorted(set(values) - allowed)
