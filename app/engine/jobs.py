@@ -41,9 +41,11 @@ MAX_ATTEMPTS = 3
 
 
 def with_checksums(manifest: bytes, sizes: dict[str, int], digests: dict[str, str]) -> bytes:
-    """A tar job's manifest with every shard's size and sha256 under `files`, as `synthgen export` writes it."""
+    """A tar job's manifest with every shard's size and sha256 under `files`, as `synthgen export` writes it (no
+    sha256 for a shard written before checkpoints kept digests)."""
     fields = json.loads(manifest)
-    fields["files"] = {name: {"bytes": sizes[name], "sha256": digests[name]} for name in fields["shards"]}
+    fields["files"] = {name: {"bytes": sizes[name], **({"sha256": digests[name]} if name in digests else {})}
+                       for name in fields["shards"]}
     return (json.dumps(fields, sort_keys=True, indent=2) + "\n").encode()
 
 

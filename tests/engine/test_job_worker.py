@@ -20,7 +20,7 @@ import torch
 from app.cli import main
 from app.core.nets.gan import ConditionalGAN, GanConfig
 from app.engine import results
-from app.engine.jobs import JobWorker, estimate_bytes, plan_for
+from app.engine.jobs import JobWorker, estimate_bytes, plan_for, with_checksums
 from app.engine.jobstore import Job, JobStore
 from app.engine.metrics import Metrics
 from app.engine.model_jobs import promote
@@ -140,6 +140,11 @@ async def test_a_job_stopped_after_its_last_shard_resumes_with_the_same_manifest
     listed = json.loads(files["manifest.json"])["files"]
     assert listed == {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                       for name, data in files.items() if name.endswith(".tar")}
+
+
+def test_shards_written_before_checkpoints_kept_digests_are_listed_with_their_size_only() -> None:
+    manifest = with_checksums(b'{"shards": ["a.tar", "b.tar"]}', {"a.tar": 3, "b.tar": 4}, {"b.tar": "ff"})
+    assert json.loads(manifest)["files"] == {"a.tar": {"bytes": 3}, "b.tar": {"bytes": 4, "sha256": "ff"}}
 
 
 @pytest.mark.parametrize("class_names", [["é" + "a" * 99, "b" * 100, "c" * 100]])
