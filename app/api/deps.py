@@ -21,6 +21,7 @@ from app.engine.webhooks import WebhookSender
 from app.errors import (
     ForbiddenError,
     InvalidApiKeyError,
+    InvalidInputError,
     MissingApiKeyError,
     RateLimitedError,
     UnsupportedMediaTypeError,
@@ -156,14 +157,21 @@ async def require_admin(caller: CallerDep) -> Caller:
     return caller
 
 
-def require_content_type(*allowed: str, how: str) -> Callable[[Request], Awaitable[None]]:
+def require_content_type(*allowed: str, how: str, repeatable: tuple[str, ...] | None = None
+                         ) -> Callable[[Request], Awaitable[None]]:
     """A dependency refusing a body of another content type with 415, saying `how` to send it (FastAPI would
-    otherwise guess, and a JSON body on a form route would read as missing fields)."""
+    otherwise guess, and a JSON body on a form route would read as missing fields). With `repeatable` (a form
+    route), a part or field sent twice is refused unless it is named there: the route would silently read one."""
 
     async def check(request: Request) -> None:
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() not in allowed:
             raise UnsupportedMediaTypeError(f"send the body {how}, not {content_type or 'no content type'!r}")
+        if repeatable is not None:
+            form = await request.form()  # parsed already for the route: the same form
+            for key in form:
+                if key not in repeatable and len(form.getlist(key)) > 1:
+                    raise InvalidInputError(f"{key} is sent {len(form.getlist(key))} times; send it once")
 
     return check
 
@@ -171,10 +179,13 @@ def require_content_type(*allowed: str, how: str) -> Callable[[Request], Awaitab
 require_json = require_content_type("application/json", how="as JSON with 'Content-Type: application/json'")
 
 
-def require_multipart(example: str) -> Callable[[Request], Awaitable[None]]:
-    """A multipart-only route's check; `example` shows its file parts in curl's words."""
+def require_multipart(example: str, repeatable: tuple[str, ...] = ()) -> Callable[[Request], Awaitable[None]]:
+    """A multipart-only route's check; `example` shows its file parts in curl's words, `repeatable` the parts that
+    may come more than once."""
     return require_content_type("multipart/form-data", how=f"as multipart/form-data with the file(s) as parts (curl "
-                                f"{example}, httpx files=...)")
+                                f"{example}, httpx files=...)", repeatable=repeatable)
+
 
 require_form = require_content_type("multipart/form-data", "application/x-www-form-urlencoded",
-                                    how="as multipart/form-data (curl -F 'dataset=@data.zip', httpx files=...)")
+                                    how="as multipart/form-data (curl -F 'dataset=@data.zip', httpx files=...)",
+                                    repeatable=())

@@ -46,7 +46,7 @@ def _split_labels(labels: str | None) -> list[str | int] | None:
              description="Upload PNG/JPEG images; each is encoded and decoded (the posterior mean). `labels`: one "
                          "class for all or one per image, comma-separated; omitted → the best-fitting class.",
              responses={**SAMPLE_RESPONSES, **ERRORS},
-             dependencies=[Depends(require_multipart("-F 'files=@digit.png' -F 'files=@other.png'"))])
+             dependencies=[Depends(require_multipart("-F 'files=@digit.png' -F 'files=@other.png'", ("files",)))])
 async def reconstruct_images(repository: RepositoryDep, settings: SettingsDep, name: ModelName, caller: CallerDep,
                              files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
                              labels: Annotated[str | None, Form(description="e.g. 7 or 1,4,4")] = None,

@@ -58,6 +58,19 @@ async def test_upload_routes_want_multipart(models_dir: Path, path: str, parts: 
         assert f"(curl {parts}" in response.json()["detail"]
 
 
+async def test_a_part_sent_twice_is_refused_unless_the_route_takes_several(models_dir: Path) -> None:
+    digit = png_bytes(np.zeros((8, 8), np.uint8))
+    async with serve(models_dir) as client:
+        twice = await client.post("/v1/models/digits-vae/inpaint", files=[("image", ("a.png", digit)),
+                                                                          ("image", ("b.png", digit)),
+                                                                          ("mask", ("m.png", digit))])
+        assert twice.status_code == 422 and twice.json()["detail"] == "image is sent 2 times; send it once"
+        several = await client.post("/v1/models/digits-vae/reconstruct", files=[("files", ("a.png", digit)),
+                                                                                ("files", ("b.png", digit))],
+                                    data={"format": "npz"})
+        assert several.status_code == 200, several.text
+
+
 async def test_metadata_bombs_get_422_naming_the_file(models_dir: Path) -> None:
     bomb, plain = png_metadata_bomb(b"zTXt"), png_bytes(np.zeros((8, 8), np.uint8))
     async with serve(models_dir) as client:
