@@ -127,7 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a validation problem
-            return error_response(request, 422, f"the body could not be parsed ({exc.detail}); send UTF-8 JSON, or "
+            return error_response(request, 422, f"the body could not be parsed ({exc.detail}); send UTF-8 JSON "
+                                  "(integers of at most 4,300 digits, nested at most a few hundred levels), or "
                                   "multipart form data for uploads")
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":  # no route matched

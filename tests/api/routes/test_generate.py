@@ -119,6 +119,8 @@ async def test_disconnected_client_is_cancelled(models_dir: Path) -> None:
         ({"content": b'{"n": 2, "truncation": NaN}', "headers": {"content-type": "application/json"}}, 422,
          "truncation: Input should be a finite number"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
+        ({"content": b'{"n": ' + b"9" * 5000 + b"}", "headers": {"content-type": "application/json"}}, 422,
+         "integers of at most 4,300 digits"),
         ({"content": b"n=2", "headers": {"content-type": "text/plain"}}, 415, "Content-Type: application/json"),
         ({"content": b"{" + b" " * 2_000_000 + b"}", "headers": {"content-type": "application/json"}}, 413,
          "over the limit"),
