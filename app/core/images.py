@@ -73,6 +73,8 @@ def open_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
         raise DataError(f"{name}: {width}×{height} pixels is {_too_big(max_pixels, setting)}")
     if image.format not in ("PNG", "JPEG"):
         raise DataError(f"{name}: {image.format} images are not supported; use PNG or JPEG")
+    if getattr(image, "is_animated", False):  # only the first frame would be read
+        raise DataError(f"{name}: an animated PNG of {image.n_frames} frames; send each frame as an image of its own")
     return image
 
 

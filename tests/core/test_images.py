@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from app.core.images import decode_image
 from app.errors import DataError
@@ -42,3 +44,12 @@ def test_unreadable_images_show_no_internals() -> None:
     with pytest.raises(DataError) as caught:
         decode_image(b"hello", "a.png")
     assert str(caught.value) == "a.png: not a readable PNG/JPEG image"
+
+
+def test_an_animated_png_is_refused_not_read_as_its_first_frame() -> None:
+    frames = [Image.fromarray(np.full((4, 4), value, np.uint8)) for value in (0, 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match="moving.png: an animated PNG of 2 frames"):
+        decode_image(buffer.getvalue(), "moving.png")
+    assert decode_image(png_bytes(np.zeros((4, 4), np.uint8)), "still.png").size == (4, 4)
