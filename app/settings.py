@@ -181,8 +181,9 @@ class Settings(BaseSettings):
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _proxies(cls, value: list[str]) -> list[str]:
-        for entry in (entry for entry in value if entry != "*"):  # uvicorn reads anything else as a literal host
-            try:                                                      # name: a typo would trust no proxy
+        # uvicorn reads an entry that is not "*", an address or a network as a host name: a typo would trust no proxy
+        for entry in (entry for entry in value if entry != "*"):
+            try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not an address, a network such as 172.16.0.0/12, or *") from None

@@ -85,11 +85,13 @@ def remove_unused_datasets(settings: Settings, store: JobStore, older_than_s: fl
                            files: list[str] | None = None) -> int:
     """Delete stored datasets no training refers to and unused for `older_than_s` (only `files`, relative to the
     data directory, where given), and files left half-written; returns how many."""
-    in_use = {request.get(key) for request in store.requests("training")
-              for key in ("dataset_file", "val_dataset_file")}
     root, cutoff, removed = settings.data_dir, time.time() - older_than_s, 0
     candidates = [root / name for name in files] if files is not None else \
         [*(root / "datasets").glob("*/*.npz"), *(root / "datasets").glob("*/*.tmp")]
+    if not candidates:  # the usual case of the housekeeping loop: no need to read every training's request
+        return 0
+    in_use = {request.get(key) for request in store.requests("training")
+              for key in ("dataset_file", "val_dataset_file")}
     for path in candidates:
         with contextlib.suppress(FileNotFoundError):
             if str(path.relative_to(root)) not in in_use and path.stat().st_mtime <= cutoff:
