@@ -193,17 +193,22 @@ def _tune(args: argparse.Namespace) -> None:
     _check_per_class(args.per_class)
     if not 0 <= args.min_label_agreement <= 1:
         raise InvalidInputError(f"--min-label-agreement must be in [0, 1], not {args.min_label_agreement}")
+    if not 0 <= args.min_confidence <= 1:
+        raise InvalidInputError(f"--min-confidence must be in [0, 1], not {args.min_confidence}")
     _apply_process_options(args)
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data,
-                                 min_label_agreement=args.min_label_agreement)
-    for scale, figure in sampling["validation_tstr"].items():
-        print(f"latent_scale {scale:>5s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}  "
-              f"label agreement {sampling['label_agreement'][scale]:.4f}")
+                                 min_label_agreement=args.min_label_agreement,
+                                 min_confidence=args.min_confidence or None)
+    for arm, figure in sampling["validation_tstr"].items():
+        print(f"latent_scale {arm:<14s}  validation TSTR {figure['mean']:.4f} ± {figure['std']:.4f}  "
+              f"label agreement {sampling['label_agreement'][arm]:.4f}")
     if not sampling["floor_met"]:
         print(f"no scale reached label agreement {sampling['label_agreement_floor']:.4f} "
               f"({args.min_label_agreement} × the real validation images' {sampling['real_val_accuracy']:.4f}): "
               "took the scale with the highest; the samples are often not what their label says", file=sys.stderr)
-    print(f"chosen: {sampling['latent_scale']} (written to config.json); run synthgen evaluate and protocol again")
+    filtered = f", through the label filter at {args.min_confidence}" if sampling["label_filter"] else ""
+    print(f"chosen: {sampling['latent_scale']}{filtered} (written to config.json); run synthgen evaluate and "
+          "protocol again")
 
 
 def _protocol(args: argparse.Namespace) -> None:
@@ -345,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the CNN")
     protocol.set_defaults(run=_protocol)
 
-    tune = commands.add_parser("tune", help="choose the spread of default draws (latent_scale) on the validation "
-                                            "split by TSTR; writes config.json and the card's sampling section")
+    tune = commands.add_parser("tune", help="choose the spread of default draws (latent_scale) and the label filter "
+                                            "on the validation split by TSTR; writes config.json and the card's "
+                                            "sampling section")
     tune.add_argument("--model", required=True)
     tune.add_argument("--data", required=True, help="the training data SPEC (its validation split scores each scale)")
     _val_data_option(tune)
@@ -356,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--min-label-agreement", type=float, default=0.95,
                       help="only scales whose samples the evaluator classifies as their label at least this share as "
                            "often as real validation images (0 turns the check off)")
+    tune.add_argument("--min-confidence", type=float, default=0.5,
+                      help="also try each scale through the model's label filter: a sample is drawn again until the "
+                           "evaluator gives its label at least this probability (0: never filter)")
     _process_options(tune)
     tune.set_defaults(run=_tune)
 

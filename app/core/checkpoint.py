@@ -125,10 +125,14 @@ def load_features(folder: Path, device: str | torch.device = "cpu") -> torch.Ten
 
 
 def config_hash(folder: Path) -> str:
-    """sha256 of config.json and the serving weights: identifies the exact model that made a sample."""
+    """sha256 of config.json and the serving weights (with the evaluator when a label filter samples through it):
+    identifies the exact model that made a sample."""
     digest = hashlib.sha256()
     config = read_json(folder / "config.json")
-    for file in ["config.json", next(iter(config.get("weights", {}).values()), "")]:
+    files = ["config.json", next(iter(config.get("weights", {}).values()), "")]
+    if config.get("label_filter") is not None:
+        files += ["evaluator.json", "evaluator.safetensors"]
+    for file in files:
         if file and (folder / file).is_file():
             digest.update((folder / file).read_bytes())
     return "sha256:" + digest.hexdigest()

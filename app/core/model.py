@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from app.core.checkpoint import config_hash, read_json
+from app.core.label_filter import LabelFilter, load_label_filter
 from app.core.nets import SyntheticNet
 from app.errors import CheckpointError
 
@@ -41,6 +42,7 @@ class SyntheticModel:
     net: SyntheticNet
     card: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""  # of config.json + serving weights, computed once at load (manifests cite it)
+    label_filter: LabelFilter | None = None  # config.json's label_filter, with the evaluator it names
 
     @property
     def kind(self) -> str:
@@ -68,8 +70,10 @@ class SyntheticModel:
         return next(self.net.parameters()).device
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> SyntheticModel:
-    """Load a checkpoint folder for sampling (eval mode, serving parts only) on `device`."""
+def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str | None = None,
+               label_filter: bool = True) -> SyntheticModel:
+    """Load a checkpoint folder for sampling (eval mode, serving parts only) on `device`; without `label_filter`,
+    the model samples without the filter its config names (evaluation, which trains the evaluator anew)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such model folder")
@@ -83,4 +87,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
     card = read_json(folder / "card.json") if (folder / "card.json").is_file() else {}
     # Channels-last convolutions: 12–25 % more samples/s on CPU (oneDNN) at every pass size, the same uint8 images
     net = net.to(device=device, memory_format=torch.channels_last)
-    return SyntheticModel(name or folder.name, folder, config, net, card, config_hash(folder))
+    model = SyntheticModel(name or folder.name, folder, config, net, card, config_hash(folder))
+    if label_filter:
+        model.label_filter = load_label_filter(folder, config, model.num_classes, model.image_shape)
+        if model.label_filter:
+            model.label_filter.evaluator.to(device)
+    return model

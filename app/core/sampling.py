@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from app.core.images import to_uint8
+from app.core.label_filter import MAX_TRIES, redraw
 from app.core.model import SyntheticModel
 from app.errors import InvalidInputError
 
@@ -75,17 +76,53 @@ def draw_latents(seed: int, indices: Sequence[int], latent_dim: int, num_classes
 def render(model: SyntheticModel, z: torch.Tensor, labels: torch.Tensor, truncation: float | torch.Tensor = 1.0,
            batch_size: int = 512) -> np.ndarray:
     """Run the generator on latents scaled by `truncation` (GAN ψ, VAE prior temperature; a float or one value
-    per sample, `[N, 1]`) → uint8 `[N, H, W, C]`, in passes of `batch_size` padded to `pass_rows`."""
+    per sample, `[N, 1]`) → uint8 `[N, H, W, C]`, in passes of `batch_size` padded to `pass_rows`, through the
+    model's label filter when it has one."""
     chunks = []
     for start in range(0, len(z), batch_size):
         scale = truncation[start : start + batch_size] if isinstance(truncation, torch.Tensor) else truncation
-        zb, yb = z[start : start + batch_size] * scale, labels[start : start + batch_size]
-        n, rows = len(zb), pass_rows(len(zb))
-        if rows != n:  # pad with copies of the first row; their outputs are dropped
-            zb, yb = (torch.cat([t, t[:1].expand(rows - n, *t.shape[1:])]) for t in (zb, yb))
-        images = model.net.generate(zb.to(model.device), yb.to(model.device) if model.num_classes else None)
-        chunks.append(to_uint8(images[:n]))
+        zb, yb = z[start : start + batch_size], labels[start : start + batch_size]
+        chunks.append(_filtered_pass(model, zb, yb, scale) if model.label_filter else _pass(model, zb, yb, scale))
     return np.concatenate(chunks) if chunks else np.zeros((0, *model.image_shape), np.uint8)
+
+
+def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors padded to `pass_rows` rows with copies of their first row (whose outputs are dropped)."""
+    n, rows = len(tensors[0]), pass_rows(len(tensors[0]))
+    return [torch.cat([t, t[:1].expand(rows - n, *t.shape[1:])]) if rows != n else t for t in tensors]
+
+
+def _pass(model: SyntheticModel, z: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor) -> np.ndarray:
+    zb, yb = _padded(z * scale, labels)
+    images = model.net.generate(zb.to(model.device), yb.to(model.device) if model.num_classes else None)
+    return to_uint8(images[: len(z)])
+
+
+def _confidence(model: SyntheticModel, images: np.ndarray, labels: torch.Tensor) -> np.ndarray:
+    x, y = _padded(torch.from_numpy(images), labels)
+    return model.label_filter.confidence(x.numpy(), y)[: len(images)]  # type: ignore[union-attr]
+
+
+def _filtered_pass(model: SyntheticModel, z: torch.Tensor, labels: torch.Tensor,
+                   scale: float | torch.Tensor) -> np.ndarray:
+    """`_pass`, then rows whose label the evaluator doubts are drawn again (see `app.core.label_filter`): a row keeps
+    its first passing try, or after `MAX_TRIES` the try whose label it gives the highest probability."""
+    threshold = model.label_filter.min_confidence  # type: ignore[union-attr]
+    images = _pass(model, z, labels, scale)
+    best = _confidence(model, images, labels)
+    todo = np.flatnonzero(best < threshold)
+    for attempt in range(1, MAX_TRIES):
+        if not len(todo):
+            break
+        rows = torch.from_numpy(todo)
+        tries = _pass(model, redraw(z[rows], attempt), labels[rows],
+                      scale[rows] if isinstance(scale, torch.Tensor) else scale)
+        confidence = _confidence(model, tries, labels[rows])
+        better = confidence > best[todo]
+        images[todo[better]] = tries[better]
+        best[todo[better]] = confidence[better]
+        todo = todo[confidence < threshold]
+    return images
 
 
 def per_class_labels(num_classes: int, per_class: int) -> list[int]:

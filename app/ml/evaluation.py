@@ -19,6 +19,7 @@ from tqdm import tqdm
 from app.core.checkpoint import save_features, utc_now
 from app.core.device import resolve_device
 from app.core.images import image_grid, to_model_range
+from app.core.label_filter import load_label_filter
 from app.core.model import NEIGHBOURS_FILE, load_model
 from app.core.nets import Classifier, ClassifierConfig
 from app.core.png import encode_png
@@ -206,7 +207,7 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     writes the evaluator and the metrics into its folder, returns the card."""
     started = time.perf_counter()
     dev = resolve_device(device)
-    model = load_model(folder, dev)
+    model = load_model(folder, dev, label_filter=False)  # its filter, if any, samples through the evaluator below
     training_data = model.config["training_data"]
     dataset = load_training_data(data_spec, model.class_names, training_data.get("fingerprint"))
     train_set, val_set = split_as_trained(dataset, training_data, val_spec)
@@ -214,7 +215,7 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     evaluator = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed, dev, progress=progress)
     real_steps = classifier_steps(len(train_set), classifier_epochs)
     real_val_accuracy = accuracy(evaluator, val_set.images, val_set.labels)
-    calibration = _calibrate(evaluator, val_set, seed)
+    calibration = calibrate(evaluator, val_set, seed)
     _, real_feats = predict(evaluator, train_set.images)
     # the shipped features (the max_similarity filter's reference) hold at most MAX_SHIPPED_FEATURES rows, so a
     # model folder stays small; the threshold is computed on the same rows
@@ -225,6 +226,9 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                               memorisation_threshold=threshold, reference_rows=len(shipped),
                               temperature=calibration["temperature"])
     save_features(folder, shipped)
+    model.label_filter = load_label_filter(folder, model.config, k, model.image_shape)
+    if model.label_filter:
+        model.label_filter.evaluator.to(dev)
 
     synthetic = ImageDataset(*sample(model, seed, per_class_labels(k, per_class)), model.class_names)
     _, val_feats = predict(evaluator, val_set.images)
@@ -293,12 +297,13 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                            "classifier_steps": {"real": real_steps, "tstr": real_steps, "augmented": mixed_steps,
                                                 "real_matched": mixed_steps},
                            "seed": seed, "latent_scale": model.net.cfg.latent_scale,
+                           "label_filter": model.config.get("label_filter"),
                            "feature_space": "evaluator penultimate layer",
                            "classifier_epochs": classifier_epochs, "evaluated_at": utc_now(), "device": str(dev),
                            "seconds": round(time.perf_counter() - started, 1)})
 
 
-def _calibrate(evaluator: Classifier, val_set: ImageDataset, seed: int) -> dict[str, float]:
+def calibrate(evaluator: Classifier, val_set: ImageDataset, seed: int) -> dict[str, float]:
     """Temperature scaling of the evaluator: fitted on one half of the validation split, its expected calibration
     error measured on the other half, so that `min_confidence` reads as a probability."""
     probs, _ = predict(evaluator, val_set.images)

@@ -22,12 +22,14 @@ from torch import nn
 
 from app.core.checkpoint import read_json, write_json
 from app.core.images import shared_images
+from app.core.label_filter import LabelFilter
 from app.core.model import load_model
+from app.core.nets import Classifier
 from app.core.sampling import per_class_labels, sample
 from app.errors import DataError
 from app.ml.card import update_card
 from app.ml.datasets import load_dataset, load_training_data, split_as_trained
-from app.ml.evaluation import accuracy, predict, train_classifier
+from app.ml.evaluation import accuracy, calibrate, predict, train_classifier
 
 BATCH = 128
 
@@ -160,69 +162,97 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
     report["protocol"].update(data=data_spec, test_data=test_spec, test_images_in_training_data=overlap,
                               per_class=per_class, per_class_at_real_size=per_class_at_real_size,
                               sample_seed=sample_seed,
-                              latent_scale=model.net.cfg.latent_scale, seconds=round(time.perf_counter() - started, 1))
+                              latent_scale=model.net.cfg.latent_scale, label_filter=model.config.get("label_filter"),
+                              seconds=round(time.perf_counter() - started, 1))
     update_card(folder, protocol=report)
     return report
 
 
-RULE = ("among the scales whose samples the evaluator classifies as their label at least min_label_agreement times "
-        "as often as the real validation images, the scale nearest 1 whose mean validation TSTR is within one standard "
-        "error of the best")
+RULE = ("each scale drawn as is and through the label filter; among the arms whose samples a second classifier (not "
+        "the filter's evaluator) labels as asked at least min_label_agreement times as often as the real validation "
+        "images, the arm within one standard error of the best mean validation TSTR that is unfiltered if one is, "
+        "with the scale nearest 1")
+
+Arm = tuple[float, bool]  # (latent scale, through the label filter)
 
 
-def nearest_one_within_standard_error(figures: dict[float, Figure]) -> float:
-    """The scale nearest 1 whose mean is within one standard error (over seeds) of the best scale's mean."""
-    best = figures[max(figures, key=lambda scale: figures[scale].mean)]
+def arm_name(arm: Arm) -> str:
+    """"1.5", or "1.5 filtered": the card's key of an arm."""
+    return f"{arm[0]}{' filtered' if arm[1] else ''}"
+
+
+def nearest_one_within_standard_error(figures: dict[Arm, Figure]) -> Arm:
+    """The arm whose mean is within one standard error (over seeds) of the best arm's mean, unfiltered where one
+    is, with the scale nearest 1: the least intervention that scores as well."""
+    best = figures[max(figures, key=lambda arm: figures[arm].mean)]
     floor = best.mean - best.std / math.sqrt(len(best.scores))
-    return min((scale for scale, figure in figures.items() if figure.mean >= floor), key=lambda scale: abs(scale - 1))
+    return min((arm for arm, figure in figures.items() if figure.mean >= floor),
+               key=lambda arm: (arm[1], abs(arm[0] - 1)))
 
 
-def choose_scale(figures: dict[float, Figure], agreement: dict[float, float], floor: float) -> tuple[float, bool]:
-    """(the chosen scale, whether any scale's label agreement reached `floor`): the scale nearest 1 within one
-    standard error of the best among those at or above the floor; where none is, the one with the highest agreement
-    (a wider draw that mislabels more is not worth its TSTR)."""
-    eligible = {scale: figure for scale, figure in figures.items() if agreement[scale] >= floor}
+def choose_scale(figures: dict[Arm, Figure], agreement: dict[Arm, float], floor: float) -> tuple[Arm, bool]:
+    """(the chosen arm, whether any arm's label agreement reached `floor`): `nearest_one_within_standard_error` among
+    those at or above the floor; where none is, the one with the highest agreement (a wider draw that mislabels
+    more is not worth its TSTR)."""
+    eligible = {arm: figure for arm, figure in figures.items() if agreement[arm] >= floor}
     if not eligible:
-        return max(agreement, key=lambda scale: (agreement[scale], -abs(scale - 1))), False
+        return max(agreement, key=lambda arm: (agreement[arm], -arm[1], -abs(arm[0] - 1))), False
     return nearest_one_within_standard_error(eligible), True
 
 
 def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0),
                       per_class: int = 1000, seeds: tuple[int, ...] = (0, 1), sample_seed: int = 0,
-                      val_spec: str | None = None, min_label_agreement: float = 0.95) -> dict[str, Any]:
-    """Choose the model's `latent_scale` on its validation split (split as in training; no test data): the protocol
-    CNN trained on `per_class` samples of every class at each scale, mean accuracy over `seeds`; the evaluator (as
-    `synthgen evaluate` trains it on the real training split) checks each scale's labels. Among the scales whose
-    label agreement is at least `min_label_agreement` times the evaluator's accuracy on the real validation images,
-    the scale nearest 1 within one standard error of the best (a wider draw than needed costs fidelity) is written to
-    config.json, the sweep to the card's `sampling` section. The card's other figures were measured at the old
-    scale: evaluate and run the protocol again."""
+                      val_spec: str | None = None, min_label_agreement: float = 0.95,
+                      min_confidence: float | None = 0.5) -> dict[str, Any]:
+    """Choose the model's `latent_scale`, and whether it samples through its label filter, on its validation split
+    (split as in training; no test data). Each scale is drawn as is and, unless `min_confidence` is None, through
+    a label filter of the evaluator `synthgen evaluate` will ship (trained on the real training split with
+    `sample_seed`, its temperature fitted on the validation split), at that confidence. The protocol CNN trained on
+    `per_class` samples of every class scores each arm, mean accuracy over `seeds`. A second classifier, trained
+    with another seed, checks each arm's labels: the filter's own evaluator would pass what it kept. Among the arms
+    whose label agreement is at least `min_label_agreement` times that classifier's accuracy on the real validation
+    images, `nearest_one_within_standard_error` is written to config.json, the sweep to the card's `sampling`
+    section (and the evaluator beside it, when the filter is chosen and the folder has none yet). The card's other
+    figures were measured before: evaluate and run the protocol again."""
     started = time.perf_counter()
-    model = load_model(folder, "cpu")
+    model = load_model(folder, "cpu", label_filter=False)
     training = model.config["training_data"]
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
     train, val = split_as_trained(data, training, val_spec)
     evaluator = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed)
-    real_accuracy = accuracy(evaluator, val.images, val.labels)
+    temperature = calibrate(evaluator, val, sample_seed)["temperature"]
+    checker = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed + 1)
+    real_accuracy = accuracy(checker, val.images, val.labels)
     labels = per_class_labels(model.num_classes, per_class)
-    figures, agreement = {}, {}
-    for scale in scales:
+    figures: dict[Arm, Figure] = {}
+    agreement: dict[Arm, float] = {}
+    arms = [(scale, False) for scale in scales] + [(scale, True) for scale in scales if min_confidence is not None]
+    for scale, filtered in arms:
         model.net.cfg.latent_scale = scale
+        model.label_filter = LabelFilter(evaluator, min_confidence, temperature) if filtered else None  # type: ignore[arg-type]
         images, drawn = sample(model, sample_seed, labels)
-        figures[scale] = Figure([train_and_score(images, drawn, val.images, val.labels, model.num_classes, seed)
-                                 for seed in seeds])
-        agreement[scale] = float((predict(evaluator, images)[0].argmax(1).numpy() == drawn).mean())
+        figures[scale, filtered] = Figure([train_and_score(images, drawn, val.images, val.labels, model.num_classes,
+                                                           seed) for seed in seeds])
+        agreement[scale, filtered] = float((predict(checker, images)[0].argmax(1).numpy() == drawn).mean())
     floor = min_label_agreement * real_accuracy
-    chosen, floor_met = choose_scale(figures, agreement, floor)
+    (chosen, filtered), floor_met = choose_scale(figures, agreement, floor)
+    label_filter = {"min_confidence": min_confidence} if filtered else None
     config = read_json(folder / "config.json")
     config["hyperparameters"]["latent_scale"] = chosen
+    config.pop("label_filter", None)
+    if label_filter:
+        config["label_filter"] = label_filter
+        if not (folder / Classifier.config_file).is_file():  # the filter samples through it until evaluate runs
+            evaluator.save_pretrained(folder, trained_on=data_spec, temperature=temperature,
+                                      val_accuracy=round(accuracy(evaluator, val.images, val.labels), 4))
     write_json(folder / "config.json", config)
-    sampling = {"latent_scale": chosen, "selected_on": "validation split", "rule": RULE, "n_val": len(val),
-                "per_class": per_class, "sample_seed": sample_seed, "seeds": list(seeds),
+    sampling = {"latent_scale": chosen, "label_filter": label_filter, "selected_on": "validation split", "rule": RULE,
+                "n_val": len(val), "per_class": per_class, "sample_seed": sample_seed, "seeds": list(seeds),
+                "min_confidence": min_confidence, "filter_temperature": temperature,
                 "min_label_agreement": min_label_agreement, "real_val_accuracy": round(real_accuracy, 4),
                 "label_agreement_floor": round(floor, 4), "floor_met": floor_met,
                 "seconds": round(time.perf_counter() - started, 1),
-                "validation_tstr": {str(scale): figure.as_dict() for scale, figure in figures.items()},
-                "label_agreement": {str(scale): round(value, 4) for scale, value in agreement.items()}}
+                "validation_tstr": {arm_name(arm): figure.as_dict() for arm, figure in figures.items()},
+                "label_agreement": {arm_name(arm): round(value, 4) for arm, value in agreement.items()}}
     update_card(folder, sampling=sampling)
     return sampling

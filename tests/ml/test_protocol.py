@@ -37,9 +37,9 @@ def test_tuned_latent_scale_is_the_default_spread(fixture: str, tmp_path: Path, 
     folder = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "model")
     labels = per_class_labels(10, 2)
     before = sample(load_model(folder), 0, labels, truncation=0.5)[0]
-    sampling = tune_latent_scale(folder, "digits", scales=(0.5,), per_class=2, seeds=(0,))
+    sampling = tune_latent_scale(folder, "digits", scales=(0.5,), per_class=2, seeds=(0,), min_confidence=None)
     tuned = load_model(folder)
-    assert sampling["latent_scale"] == 0.5 and tuned.net.cfg.latent_scale == 0.5
+    assert sampling["latent_scale"] == 0.5 and tuned.net.cfg.latent_scale == 0.5 and sampling["label_filter"] is None
     np.testing.assert_array_equal(sample(tuned, 0, labels)[0], before)  # scale 0.5 by default = truncation 0.5 before
     assert json.loads((folder / "card.json").read_text())["sampling"]["validation_tstr"]["0.5"]["scores"]
 
@@ -49,18 +49,24 @@ def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, ca
     assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,0.01", "--per-class", "20",
                  "--seeds", "0", "--min-label-agreement", "0"]) == 0
     card = json.loads((folder / "card.json").read_text())["sampling"]
-    scores = {float(scale): figure["mean"] for scale, figure in card["validation_tstr"].items()}
-    best = max(scores, key=lambda scale: (scores[scale], -abs(scale - 1)))  # one seed: no margin; a tie goes to 1
-    assert card["latent_scale"] == best and card["n_val"] == round(len(load_dataset("digits")) * 0.1)
+    scores = {(float(arm.split()[0]), arm.endswith("filtered")): figure["mean"]
+              for arm, figure in card["validation_tstr"].items()}
+    assert len(scores) == 4  # each scale drawn as is and through the label filter
+    # one seed: no margin; a tie goes to the unfiltered arm, then to the scale nearest 1
+    best = max(scores, key=lambda arm: (scores[arm], -arm[1], -abs(arm[0] - 1)))
+    assert (card["latent_scale"], card["label_filter"] is not None) == best
+    assert card["n_val"] == round(len(load_dataset("digits")) * 0.1)
     assert f"chosen: {card['latent_scale']}" in capsys.readouterr().out
-    assert load_model(folder).net.cfg.latent_scale == card["latent_scale"]
+    tuned = load_model(folder)  # with the filter chosen, tune left the evaluator it filtered with
+    assert tuned.net.cfg.latent_scale == card["latent_scale"]
+    assert (tuned.label_filter is not None) == best[1]
 
 
 def test_tune_falls_back_to_the_best_labelled_scale_when_none_reaches_the_floor(tiny_gan: Path, tmp_path: Path,
                                                                                 capsys) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")  # one epoch: its samples are rarely what their label says
     assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,2,3", "--per-class", "20",
-                 "--seeds", "0"]) == 0
+                 "--seeds", "0", "--min-confidence", "0"]) == 0
     card = json.loads((folder / "card.json").read_text())["sampling"]
     agreement = {float(scale): value for scale, value in card["label_agreement"].items()}
     assert card["real_val_accuracy"] > 0.8
@@ -72,17 +78,24 @@ def test_tune_falls_back_to_the_best_labelled_scale_when_none_reaches_the_floor(
 
 
 def test_scales_that_mislabel_are_not_chosen_however_high_their_tstr() -> None:
-    figures = {1.0: Figure([0.90, 0.90]), 1.5: Figure([0.93, 0.93]), 2.0: Figure([0.96, 0.96])}
-    assert choose_scale(figures, {1.0: 0.99, 1.5: 0.97, 2.0: 0.90}, floor=0.95) == (1.5, True)
-    assert choose_scale(figures, {1.0: 0.99, 1.5: 0.97, 2.0: 0.96}, floor=0.95) == (2.0, True)
-    assert choose_scale(figures, {1.0: 0.99, 1.5: 0.97, 2.0: 0.96}, floor=0) == (2.0, True)
-    assert choose_scale(figures, {1.0: 0.80, 1.5: 0.85, 2.0: 0.70}, floor=0.95) == (1.5, False)
+    a, b, c = (1.0, False), (1.5, False), (2.0, False)
+    figures = {a: Figure([0.90, 0.90]), b: Figure([0.93, 0.93]), c: Figure([0.96, 0.96])}
+    assert choose_scale(figures, {a: 0.99, b: 0.97, c: 0.90}, floor=0.95) == (b, True)
+    assert choose_scale(figures, {a: 0.99, b: 0.97, c: 0.96}, floor=0.95) == (c, True)
+    assert choose_scale(figures, {a: 0.99, b: 0.97, c: 0.96}, floor=0) == (c, True)
+    assert choose_scale(figures, {a: 0.80, b: 0.85, c: 0.70}, floor=0.95) == (b, False)
+    # the filtered draw at 2.0 keeps its labels: it wins when it scores best, and an unfiltered tie wins over it
+    figures[2.0, True] = Figure([0.97, 0.97])
+    assert choose_scale(figures, {a: 0.99, b: 0.97, c: 0.90, (2.0, True): 0.99}, floor=0.95) == ((2.0, True), True)
+    figures[2.0, True] = Figure([0.93, 0.93])
+    assert choose_scale(figures, {a: 0.99, b: 0.97, c: 0.90, (2.0, True): 0.99}, floor=0.95) == (b, True)
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--scales", "0,1"], "every scale must be in (0, 4]"),
                                              (["--scales", "1,x"], "comma-separated"),
                                              (["--per-class", "0"], "--per-class must be at least 1"),
-                                             (["--min-label-agreement", "1.5"], "--min-label-agreement must be in")])
+                                             (["--min-label-agreement", "1.5"], "--min-label-agreement must be in"),
+                                             (["--min-confidence", "-1"], "--min-confidence must be in")])
 def test_tune_refuses_bad_arguments(tiny_gan: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")
     assert main(["tune", "--model", str(folder), "--data", "digits", *args]) == 2
@@ -91,11 +104,13 @@ def test_tune_refuses_bad_arguments(tiny_gan: Path, tmp_path: Path, capsys, args
 
 
 def test_the_chosen_scale_is_the_one_nearest_1_within_a_standard_error_of_the_best() -> None:
-    figures = {1.0: Figure([0.90, 0.90]), 1.5: Figure([0.93, 0.91]), 2.5: Figure([0.95, 0.91]), 3.0: Figure([0.9, 0.9])}
-    assert nearest_one_within_standard_error(figures) == 1.5  # best 0.93, one standard error 0.02: 0.92 is within
-    figures[2.5] = Figure([0.95, 0.95])
-    assert nearest_one_within_standard_error(figures) == 2.5  # no spread, no margin
-    assert nearest_one_within_standard_error({0.8: Figure([0.9]), 1.2: Figure([0.9])}) == 0.8  # a tie in distance
+    figures = {(1.0, False): Figure([0.90, 0.90]), (1.5, False): Figure([0.93, 0.91]),
+               (2.5, False): Figure([0.95, 0.91]), (3.0, False): Figure([0.9, 0.9])}
+    assert nearest_one_within_standard_error(figures) == (1.5, False)  # best 0.93, one standard error 0.02
+    figures[2.5, False] = Figure([0.95, 0.95])
+    assert nearest_one_within_standard_error(figures) == (2.5, False)  # no spread, no margin
+    tie = {(0.8, False): Figure([0.9]), (1.2, False): Figure([0.9])}
+    assert nearest_one_within_standard_error(tie) == (0.8, False)  # a tie in distance
 
 
 @pytest.mark.parametrize(("args", "message"), [
