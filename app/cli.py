@@ -362,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--min-label-agreement", type=float, default=0.95,
                       help="only scales whose samples the evaluator classifies as their label at least this share as "
                            "often as real validation images (0 turns the check off)")
-    tune.add_argument("--min-confidence", type=float, default=0.5,
+    tune.add_argument("--min-confidence", type=float, default=0,
                       help="also try each scale through the model's label filter: a sample is drawn again until the "
-                           "evaluator gives its label at least this probability (0: never filter)")
+                           "evaluator gives its label at least this probability, e.g. 0.5 (default 0: no filter)")
     _process_options(tune)
     tune.set_defaults(run=_tune)
 

@@ -44,6 +44,9 @@ def test_default_model_card(name: str) -> None:
     assert card["protocol"]["protocol"].get("latent_scale", 1.0) == scale
     assert card["evaluation"].get("latent_scale", 1.0) == scale
     assert card.get("sampling", {"latent_scale": 1.0})["latent_scale"] == scale
+    label_filter = json.loads((folder / "config.json").read_text()).get("label_filter")  # and through its filter
+    assert card["protocol"]["protocol"].get("label_filter") == label_filter
+    assert card["evaluation"].get("label_filter") == label_filter
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "training_state" not in f.name)
     assert size <= 20 * 1024 * 1024
 

@@ -44,12 +44,16 @@ def _per_class(per_class: dict[str, dict[str, Any]]) -> str:
 
 
 def _sampling(sampling: dict[str, Any]) -> str:
-    """The latent-scale sweep: validation TSTR and label agreement per scale, and the choice."""
+    """The latent-scale sweep: validation TSTR and label agreement per scale (as drawn, and filtered), and the
+    choice."""
     agreement = sampling.get("label_agreement", {})
     rows = "".join(f"<tr><td>{html.escape(str(scale))}</td><td>{_cell(figure)}</td>"
                    f"<td>{_cell(agreement.get(scale, '–'))}</td></tr>"
                    for scale, figure in sampling.get("validation_tstr", {}).items())
     note = f"chosen: {_cell(sampling.get('latent_scale'))}"
+    if isinstance(spec := sampling.get("label_filter"), dict):
+        note += (f", through the label filter (a sample is drawn again until the evaluator gives its label at least "
+                 f"{_cell(spec.get('min_confidence'))})")
     if "label_agreement_floor" in sampling:
         note += (f"; a scale whose label agreement is under {_cell(sampling['label_agreement_floor'])} "
                  f"({_cell(sampling.get('min_label_agreement'))} × the real validation images' "

@@ -168,10 +168,10 @@ def run_protocol(folder: Path, data_spec: str, test_spec: str, per_class: int = 
     return report
 
 
-RULE = ("each scale drawn as is and through the label filter; among the arms whose samples a second classifier (not "
-        "the filter's evaluator) labels as asked at least min_label_agreement times as often as the real validation "
-        "images, the arm within one standard error of the best mean validation TSTR that is unfiltered if one is, "
-        "with the scale nearest 1")
+RULE = ("each scale drawn as is (and through the label filter, when min_confidence is set); among the arms whose "
+        "samples the evaluator (with the filter, a second one of another seed) labels as asked at least "
+        "min_label_agreement times as often as the real validation images, the arm within one standard error of the "
+        "best mean validation TSTR that is unfiltered if one is, with the scale nearest 1")
 
 Arm = tuple[float, bool]  # (latent scale, through the label filter)
 
@@ -203,25 +203,27 @@ def choose_scale(figures: dict[Arm, Figure], agreement: dict[Arm, float], floor:
 def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0),
                       per_class: int = 1000, seeds: tuple[int, ...] = (0, 1), sample_seed: int = 0,
                       val_spec: str | None = None, min_label_agreement: float = 0.95,
-                      min_confidence: float | None = 0.5) -> dict[str, Any]:
+                      min_confidence: float | None = None) -> dict[str, Any]:
     """Choose the model's `latent_scale`, and whether it samples through its label filter, on its validation split
-    (split as in training; no test data). Each scale is drawn as is and, unless `min_confidence` is None, through
-    a label filter of the evaluator `synthgen evaluate` will ship (trained on the real training split with
-    `sample_seed`, its temperature fitted on the validation split), at that confidence. The protocol CNN trained on
-    `per_class` samples of every class scores each arm, mean accuracy over `seeds`. A second classifier, trained
-    with another seed, checks each arm's labels: the filter's own evaluator would pass what it kept. Among the arms
-    whose label agreement is at least `min_label_agreement` times that classifier's accuracy on the real validation
-    images, `nearest_one_within_standard_error` is written to config.json, the sweep to the card's `sampling`
-    section (and the evaluator beside it, when the filter is chosen and the folder has none yet). The card's other
-    figures were measured before: evaluate and run the protocol again."""
+    (split as in training; no test data). The protocol CNN trained on `per_class` samples of every class at each
+    scale scores it, mean accuracy over `seeds`; the evaluator (as `synthgen evaluate` trains it on the real training
+    split) checks each scale's labels. With `min_confidence`, each scale is also drawn through a label filter of that
+    evaluator (its temperature fitted on the validation split) at that confidence, and a second classifier, trained
+    with another seed, checks the labels instead: the filter's own evaluator would pass what it kept. Among the arms
+    whose label agreement is at least `min_label_agreement` times the checking classifier's accuracy on the real
+    validation images, `nearest_one_within_standard_error` is written to config.json, the sweep to the card's
+    `sampling` section (and the evaluator beside it, when the filter is chosen and the folder has none yet). The
+    card's other figures were measured before: evaluate and run the protocol again."""
     started = time.perf_counter()
     model = load_model(folder, "cpu", label_filter=False)
     training = model.config["training_data"]
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
     train, val = split_as_trained(data, training, val_spec)
-    evaluator = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed)
-    temperature = calibrate(evaluator, val, sample_seed)["temperature"]
-    checker = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed + 1)
+    checker = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed)
+    evaluator, temperature = checker, None
+    if min_confidence is not None:  # the filter's evaluator would pass what it kept: another seed checks the labels
+        temperature = calibrate(evaluator, val, sample_seed)["temperature"]
+        checker = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed + 1)
     real_accuracy = accuracy(checker, val.images, val.labels)
     labels = per_class_labels(model.num_classes, per_class)
     figures: dict[Arm, Figure] = {}

@@ -125,6 +125,29 @@ def test_evaluate_writes_card_and_evaluator(tiny_vae: Path, tmp_path: Path) -> N
     assert evaluator(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_a_model_with_a_label_filter_is_evaluated_through_the_evaluator_it_ships(tiny_gan: Path,
+                                                                                 tmp_path: Path) -> None:
+    import shutil
+
+    from app.core.checkpoint import read_json, write_json
+    from app.core.model import load_model
+    from app.core.sampling import per_class_labels, sample
+
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    write_json(folder / "config.json", {**read_json(folder / "config.json"), "label_filter": {"min_confidence": 0.5}})
+    card = evaluate(folder, "digits", per_class=20, device="cpu", progress=False, classifier_epochs=1)
+    assert card["evaluation"]["label_filter"] == {"min_confidence": 0.5}
+    model = load_model(folder)  # the filter now has its evaluator: the one the card was measured through
+    unfiltered = load_model(folder, label_filter=False)
+    labels = per_class_labels(10, 20)
+    filtered_agreement = (predict(model.label_filter.evaluator, sample(model, 0, labels)[0])[0].argmax(1).numpy()
+                          == np.array(labels)).mean()
+    plain_agreement = (predict(model.label_filter.evaluator, sample(unfiltered, 0, labels)[0])[0].argmax(1).numpy()
+                       == np.array(labels)).mean()
+    assert card["metrics"]["label_agreement"] == pytest.approx(filtered_agreement, abs=1e-6)
+    assert filtered_agreement > plain_agreement
+
+
 def test_manifold_metrics_see_every_class_of_class_ordered_samples() -> None:
     # 10 classes of 1,000 rows each: samples in class order (as they are drawn), the real rows shuffled (as a random
     # split leaves them); a prefix of 5,000 samples holds classes 0-4 only and halves a perfect generator's recall

@@ -37,7 +37,7 @@ def test_tuned_latent_scale_is_the_default_spread(fixture: str, tmp_path: Path, 
     folder = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "model")
     labels = per_class_labels(10, 2)
     before = sample(load_model(folder), 0, labels, truncation=0.5)[0]
-    sampling = tune_latent_scale(folder, "digits", scales=(0.5,), per_class=2, seeds=(0,), min_confidence=None)
+    sampling = tune_latent_scale(folder, "digits", scales=(0.5,), per_class=2, seeds=(0,))
     tuned = load_model(folder)
     assert sampling["latent_scale"] == 0.5 and tuned.net.cfg.latent_scale == 0.5 and sampling["label_filter"] is None
     np.testing.assert_array_equal(sample(tuned, 0, labels)[0], before)  # scale 0.5 by default = truncation 0.5 before
@@ -47,7 +47,7 @@ def test_tuned_latent_scale_is_the_default_spread(fixture: str, tmp_path: Path, 
 def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, capsys) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")
     assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,0.01", "--per-class", "20",
-                 "--seeds", "0", "--min-label-agreement", "0"]) == 0
+                 "--seeds", "0", "--min-label-agreement", "0", "--min-confidence", "0.5"]) == 0
     card = json.loads((folder / "card.json").read_text())["sampling"]
     scores = {(float(arm.split()[0]), arm.endswith("filtered")): figure["mean"]
               for arm, figure in card["validation_tstr"].items()}
@@ -66,7 +66,7 @@ def test_tune_falls_back_to_the_best_labelled_scale_when_none_reaches_the_floor(
                                                                                 capsys) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")  # one epoch: its samples are rarely what their label says
     assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1,2,3", "--per-class", "20",
-                 "--seeds", "0", "--min-confidence", "0"]) == 0
+                 "--seeds", "0"]) == 0
     card = json.loads((folder / "card.json").read_text())["sampling"]
     agreement = {float(scale): value for scale, value in card["label_agreement"].items()}
     assert card["real_val_accuracy"] > 0.8

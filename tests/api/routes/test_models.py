@@ -98,9 +98,11 @@ async def test_card_as_json_and_as_a_self_contained_html_report(tmp_path) -> Non
     card = json.loads(card_path.read_text())
     card["training"]["note"] = "<script>alert(1)</script>"  # anything in a card is shown as text
     card["per_class"] = {"7": {"tstr_recall": 0.9, "label_agreement": 0.95, "frechet_distance": 3.2}}
-    card["sampling"] = {"latent_scale": 1.75, "validation_tstr": {"1.75": {"mean": 0.9731}, "2.5": {"mean": 0.9802}},
-                        "label_agreement": {"1.75": 0.9612, "2.5": 0.9013}, "label_agreement_floor": 0.9311,
-                        "min_label_agreement": 0.95, "real_val_accuracy": 0.98}
+    card["sampling"] = {"latent_scale": 1.75, "validation_tstr": {"1.75": {"mean": 0.9731}, "2.5": {"mean": 0.9802},
+                                                                  "2.5 filtered": {"mean": 0.9811}},
+                        "label_agreement": {"1.75": 0.9612, "2.5": 0.9013, "2.5 filtered": 0.9702},
+                        "label_agreement_floor": 0.9311, "min_label_agreement": 0.95, "real_val_accuracy": 0.98,
+                        "label_filter": {"min_confidence": 0.5}}
     card_path.write_text(json.dumps(card))
     async with serve(models) as client:
         as_json = await client.get("/v1/models/mnist-cvae/card")
@@ -113,6 +115,7 @@ async def test_card_as_json_and_as_a_self_contained_html_report(tmp_path) -> Non
     assert text.count('src="data:image/png;base64,') >= 1 and "Per class" in text and "src=\"http" not in text
     assert "latent scale chosen on the validation split" in text and "0.9731" in text
     assert "<td>0.9802</td><td>0.9013</td>" in text and "label agreement is under 0.9311" in text
+    assert "<td>2.5 filtered</td><td>0.9811</td>" in text and "label at least 0.5" in text
     assert missing.status_code == 404
 
 
