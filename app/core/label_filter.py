@@ -2,9 +2,9 @@
 `min_confidence` is drawn again, from a latent derived from the rejected one. A sample thus stays a pure function
 of (model, seed, index), however requests are split and batched.
 
-`synthgen tune` turns the filter on when it lets a wider latent draw (more variety) keep its labels, on the
-validation split; config.json then holds `"label_filter": {"min_confidence": …}`, and the evaluator that
-`synthgen evaluate` wrote decides.
+`synthgen tune --min-confidence P` turns the filter on when it lets a wider latent draw (more variety) keep its
+labels and score better on the validation split; config.json then holds `"label_filter": {"min_confidence": P}`, and
+the evaluator that `synthgen evaluate` wrote decides.
 """
 
 from __future__ import annotations
