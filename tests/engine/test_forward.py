@@ -21,6 +21,7 @@ def test_batches_are_padded_to_a_few_shapes_and_trimmed() -> None:
         device = torch.device("cpu")
         num_classes = 10
         image_shape = (1, 1, 1)
+        label_filter = None
         net = Net()
 
     run = forward_pass(Model(), torch.float32)
