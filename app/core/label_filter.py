@@ -34,10 +34,13 @@ class LabelFilter:
 
     @torch.inference_mode()
     def confidence(self, images: np.ndarray, labels: torch.Tensor) -> np.ndarray:
-        """The probability the evaluator gives each uint8 image's label."""
+        """The probability the evaluator gives each uint8 image's label, in float32 whatever autocast the caller
+        runs under (half precision would move verdicts near the threshold); NaN reads as 0, a failed try."""
         device = next(self.evaluator.parameters()).device
-        logits = self.evaluator(to_model_range(images).to(device)).float() / self.temperature
-        return logits.softmax(dim=1)[torch.arange(len(images)), labels.to(device)].cpu().numpy()
+        with torch.autocast(device.type, enabled=False):
+            logits = self.evaluator(to_model_range(images).to(device).float()) / self.temperature
+        probs = logits.softmax(dim=1)[torch.arange(len(images)), labels.to(device)].cpu().numpy()
+        return np.nan_to_num(probs, nan=0.0)
 
 
 def redraw(z: torch.Tensor, attempt: int) -> torch.Tensor:

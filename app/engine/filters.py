@@ -78,6 +78,8 @@ def load_judge(folder: Path, device: torch.device) -> Judge | None:
     if not (folder / "evaluator.safetensors").is_file() or not (folder / "train_features.safetensors").is_file():
         return None
     evaluator, meta = Classifier.from_pretrained(folder)
+    if "memorisation_threshold" not in meta:  # written by tune for a label filter, before evaluate ran
+        return None
     return Judge(evaluator.to(device), load_features(folder, device), float(meta["memorisation_threshold"]),
                  float(meta.get("temperature", 1.0)))
 

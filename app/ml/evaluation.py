@@ -233,6 +233,10 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
     synthetic = ImageDataset(*sample(model, seed, per_class_labels(k, per_class)), model.class_names)
     _, val_feats = predict(evaluator, val_set.images)
     synth_probs, synth_feats = predict(evaluator, synthetic.images)
+    # the filter's evaluator would read every kept sample as its label: another seed's classifier reads them instead
+    reader = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed + 1, dev,
+                              progress=progress) if model.label_filter else evaluator
+    read_probs = predict(reader, synthetic.images)[0] if model.label_filter else synth_probs
     manifold = manifold_metrics(real_feats, synth_feats, seed)
     # TSTR at the real arm's steps, and the augmentation gain against real data at the augmented arm's steps: a
     # classifier that merely trained longer does not count as a gain
@@ -255,7 +259,7 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
         "frechet_distance_real_val": frechet_distance(real_feats, val_feats),
         "precision": manifold["precision"],
         "recall": manifold["recall"],
-        "label_agreement": float((synth_probs.argmax(1).numpy() == synthetic.labels).mean()),
+        "label_agreement": float((read_probs.argmax(1).numpy() == synthetic.labels).mean()),
         "memorisation_rate": memorisation_rate(shipped, synth_feats, threshold),
         "memorisation_rate_real_val": memorisation_rate(shipped, val_feats, threshold),
         "memorisation_threshold": threshold,
@@ -283,7 +287,7 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
             "real_matched_accuracy": round(accuracy(real_matched, test.images, test.labels), 6),
         }
     sections["per_class"] = _per_class(model.class_names, tstr, val_set, real_feats, train_set.labels, synthetic,
-                                       synth_feats, synth_probs)
+                                       synth_feats, read_probs)
     sections["privacy"] = _privacy(train_set, real_feats, val_feats, synthetic, synth_feats, seed)
     _write_neighbours(folder / NEIGHBOURS_FILE, train_set, real_feats, synthetic, synth_feats)
     sections["calibration"] = calibration
@@ -298,6 +302,8 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                                                 "real_matched": mixed_steps},
                            "seed": seed, "latent_scale": model.net.cfg.latent_scale,
                            "label_filter": model.config.get("label_filter"),
+                           "label_agreement_by": f"a classifier of seed {seed + 1} (not the filter's evaluator)"
+                                                 if model.label_filter else "the evaluator",
                            "feature_space": "evaluator penultimate layer",
                            "classifier_epochs": classifier_epochs, "evaluated_at": utc_now(), "device": str(dev),
                            "seconds": round(time.perf_counter() - started, 1)})

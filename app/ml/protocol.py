@@ -207,22 +207,27 @@ def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = 
     """Choose the model's `latent_scale`, and whether it samples through its label filter, on its validation split
     (split as in training; no test data). The protocol CNN trained on `per_class` samples of every class at each
     scale scores it, mean accuracy over `seeds`; the evaluator (as `synthgen evaluate` trains it on the real training
-    split) checks each scale's labels. With `min_confidence`, each scale is also drawn through a label filter of that
-    evaluator (its temperature fitted on the validation split) at that confidence, and a second classifier, trained
+    split) checks each scale's labels. With `min_confidence`, each scale is also drawn through a label filter at that
+    confidence (the folder's evaluator, or where it has none that one, its temperature fitted on the validation
+    split), and a second classifier, trained
     with another seed, checks the labels instead: the filter's own evaluator would pass what it kept. Among the arms
     whose label agreement is at least `min_label_agreement` times the checking classifier's accuracy on the real
     validation images, `nearest_one_within_standard_error` is written to config.json, the sweep to the card's
-    `sampling` section (and the evaluator beside it, when the filter is chosen and the folder has none yet). The
-    card's other figures were measured before: evaluate and run the protocol again."""
+    `sampling` section. The filter samples through the folder's evaluator where it has one (and tune leaves its own
+    there otherwise). The card's other figures were measured before: evaluate and run the protocol again."""
     started = time.perf_counter()
     model = load_model(folder, "cpu", label_filter=False)
     training = model.config["training_data"]
     data = load_training_data(data_spec, model.class_names, training.get("fingerprint"))
     train, val = split_as_trained(data, training, val_spec)
     checker = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed)
-    evaluator, temperature = checker, None
+    evaluator, temperature, shipped = checker, None, (folder / Classifier.config_file).is_file()
     if min_confidence is not None:  # the filter's evaluator would pass what it kept: another seed checks the labels
-        temperature = calibrate(evaluator, val, sample_seed)["temperature"]
+        if shipped:  # the evaluator the filter will sample through, as evaluate wrote it
+            evaluator, meta = Classifier.from_pretrained(folder)
+            temperature = float(meta.get("temperature", 1.0))
+        else:
+            temperature = calibrate(evaluator, val, sample_seed)["temperature"]
         checker = train_classifier(train.images, train.labels, model.num_classes, seed=sample_seed + 1)
     real_accuracy = accuracy(checker, val.images, val.labels)
     labels = per_class_labels(model.num_classes, per_class)
@@ -244,7 +249,7 @@ def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = 
     config.pop("label_filter", None)
     if label_filter:
         config["label_filter"] = label_filter
-        if not (folder / Classifier.config_file).is_file():  # the filter samples through it until evaluate runs
+        if not shipped:  # the filter samples through it until evaluate runs
             evaluator.save_pretrained(folder, trained_on=data_spec, temperature=temperature,
                                       val_accuracy=round(accuracy(evaluator, val.images, val.labels), 4))
     write_json(folder / "config.json", config)

@@ -86,6 +86,26 @@ async def test_model_without_evaluator_refuses_filters(models_dir: Path) -> None
     assert response.status_code == 422 and "synthgen evaluate" in response.json()["detail"]
 
 
+async def test_a_label_filter_evaluator_before_evaluate_is_no_judge_yet(models_dir: Path) -> None:
+    # tune leaves the evaluator of a chosen label filter, without the memorisation threshold evaluate adds: the
+    # model serves (through its filter), and request filters still say to evaluate it
+    import torch
+
+    from app.core.checkpoint import read_json, save_features, write_json
+    from app.core.nets import ClassifierConfig
+
+    folder = models_dir / "digits-gan"
+    torch.manual_seed(0)
+    Classifier(ClassifierConfig(8, 8, 1, 10)).eval().save_pretrained(folder, temperature=1.0)
+    save_features(folder, torch.zeros(4, 128))  # a stale reference from an earlier evaluation
+    write_json(folder / "config.json", {**read_json(folder / "config.json"), "label_filter": {"min_confidence": 0.05}})
+    async with serve(models_dir) as client:
+        plain = await client.post("/v1/models/digits-gan/generate", json={"n": 2})
+        filtered = await client.post("/v1/models/digits-gan/generate", json={"n": 2, "min_confidence": 0.5})
+    assert plain.status_code == 200
+    assert filtered.status_code == 422 and "synthgen evaluate" in filtered.json()["detail"]
+
+
 class _OddAfterTwo:
     """A stand-in judge: candidates 0..2 (a whole first round of 3) are rejected, then every odd index passes."""
 

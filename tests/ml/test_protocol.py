@@ -62,6 +62,20 @@ def test_tune_picks_the_best_validation_score(tiny_gan: Path, tmp_path: Path, ca
     assert (tuned.label_filter is not None) == best[1]
 
 
+def test_tune_filters_through_the_evaluator_the_folder_ships(tiny_gan: Path, tmp_path: Path) -> None:
+    import torch
+
+    from app.core.nets import Classifier, ClassifierConfig
+
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    torch.manual_seed(0)
+    Classifier(ClassifierConfig(8, 8, 1, 10)).eval().save_pretrained(folder, temperature=0.25)
+    before = (folder / "evaluator.safetensors").read_bytes()
+    sampling = tune_latent_scale(folder, "digits", scales=(1.0,), per_class=2, seeds=(0,), min_confidence=0.5)
+    assert sampling["filter_temperature"] == 0.25 and set(sampling["validation_tstr"]) == {"1.0", "1.0 filtered"}
+    assert (folder / "evaluator.safetensors").read_bytes() == before  # the filter that ships is the one tuned
+
+
 def test_tune_falls_back_to_the_best_labelled_scale_when_none_reaches_the_floor(tiny_gan: Path, tmp_path: Path,
                                                                                 capsys) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")  # one epoch: its samples are rarely what their label says
