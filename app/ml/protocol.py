@@ -177,7 +177,7 @@ Arm = tuple[float, bool]  # (latent scale, through the label filter)
 
 
 def arm_name(arm: Arm) -> str:
-    """"1.5", or "1.5 filtered": the card's key of an arm."""
+    """The card's key of an arm: "1.5", or "1.5 filtered"."""
     return f"{arm[0]}{' filtered' if arm[1] else ''}"
 
 
