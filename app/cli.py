@@ -185,6 +185,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
+    from app.core.checkpoint import read_json
     from app.ml.protocol import tune_latent_scale
 
     scales, seeds = _numbers("--scales", args.scales, float), _numbers("--seeds", args.seeds, int)
@@ -196,6 +197,7 @@ def _tune(args: argparse.Namespace) -> None:
     if not 0 <= args.min_confidence <= 1:
         raise InvalidInputError(f"--min-confidence must be in [0, 1], not {args.min_confidence}")
     _apply_process_options(args)
+    before = read_json(Path(args.model) / "config.json").get("label_filter") if Path(args.model).is_dir() else None
     sampling = tune_latent_scale(Path(args.model), args.data, scales, args.per_class, seeds, val_spec=args.val_data,
                                  min_label_agreement=args.min_label_agreement,
                                  min_confidence=args.min_confidence or None)
@@ -206,6 +208,9 @@ def _tune(args: argparse.Namespace) -> None:
         print(f"no scale reached label agreement {sampling['label_agreement_floor']:.4f} "
               f"({args.min_label_agreement} × the real validation images' {sampling['real_val_accuracy']:.4f}): "
               "took the scale with the highest; the samples are often not what their label says", file=sys.stderr)
+    if before and not sampling["label_filter"]:
+        print(f"the label filter this model had ({before}) is off now: it was not among the arms tried "
+              "(--min-confidence) or did not win", file=sys.stderr)
     filtered = f", through the label filter at {args.min_confidence}" if sampling["label_filter"] else ""
     print(f"chosen: {sampling['latent_scale']}{filtered} (written to config.json); run synthgen evaluate and "
           "protocol again")

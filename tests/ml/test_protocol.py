@@ -76,6 +76,23 @@ def test_tune_filters_through_the_evaluator_the_folder_ships(tiny_gan: Path, tmp
     assert (folder / "evaluator.safetensors").read_bytes() == before  # the filter that ships is the one tuned
 
 
+def test_tune_without_the_filter_says_it_turned_the_models_filter_off(tiny_gan: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    import torch
+
+    from app.core.checkpoint import read_json, write_json
+    from app.core.nets import Classifier, ClassifierConfig
+
+    folder = shutil.copytree(tiny_gan, tmp_path / "model")
+    torch.manual_seed(0)
+    Classifier(ClassifierConfig(8, 8, 1, 10)).eval().save_pretrained(folder, temperature=1.0)
+    write_json(folder / "config.json", {**read_json(folder / "config.json"), "label_filter": {"min_confidence": 0.5}})
+    assert main(["tune", "--model", str(folder), "--data", "digits", "--scales", "1", "--per-class", "2",
+                 "--seeds", "0"]) == 0
+    assert "label_filter" not in read_json(folder / "config.json")
+    assert "the label filter this model had ({'min_confidence': 0.5}) is off now" in capsys.readouterr().err
+
+
 def test_tune_falls_back_to_the_best_labelled_scale_when_none_reaches_the_floor(tiny_gan: Path, tmp_path: Path,
                                                                                 capsys) -> None:
     folder = shutil.copytree(tiny_gan, tmp_path / "model")  # one epoch: its samples are rarely what their label says
