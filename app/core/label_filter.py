@@ -55,9 +55,9 @@ def redraw(z: torch.Tensor, attempt: int) -> torch.Tensor:
     return out.to(z.device)
 
 
-def load_label_filter(folder: Path, config: dict[str, Any], num_classes: int,
-                      image_shape: tuple[int, int, int]) -> LabelFilter | None:
-    """The filter config.json asks for, with the folder's evaluator; None when it asks for none."""
+def load_label_filter(folder: Path, config: dict[str, Any], num_classes: int, image_shape: tuple[int, int, int],
+                      device: str | torch.device = "cpu") -> LabelFilter | None:
+    """The filter config.json asks for, with the folder's evaluator on `device`; None when it asks for none."""
     spec = config.get("label_filter")
     if spec is None:
         return None
@@ -76,4 +76,4 @@ def load_label_filter(folder: Path, config: dict[str, Any], num_classes: int,
         raise CheckpointError(f"{folder / Classifier.config_file}: the evaluator reads {cfg.num_classes} classes of "
                               f"{cfg.height}×{cfg.width}×{cfg.channels} images, the model makes {num_classes} of "
                               f"{'×'.join(map(str, image_shape))}; run synthgen evaluate again")
-    return LabelFilter(evaluator, float(confidence), float(meta.get("temperature", 1.0)))
+    return LabelFilter(evaluator.to(device), float(confidence), float(meta.get("temperature", 1.0)))

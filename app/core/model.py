@@ -89,7 +89,5 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", name: str
     net = net.to(device=device, memory_format=torch.channels_last)
     model = SyntheticModel(name or folder.name, folder, config, net, card, config_hash(folder))
     if label_filter:
-        model.label_filter = load_label_filter(folder, config, model.num_classes, model.image_shape)
-        if model.label_filter:
-            model.label_filter.evaluator.to(device)
+        model.label_filter = load_label_filter(folder, config, model.num_classes, model.image_shape, device)
     return model

@@ -226,17 +226,16 @@ def evaluate(folder: Path, data_spec: str, test_spec: str | None = None, per_cla
                               memorisation_threshold=threshold, reference_rows=len(shipped),
                               temperature=calibration["temperature"])
     save_features(folder, shipped)
-    model.label_filter = load_label_filter(folder, model.config, k, model.image_shape)
-    if model.label_filter:
-        model.label_filter.evaluator.to(dev)
+    model.label_filter = load_label_filter(folder, model.config, k, model.image_shape, dev)
 
     synthetic = ImageDataset(*sample(model, seed, per_class_labels(k, per_class)), model.class_names)
     _, val_feats = predict(evaluator, val_set.images)
     synth_probs, synth_feats = predict(evaluator, synthetic.images)
-    # the filter's evaluator would read every kept sample as its label: another seed's classifier reads them instead
-    reader = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed + 1, dev,
-                              progress=progress) if model.label_filter else evaluator
-    read_probs = predict(reader, synthetic.images)[0] if model.label_filter else synth_probs
+    read_probs = synth_probs
+    if model.label_filter:  # the filter's evaluator would read every kept sample as its label: another seed reads them
+        reader = train_classifier(train_set.images, train_set.labels, k, classifier_epochs, seed + 1, dev,
+                                  progress=progress)
+        read_probs = predict(reader, synthetic.images)[0]
     manifold = manifold_metrics(real_feats, synth_feats, seed)
     # TSTR at the real arm's steps, and the augmentation gain against real data at the augmented arm's steps: a
     # classifier that merely trained longer does not count as a gain
