@@ -39,6 +39,7 @@ from app.ml.plots import labelled_grid, loss_plot
 STATE_FILE = "training_state.safetensors"  # everything --resume needs, in one file replaced atomically
 PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 1.0
+R1_INTERVAL = 16  # GAN steps between R1 penalties
 NETS = {"gan": ConditionalGAN, "vae": ConditionalVAE}
 
 
@@ -144,6 +145,11 @@ class GanTrainer:
             self.encoder = Encoder(encoder_config).to(device)
             self.optimizers["opt_e"] = torch.optim.Adam(self.encoder.parameters(), lr=lr, betas=betas)
 
+    def _steps_done(self) -> int:
+        """Generator updates so far (kept in the optimizer's state, so a resumed run counts on)."""
+        state = self.optimizers["opt_g"].state
+        return int(next(iter(state.values()))["step"]) if state else 0
+
     def _labels(self, n: int) -> torch.Tensor | None:
         return torch.randint(self.hparams.num_classes, (n,), device=self.device) if self.hparams.num_classes else None
 
@@ -163,13 +169,21 @@ class GanTrainer:
         fake_y = None if half is None else torch.cat([half, half, half[: n % 2]])  # pairs share a label
         z = torch.randn(n, self.hparams.latent_dim, device=self.device)
         fake = self.generator(z, fake_y)
-        d_real, class_real = self.discriminator.score_and_logits(self._augment(x), y)
+        real_in = self._augment(x)
+        penalise = self.hparams.r1_gamma > 0 and self._steps_done() % R1_INTERVAL == 0
+        if penalise:
+            real_in = real_in.detach().requires_grad_(True)
+        d_real, class_real = self.discriminator.score_and_logits(real_in, y)
         d_fake = self.discriminator(self._augment(fake.detach()), fake_y)
         d_loss = self._d_loss(d_real, d_fake)
         # The class head learns from real images only, then teaches the generator.
         d_class = F.cross_entropy(class_real, y) if class_real is not None else torch.zeros((), device=self.device)
+        d_total = d_loss + d_class
+        if penalise:  # lazy regularisation (StyleGAN2): every R1_INTERVAL steps, weighted by the interval
+            (grad,) = torch.autograd.grad(d_real.sum(), real_in, create_graph=True)
+            d_total = d_total + self.hparams.r1_gamma / 2 * grad.pow(2).flatten(1).sum(1).mean() * R1_INTERVAL
         self.optimizers["opt_d"].zero_grad(set_to_none=True)
-        (d_loss + d_class).backward()
+        d_total.backward()
         self.optimizers["opt_d"].step()
         d_gen, class_gen = self.discriminator.score_and_logits(self._augment(fake), fake_y)
         g_loss = -d_gen.mean() if self.hparams.loss == "hinge" else F.softplus(-d_gen).mean()
@@ -196,7 +210,7 @@ class GanTrainer:
         self.optimizers["opt_g"].step()
         if self.encoder is not None:
             self.optimizers["opt_e"].step()
-        steps = float(next(iter(self.optimizers["opt_g"].state.values()))["step"])
+        steps = float(self._steps_done())
         decay = min(self.ema_decay, (1 + steps) / (10 + steps))  # warm-up: early weights are not averaged in
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.core.nets import ConditionalVAE, VaeConfig
+from app.core.nets import ConditionalVAE, GanConfig, VaeConfig
 from app.errors import DataError, InvalidInputError
-from app.ml.training import TrainOptions, diff_augment, fit_prior, random_affine, train
+from app.ml.training import R1_INTERVAL, GanTrainer, TrainOptions, diff_augment, fit_prior, random_affine, train
 from tests.conftest import TINY_GAN, TINY_VAE, train_tiny
 
 
@@ -62,6 +62,7 @@ def test_real_augment_moves_digits_and_keeps_the_background() -> None:
                                                    ({"diff_augment": "color"}, "diff_augment"),
                                                    ({"real_augment": 1.5}, "real_augment"),
                                                    ({"reconstruction": -1}, "reconstruction"),
+                                                   ({"r1_gamma": -0.1}, "r1_gamma"),
                                                    ({"latent_scale": 1.5}, "synthgen tune")])
 def test_bad_gan_training_options_are_refused_up_front(tmp_path: Path, hparams: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
@@ -104,6 +105,21 @@ def test_a_resumed_run_validates_as_it_started(tmp_path: Path) -> None:
         run(resumed, 3, resume=True, val_data="digits#1500:1797")
     with pytest.raises(DataError, match="leave --val-data out"):
         run(run(tmp_path / "random", 1), 2, resume=True, val_data="digits#1400:1797")
+
+
+def test_r1_penalty_smooths_the_discriminator_on_real_images() -> None:
+    def real_gradient(r1_gamma: float) -> float:
+        torch.manual_seed(0)
+        trainer = GanTrainer(GanConfig(8, 8, 1, num_classes=2, g_channels=8, d_channels=8, n_up=1,
+                                       r1_gamma=r1_gamma), torch.device("cpu"), lr=2e-3)
+        x, y = torch.rand(32, 1, 8, 8) * 2 - 1, torch.arange(32) % 2
+        for _ in range(R1_INTERVAL * 4):
+            trainer.step(x, y)
+        x = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(trainer.discriminator(x, y).sum(), x)
+        return grad.pow(2).flatten(1).sum(1).mean().item()
+
+    assert real_gradient(10.0) < real_gradient(0.0) / 2
 
 
 def test_vae_gan_learns_to_rebuild_real_images_and_resumes_exactly(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ class GanConfig(SyntheticConfig):
     real_augment: float = 0.0  # strength of random affine moves of the real images (1: ±10°, ±10 % scale and shift)
     reconstruction: float = 0.0  # VAE–GAN: weight of rebuilding every real image from an encoder's latent (+ KL)
     prior_components: int = 10  # with `reconstruction`: Gaussians per class in the prior fitted to those latents
+    r1_gamma: float = 0.0  # R1 penalty (Mescheder et al., 2018): γ/2 · E‖∇D(real)‖², applied every 16 steps
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,6 +39,8 @@ class GanConfig(SyntheticConfig):
             raise ValueError(f"loss must be logistic or hinge, not {self.loss!r}")
         if self.reconstruction < 0:
             raise ValueError(f"reconstruction must be ≥ 0, not {self.reconstruction}")
+        if not 0.0 <= self.r1_gamma <= 1000.0:
+            raise ValueError(f"r1_gamma must be between 0 and 1000, not {self.r1_gamma}")
         if not 0.0 <= self.real_augment <= 1.0:
             raise ValueError(f"real_augment must be between 0 and 1, not {self.real_augment}")
         unknown = set(filter(None, self.diff_augment.split(","))) - {"translation", "cutout"}
