@@ -31,7 +31,7 @@ class GanConfig(SyntheticConfig):
     real_augment: float = 0.0  # strength of random affine moves of the real images (1: ±10°, ±10 % scale and shift)
     reconstruction: float = 0.0  # VAE–GAN: weight of rebuilding every real image from an encoder's latent (+ KL)
     prior_components: int = 10  # with `reconstruction`: Gaussians per class in the prior fitted to those latents
-    r1_gamma: float = 0.0  # R1 penalty (Mescheder et al., 2018): γ/2 · E‖∇D(real)‖², applied every 16 steps
+    r1_gamma: float = 0.0  # R1 penalty (Mescheder et al., 2018): γ/2 · E‖∇D(real)‖², applied lazily
 
     def __post_init__(self) -> None:
         super().__post_init__()
