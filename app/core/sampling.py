@@ -76,8 +76,9 @@ def draw_latents(seed: int, indices: Sequence[int], latent_dim: int, num_classes
 def render(model: SyntheticModel, z: torch.Tensor, labels: torch.Tensor, truncation: float | torch.Tensor = 1.0,
            batch_size: int = 512) -> np.ndarray:
     """Run the generator on latents scaled by `truncation` (GAN ψ, VAE prior temperature; a float or one value
-    per sample, `[N, 1]`) → uint8 `[N, H, W, C]`, in passes of `batch_size` padded to `pass_rows`, through the
-    model's label filter when it has one."""
+    per sample, `[N, 1]`), which multiplies the model's own `latent_scale` (1 draws as its card was measured) →
+    uint8 `[N, H, W, C]`, in passes of `batch_size` padded to `pass_rows`, through the model's label filter when it
+    has one."""
     chunks = []
     for start in range(0, len(z), batch_size):
         scale = truncation[start : start + batch_size] if isinstance(truncation, torch.Tensor) else truncation
