@@ -16,6 +16,18 @@ def test_gan_shapes(height: int, width: int, channels: int) -> None:
     assert Discriminator(cfg)(images, labels).shape == (5,)
 
 
+def test_gan_extra_convs_keep_the_shape_and_add_layers() -> None:
+    def convs(cfg: GanConfig) -> int:
+        return sum(isinstance(m, torch.nn.Conv2d) for m in Generator(cfg).modules())
+
+    plain = GanConfig(28, 28, 1, num_classes=10, g_channels=8)
+    deeper = GanConfig(28, 28, 1, num_classes=10, g_channels=8, g_extra_convs=1)
+    assert convs(deeper) == convs(plain) + deeper.n_up
+    assert Generator(deeper)(torch.randn(2, 64), torch.arange(2)).shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match="g_extra_convs"):
+        GanConfig(28, 28, 1, num_classes=10, g_extra_convs=5)
+
+
 def test_gan_label_changes_output() -> None:
     torch.manual_seed(0)
     generator = Generator(GanConfig(28, 28, 1, num_classes=10)).eval()

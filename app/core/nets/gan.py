@@ -21,6 +21,7 @@ class GanConfig(SyntheticConfig):
 
     SIZES: ClassVar[tuple[str, ...]] = ("latent_dim", "g_channels", "d_channels", "embed_dim", "prior_components")
     g_channels: int = 32
+    g_extra_convs: int = 0  # 3×3 conv layers after each ×2 generator stage: more depth for detail at each resolution
     d_channels: int = 32
     embed_dim: int = 32
     aux_classifier: bool = True  # a class head on the discriminator (trained on real images)
@@ -39,6 +40,8 @@ class GanConfig(SyntheticConfig):
             raise ValueError(f"loss must be logistic or hinge, not {self.loss!r}")
         if self.reconstruction < 0:
             raise ValueError(f"reconstruction must be ≥ 0, not {self.reconstruction}")
+        if not 0 <= self.g_extra_convs <= 4:
+            raise ValueError(f"g_extra_convs must be between 0 and 4, not {self.g_extra_convs}")
         if not 0.0 <= self.r1_gamma <= 1000.0:
             raise ValueError(f"r1_gamma must be between 0 and 1000, not {self.r1_gamma}")
         if not 0.0 <= self.real_augment <= 1.0:
@@ -49,7 +52,8 @@ class GanConfig(SyntheticConfig):
 
 
 class Generator(nn.Module):
-    """z (+ label) → image in [-1, 1]: linear to a small grid, `n_up` transposed-conv ×2 stages, 3×3 conv, tanh."""
+    """z (+ label) → image in [-1, 1]: linear to a small grid, `n_up` transposed-conv ×2 stages (each followed by
+    `g_extra_convs` 3×3 convs), 3×3 conv, tanh."""
 
     def __init__(self, cfg: GanConfig) -> None:
         super().__init__()
@@ -68,6 +72,8 @@ class Generator(nn.Module):
         for c_in, c_out in itertools.pairwise(widths):
             stages += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
                        nn.ReLU(inplace=True)]
+            for _ in range(cfg.g_extra_convs):
+                stages += [nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
         # A VAE–GAN samples the latents real images were encoded to, not N(0, I) (see MixturePrior)
