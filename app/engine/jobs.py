@@ -310,15 +310,14 @@ class JobWorker:
     async def _fail(self, job_id: str, exc: Exception, writer: ResultWriter | None = None, **fields: Any) -> None:
         """Record a failure on the job (a partial result removed) and announce it. A worker that no longer holds
         the job (deleted, or taken over after it stalled) removes only its own attempt's files."""
+        if writer is not None:  # its own files first: a client that sees the failure must not find them
+            await asyncio.to_thread(writer.abort)
         recorded = await self._update(job_id, persist=True, state=JobState.FAILED, error=_failure(exc),
                                       finished_at=time.time(), **fields)
         log.log(logging.ERROR if recorded else logging.WARNING, "job %s %s: %s", job_id,
                 "failed" if recorded else "stopped (no longer this worker's)", exc)
         if recorded:
             await asyncio.to_thread(self.store.storage.delete, job_id)
-        elif writer is not None:
-            await asyncio.to_thread(writer.abort)
-        if recorded:
             await self._notify(job_id)
 
     async def _commit(self, job: Job, writer: ResultWriter) -> bool:
