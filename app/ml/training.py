@@ -58,11 +58,24 @@ class TrainOptions:
     val_fraction: float = 0.1
     val_data: str | None = None  # validation images given apart (e.g. other writers); replaces val_fraction
     lr: float = 2e-4
+    lr_decay_epochs: int = 0  # the last this many epochs bring every learning rate linearly down to zero
     checkpoint_every: int = 1
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     class_names: list[str] | None = None  # names for the dataset's labels 0..K-1 (IDX files carry none)
     tensorboard_dir: Path | None = None  # TensorBoard event files (losses, sample grids) go here
+
+
+def decay_factor(step: int, total_steps: int, decay_steps: int) -> float:
+    """Learning-rate multiplier at `step`: 1, then over the last `decay_steps` of `total_steps` linearly towards 0."""
+    left = total_steps - step
+    return 1.0 if left > decay_steps else left / decay_steps
+
+
+def _set_lr_factor(trainer: Trainer, factor: float) -> None:
+    for optimizer in trainer.optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -492,6 +505,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         raise InvalidInputError("--epochs must be ≥ 1 and --batch-size ≥ 2")
     if not options.lr > 0:
         raise InvalidInputError(f"--lr must be greater than 0, not {options.lr}")
+    if not 0 <= options.lr_decay_epochs <= options.epochs:
+        raise InvalidInputError(f"--lr-decay-epochs must be between 0 and --epochs ({options.epochs}), not "
+                                f"{options.lr_decay_epochs}")
     out = Path(options.out)
     check_output_dir(out)
     if (out / "config.json").exists() and not options.resume:
@@ -547,7 +563,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "training_data": {"spec": options.data, "fingerprint": dataset.fingerprint(), "n_train": len(train_set),
                           "n_val": len(val_set), **_validation_record(options, val_set)},
         "training": {"arch": options.arch, "epochs": options.epochs, "seed": options.seed,
-                     "batch_size": options.batch_size, "lr": options.lr, "device": str(device),
+                     "batch_size": options.batch_size, "lr": options.lr,
+                     "lr_decay_epochs": options.lr_decay_epochs, "device": str(device),
                      "warnings": warnings},
         "created_at": utc_now()}
     steps = max(1, len(train_set) // options.batch_size)
@@ -573,6 +590,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
             totals: dict[str, float] = {}
             for step in range(steps):
                 batch = order[step * options.batch_size : (step + 1) * options.batch_size]
+                _set_lr_factor(trainer, decay_factor(epoch * steps + step, options.epochs * steps,
+                                                     options.lr_decay_epochs * steps))
                 losses = trainer.step(x_train[batch], y_train[batch] if conditional else None)
                 for key, value in losses.items():
                     totals[key] = totals.get(key, 0.0) + value

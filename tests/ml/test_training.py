@@ -9,7 +9,16 @@ from safetensors.torch import load_file
 
 from app.core.nets import ConditionalVAE, GanConfig, VaeConfig
 from app.errors import DataError, InvalidInputError
-from app.ml.training import R1_INTERVAL, GanTrainer, TrainOptions, diff_augment, fit_prior, random_affine, train
+from app.ml.training import (
+    R1_INTERVAL,
+    GanTrainer,
+    TrainOptions,
+    decay_factor,
+    diff_augment,
+    fit_prior,
+    random_affine,
+    train,
+)
 from tests.conftest import TINY_GAN, TINY_VAE, train_tiny
 
 
@@ -86,6 +95,22 @@ def test_same_seed_same_weights_and_resume_matches(tmp_path: Path) -> None:
         weights = load_file(str(other / "generator.safetensors"))
         assert all((weights[k] == v).all() for k, v in reference.items())
     assert json.loads((resumed / "card.json").read_text())["training"]["epochs_done"] == 2
+
+
+def test_lr_decay_falls_to_zero_over_its_last_epochs_and_resumes_on_schedule(tmp_path: Path) -> None:
+    assert [decay_factor(step, 10, 4) for step in (0, 6, 7, 9)] == [1.0, 1.0, 0.75, 0.25]
+    assert decay_factor(9, 10, 0) == 1.0
+    constant = train_tiny("gan", tmp_path / "constant", epochs=2)
+    straight = train_tiny("gan", tmp_path / "straight", epochs=2, lr_decay_epochs=1)
+    # a run stopped after epoch 1 (still at the full rate) and resumed decays as the straight run did
+    resumed = train_tiny("gan", train_tiny("gan", tmp_path / "resumed", epochs=1), epochs=2, resume=True,
+                         lr_decay_epochs=1)
+    reference = load_file(str(straight / "generator.safetensors"))
+    assert all(torch.equal(load_file(str(resumed / "generator.safetensors"))[k], v) for k, v in reference.items())
+    assert not all(torch.equal(load_file(str(constant / "generator.safetensors"))[k], v) for k, v in reference.items())
+    assert json.loads((straight / "card.json").read_text())["training"]["lr_decay_epochs"] == 1
+    with pytest.raises(InvalidInputError, match="--lr-decay-epochs must be between 0 and --epochs"):
+        train_tiny("gan", tmp_path / "bad", epochs=2, lr_decay_epochs=3)
 
 
 def test_a_resumed_run_validates_as_it_started(tmp_path: Path) -> None:
