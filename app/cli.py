@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> None:
     summary = train(TrainOptions(arch=args.arch, data=args.data, out=Path(args.out), epochs=args.epochs,
                                  seed=args.seed, device=args.device, resume=args.resume, batch_size=args.batch_size,
                                  lr=args.lr if args.lr is not None else (2e-4 if args.arch == "gan" else 1e-3),
-                                 lr_decay_epochs=args.lr_decay_epochs,
+                                 d_lr=args.d_lr, lr_decay_epochs=args.lr_decay_epochs,
                                  val_fraction=args.val_fraction, val_data=args.val_data,
                                  hyperparameters=hyperparameters,
                                  class_names=args.class_names.split(",") if args.class_names else None,
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 GAN, 1e-3 VAE)")
+    train.add_argument("--d-lr", type=float, default=None, help="the discriminator's learning rate, e.g. twice "
+                       "--lr for two time-scale updates (default: --lr for a GAN, 2e-4 for a VAE's discriminator)")
     train.add_argument("--lr-decay-epochs", type=int, default=0, help="over the last this many epochs, bring the "
                        "learning rates linearly down to zero (default: 0, constant)")
     train.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out at random to "

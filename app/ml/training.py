@@ -58,6 +58,7 @@ class TrainOptions:
     val_fraction: float = 0.1
     val_data: str | None = None  # validation images given apart (e.g. other writers); replaces val_fraction
     lr: float = 2e-4
+    d_lr: float | None = None  # the discriminator's rate (TTUR); None: `lr` for a GAN, 2e-4 for a VAE's critic
     lr_decay_epochs: int = 0  # the last this many epochs bring every learning rate linearly down to zero
     checkpoint_every: int = 1
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -138,8 +139,9 @@ class GanTrainer:
     real images) that also steers the generator, a mode-seeking term against collapse within a class, and an EMA
     generator for sampling."""
 
-    def __init__(self, hparams: GanConfig, device: torch.device, lr: float, ema_decay: float = 0.999,
-                 betas: tuple[float, float] = (0.5, 0.999), mode_seeking: float = 0.1) -> None:
+    def __init__(self, hparams: GanConfig, device: torch.device, lr: float, d_lr: float | None = None,
+                 ema_decay: float = 0.999, betas: tuple[float, float] = (0.5, 0.999),
+                 mode_seeking: float = 0.1) -> None:
         self.hparams, self.device, self.ema_decay = hparams, device, ema_decay
         self.mode_seeking = mode_seeking
         # The checkpoint holds the EMA generator (what serving samples from) and the discriminator.
@@ -149,7 +151,7 @@ class GanTrainer:
         self.ema = self.net.generator.eval().requires_grad_(False)
         self.optimizers = {
             "opt_g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
-            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas),
+            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=d_lr or lr, betas=betas),
         }
         self.encoder: Encoder | None = None
         if hparams.reconstruction:  # VAE–GAN (Larsen et al., 2016): q(z | x, y) for the generator to decode
@@ -277,7 +279,7 @@ class VaeTrainer:
     """Negative ELBO with Adam; with `adversarial`, also a discriminator that judges reconstructions and samples of
     the learned prior against real images (VAE–GAN), so the decoder is pushed away from blur."""
 
-    def __init__(self, hparams: VaeConfig, device: torch.device, lr: float) -> None:
+    def __init__(self, hparams: VaeConfig, device: torch.device, lr: float, d_lr: float | None = None) -> None:
         self.hparams, self.device = hparams, device
         self.net = self.vae = ConditionalVAE(hparams).to(device)
         self.optimizers = {"opt": torch.optim.Adam(self.vae.parameters(), lr=lr)}
@@ -286,7 +288,8 @@ class VaeTrainer:
             critic = GanConfig(hparams.height, hparams.width, hparams.channels, hparams.num_classes,
                                d_channels=hparams.base_channels, aux_classifier=False)
             self.discriminator = Discriminator(critic).to(device)
-            self.optimizers["opt_d"] = torch.optim.Adam(self.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+            self.optimizers["opt_d"] = torch.optim.Adam(self.discriminator.parameters(), lr=d_lr or 2e-4,
+                                                        betas=(0.5, 0.999))
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         losses = self.vae.loss(x, y)
@@ -378,8 +381,8 @@ def make_trainer(arch: str, dataset: ImageDataset, options: TrainOptions, device
     check_hyperparameters(arch, options.hyperparameters, height, width, channels, len(dataset.class_names))
     try:
         if arch == "gan":
-            return GanTrainer(GanConfig(**common, **options.hyperparameters), device, options.lr)
-        return VaeTrainer(VaeConfig(**common, **options.hyperparameters), device, options.lr)
+            return GanTrainer(GanConfig(**common, **options.hyperparameters), device, options.lr, options.d_lr)
+        return VaeTrainer(VaeConfig(**common, **options.hyperparameters), device, options.lr, options.d_lr)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"bad hyper-parameter for {arch}: {exc}") from exc
 
@@ -505,6 +508,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         raise InvalidInputError("--epochs must be ≥ 1 and --batch-size ≥ 2")
     if not options.lr > 0:
         raise InvalidInputError(f"--lr must be greater than 0, not {options.lr}")
+    if options.d_lr is not None and not options.d_lr > 0:
+        raise InvalidInputError(f"--d-lr must be greater than 0, not {options.d_lr}")
     if not 0 <= options.lr_decay_epochs <= options.epochs:
         raise InvalidInputError(f"--lr-decay-epochs must be between 0 and --epochs ({options.epochs}), not "
                                 f"{options.lr_decay_epochs}")
@@ -563,7 +568,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "training_data": {"spec": options.data, "fingerprint": dataset.fingerprint(), "n_train": len(train_set),
                           "n_val": len(val_set), **_validation_record(options, val_set)},
         "training": {"arch": options.arch, "epochs": options.epochs, "seed": options.seed,
-                     "batch_size": options.batch_size, "lr": options.lr,
+                     "batch_size": options.batch_size, "lr": options.lr, "d_lr": options.d_lr,
                      "lr_decay_epochs": options.lr_decay_epochs, "device": str(device),
                      "warnings": warnings},
         "created_at": utc_now()}

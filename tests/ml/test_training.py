@@ -13,6 +13,7 @@ from app.ml.training import (
     R1_INTERVAL,
     GanTrainer,
     TrainOptions,
+    VaeTrainer,
     decay_factor,
     diff_augment,
     fit_prior,
@@ -111,6 +112,23 @@ def test_lr_decay_falls_to_zero_over_its_last_epochs_and_resumes_on_schedule(tmp
     assert json.loads((straight / "card.json").read_text())["training"]["lr_decay_epochs"] == 1
     with pytest.raises(InvalidInputError, match="--lr-decay-epochs must be between 0 and --epochs"):
         train_tiny("gan", tmp_path / "bad", epochs=2, lr_decay_epochs=3)
+
+
+def test_the_discriminator_can_learn_at_its_own_rate(tmp_path: Path) -> None:
+    """--d-lr (two time-scale updates): only the discriminator's optimizer takes it; the card records it."""
+    def rates(trainer: GanTrainer | VaeTrainer) -> dict[str, float]:
+        return {name: opt.param_groups[0]["lr"] for name, opt in trainer.optimizers.items()}
+
+    gan = GanConfig(8, 8, 1, num_classes=2, g_channels=8, d_channels=8, n_up=1, reconstruction=1.0)
+    assert rates(GanTrainer(gan, torch.device("cpu"), lr=1e-4, d_lr=4e-4)) == {
+        "opt_g": 1e-4, "opt_d": 4e-4, "opt_e": 1e-4}
+    assert rates(GanTrainer(gan, torch.device("cpu"), lr=1e-4))["opt_d"] == 1e-4
+    vae = VaeConfig(8, 8, 1, num_classes=2, adversarial=1.0)
+    assert rates(VaeTrainer(vae, torch.device("cpu"), lr=1e-3, d_lr=1e-4)) == {"opt": 1e-3, "opt_d": 1e-4}
+    out = train_tiny("gan", tmp_path / "ttur", d_lr=4e-4)
+    assert json.loads((out / "card.json").read_text())["training"]["d_lr"] == 4e-4
+    with pytest.raises(InvalidInputError, match="--d-lr must be greater than 0"):
+        train_tiny("gan", tmp_path / "bad", d_lr=0.0)
 
 
 def test_a_resumed_run_validates_as_it_started(tmp_path: Path) -> None:
