@@ -140,10 +140,8 @@ class GanTrainer:
     generator for sampling."""
 
     def __init__(self, hparams: GanConfig, device: torch.device, lr: float, d_lr: float | None = None,
-                 ema_decay: float = 0.999, betas: tuple[float, float] = (0.5, 0.999),
-                 mode_seeking: float = 0.1) -> None:
+                 ema_decay: float = 0.999, betas: tuple[float, float] = (0.5, 0.999)) -> None:
         self.hparams, self.device, self.ema_decay = hparams, device, ema_decay
-        self.mode_seeking = mode_seeking
         # The checkpoint holds the EMA generator (what serving samples from) and the discriminator.
         self.net = ConditionalGAN(hparams).to(device)
         self.generator = copy.deepcopy(self.net.generator)  # the generator the optimizer trains
@@ -204,11 +202,11 @@ class GanTrainer:
         g_loss = -d_gen.mean() if self.hparams.loss == "hinge" else F.softplus(-d_gen).mean()
         if class_gen is not None:
             g_loss = g_loss + self.hparams.class_weight * F.cross_entropy(class_gen, fake_y)
-        if self.mode_seeking:
+        if self.hparams.mode_seeking:
             # Mode seeking (Mao et al., 2019): two latents with one label must not map to one image.
             k = n // 2
             spread = (fake[:k] - fake[k : 2 * k]).abs().mean() / (z[:k] - z[k : 2 * k]).abs().mean()
-            g_loss = g_loss + self.mode_seeking / (spread + 1e-5)
+            g_loss = g_loss + self.hparams.mode_seeking / (spread + 1e-5)
         losses = {}
         if self.encoder is not None:
             # Every real image must come back from its own latent, so no part of the data is left uncovered; the

@@ -131,6 +131,19 @@ def test_the_discriminator_can_learn_at_its_own_rate(tmp_path: Path) -> None:
         train_tiny("gan", tmp_path / "bad", d_lr=0.0)
 
 
+def test_mode_seeking_is_a_hyperparameter_that_weighs_on_the_generator() -> None:
+    def first_g_loss(mode_seeking: float) -> float:
+        torch.manual_seed(0)
+        trainer = GanTrainer(GanConfig(8, 8, 1, num_classes=2, g_channels=8, d_channels=8, n_up=1,
+                                       mode_seeking=mode_seeking), torch.device("cpu"), lr=2e-4)
+        torch.manual_seed(1)
+        return trainer.step(torch.rand(32, 1, 8, 8) * 2 - 1, torch.arange(32) % 2)["g_loss"]
+
+    assert first_g_loss(1.0) > first_g_loss(0.1) > first_g_loss(0.0)
+    with pytest.raises(ValueError, match="mode_seeking must be between 0 and 100"):
+        GanConfig(8, 8, 1, num_classes=2, mode_seeking=-1.0)
+
+
 def test_a_resumed_run_validates_as_it_started(tmp_path: Path) -> None:
     """--val-data need not be given again (a random split instead would train on 10 % fewer images)."""
     def run(out: Path, epochs: int, **kwargs: object) -> Path:

@@ -33,6 +33,7 @@ class GanConfig(SyntheticConfig):
     reconstruction: float = 0.0  # VAE–GAN: weight of rebuilding every real image from an encoder's latent (+ KL)
     prior_components: int = 10  # with `reconstruction`: Gaussians per class in the prior fitted to those latents
     r1_gamma: float = 0.0  # R1 penalty (Mescheder et al., 2018): γ/2 · E‖∇D(real)‖², applied lazily
+    mode_seeking: float = 0.1  # weight of the mode-seeking term (Mao et al., 2019; they use 1) against collapse
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,6 +45,8 @@ class GanConfig(SyntheticConfig):
             raise ValueError(f"g_extra_convs must be between 0 and 4, not {self.g_extra_convs}")
         if not 0.0 <= self.r1_gamma <= 1000.0:
             raise ValueError(f"r1_gamma must be between 0 and 1000, not {self.r1_gamma}")
+        if not 0.0 <= self.mode_seeking <= 100.0:
+            raise ValueError(f"mode_seeking must be between 0 and 100, not {self.mode_seeking}")
         if not 0.0 <= self.real_augment <= 1.0:
             raise ValueError(f"real_augment must be between 0 and 1, not {self.real_augment}")
         unknown = set(filter(None, self.diff_augment.split(","))) - {"translation", "cutout"}
