@@ -149,7 +149,7 @@ class GanTrainer:
         self.ema = self.net.generator.eval().requires_grad_(False)
         self.optimizers = {
             "opt_g": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
-            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=d_lr or lr, betas=betas),
+            "opt_d": torch.optim.Adam(self.discriminator.parameters(), lr=lr if d_lr is None else d_lr, betas=betas),
         }
         self.encoder: Encoder | None = None
         if hparams.reconstruction:  # VAE–GAN (Larsen et al., 2016): q(z | x, y) for the generator to decode
@@ -286,8 +286,8 @@ class VaeTrainer:
             critic = GanConfig(hparams.height, hparams.width, hparams.channels, hparams.num_classes,
                                d_channels=hparams.base_channels, aux_classifier=False)
             self.discriminator = Discriminator(critic).to(device)
-            self.optimizers["opt_d"] = torch.optim.Adam(self.discriminator.parameters(), lr=d_lr or 2e-4,
-                                                        betas=(0.5, 0.999))
+            self.optimizers["opt_d"] = torch.optim.Adam(self.discriminator.parameters(),
+                                                        lr=2e-4 if d_lr is None else d_lr, betas=(0.5, 0.999))
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float]:
         losses = self.vae.loss(x, y)
