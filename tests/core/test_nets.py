@@ -28,6 +28,18 @@ def test_gan_extra_convs_keep_the_shape_and_add_layers() -> None:
         GanConfig(28, 28, 1, num_classes=10, g_extra_convs=5)
 
 
+def test_minibatch_std_gives_the_discriminator_the_spread_of_a_group() -> None:
+    from app.core.nets.gan import MinibatchStd
+
+    same = torch.randn(1, 3, 2, 2).repeat(8, 1, 1, 1)
+    varied = torch.randn(8, 3, 2, 2)
+    assert MinibatchStd()(same)[:, -1].abs().max() < 1e-3  # identical images: no spread
+    assert (MinibatchStd()(varied)[:, -1] > 0.1).all()
+    assert MinibatchStd()(varied[:5]).shape == (5, 4, 2, 2)  # a batch no group size divides still works
+    cfg = GanConfig(28, 28, 1, num_classes=10, d_channels=8, minibatch_std=True)
+    assert Discriminator(cfg)(torch.randn(5, 1, 28, 28), torch.arange(5)).shape == (5,)
+
+
 def test_gan_label_changes_output() -> None:
     torch.manual_seed(0)
     generator = Generator(GanConfig(28, 28, 1, num_classes=10)).eval()

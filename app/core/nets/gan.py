@@ -34,6 +34,7 @@ class GanConfig(SyntheticConfig):
     prior_components: int = 10  # with `reconstruction`: Gaussians per class in the prior fitted to those latents
     r1_gamma: float = 0.0  # R1 penalty (Mescheder et al., 2018): γ/2 · E‖∇D(real)‖², applied lazily
     mode_seeking: float = 0.1  # weight of the mode-seeking term (Mao et al., 2019; they use 1) against collapse
+    minibatch_std: bool = False  # the discriminator sees each group's feature spread (Karras et al., 2018)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +92,21 @@ class Generator(nn.Module):
         return x[:, :, top : top + self.cfg.height, left : left + self.cfg.width]
 
 
+class MinibatchStd(nn.Module):
+    """Appends one channel: the mean standard deviation of the features across a group of up to `group` images, so
+    the discriminator can tell a batch of near-identical fakes from a varied real batch (Karras et al., 2018)."""
+
+    def __init__(self, group: int = 4) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        group = next(g for g in range(min(self.group, n), 0, -1) if n % g == 0)  # a divisor of n: every batch size
+        spread = x.view(group, n // group, c, h, w).var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+        return torch.cat([x, spread.view(1, -1, 1, 1).expand(group, -1, h, w).reshape(n, 1, h, w)], dim=1)
+
+
 class Discriminator(nn.Module):
     """Image (+ label) → realness score: DCGAN convolutions, conditioning by projection (Miyato & Koyama, 2018)
     and, with `aux_classifier`, class logits from the same features (AC-GAN style)."""
@@ -103,9 +119,12 @@ class Discriminator(nn.Module):
         for c_in, c_out in itertools.pairwise(widths):
             layers += [norm(nn.Conv2d(c_in, c_out, 4, 2, 1)),
                        nn.Identity() if cfg.spectral_norm else nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        if cfg.minibatch_std:
+            layers.append(MinibatchStd())
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
-        flat = widths[-1] * math.ceil(cfg.height / 2**cfg.n_up) * math.ceil(cfg.width / 2**cfg.n_up)
+        channels = widths[-1] + int(cfg.minibatch_std)
+        flat = channels * math.ceil(cfg.height / 2**cfg.n_up) * math.ceil(cfg.width / 2**cfg.n_up)
         self.score = norm(nn.Linear(flat, 1))
         self.embed = nn.Embedding(cfg.num_classes, flat) if cfg.num_classes else None
         has_classifier = cfg.aux_classifier and cfg.num_classes
