@@ -75,7 +75,8 @@ class Settings(BaseSettings):
                                     "within this")
     body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request must send its whole body within this "
                                   "(408 after)")
-    max_connections: int = Field(1000, ge=8, description="open connections; beyond it the oldest idle one is closed")
+    max_connections: int = Field(1000, ge=8, description="open connections; beyond it an idle one is closed, "
+                                 "never-served ones first")
     shutdown_timeout_s: float = Field(20.0, ge=0, le=3600, description="graceful stop: running exports and jobs "
                                       "are cut and failed after this")
     forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated "

@@ -21,8 +21,10 @@ log = logging.getLogger("synthgen.server")
 
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol plus two guards it lacks: a connection must send its request headers within
-    `header_timeout_s` (uvicorn waits forever for half a request), and beyond `max_connections` the oldest
-    connection with no request in progress is closed, so idle or slow sockets cannot lock everyone out."""
+    `header_timeout_s` (uvicorn waits forever for half a request), and beyond `max_connections` a connection with
+    no request in progress is closed, so idle or slow sockets cannot lock everyone out. The victim is the oldest
+    one that never sent a whole request head (a flood of idle or half-open sockets looks like that), else the
+    keep-alive one quiet the longest: a client already served keeps its connection through a flood of new ones."""
 
     header_timeout_s = 10.0
     max_connections = 1000
@@ -30,7 +32,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._opened = time.monotonic()
+        self._opened = self._last_active = time.monotonic()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,6 +45,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._last_active = time.monotonic()
         if self._awaiting_request():
             self._arm_header_timer()  # a new request starts: its headers get the same deadline
         super().data_received(data)
@@ -71,7 +74,11 @@ class GuardedProtocol(HttpToolsProtocol):
     def _make_room(self) -> None:
         idle = [c for c in self.connections
                 if c is not self and isinstance(c, GuardedProtocol) and c._awaiting_request()]
-        victim = min(idle, key=lambda c: c._opened) if idle else self
+        never_served = [c for c in idle if c.cycle is None]
+        if never_served:
+            victim = min(never_served, key=lambda c: c._opened)
+        else:
+            victim = min(idle, key=lambda c: c._last_active) if idle else self
         if victim is self:
             log.warning("%d connections are open and all busy; refusing a new one", len(self.connections))
         victim.transport.close()

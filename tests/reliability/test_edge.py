@@ -38,6 +38,16 @@ def _closed_within(sock: socket.socket, seconds: float) -> float:
     return time.monotonic() - started
 
 
+def _healthz_on(sock: socket.socket) -> bytes:
+    """One keep-alive GET /healthz on an open socket: the whole answer, or what came before the server hung up."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(5)
+    answer = b""
+    while (chunk := sock.recv(4096)) and not re.search(rb"\r\n\r\n.*\}", answer + chunk, re.S):
+        answer += chunk
+    return answer + chunk
+
+
 @pytest.mark.parametrize("server_env", [EDGE])
 def test_slow_and_idle_clients_cannot_lock_anyone_out(server: tuple[str, int]) -> None:
     url, _ = server
@@ -45,13 +55,16 @@ def test_slow_and_idle_clients_cannot_lock_anyone_out(server: tuple[str, int]) -
     half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
     assert _closed_within(half, 5) < 3  # closed after the 1 s header timeout, not held forever
 
+    served = _connect(url)  # a keep-alive client, served once before the flood
+    assert _healthz_on(served).startswith(b"HTTP/1.1 200")
     idle = [_connect(url) for _ in range(200)]  # five times the connection bound
     try:
         started = time.monotonic()
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         assert time.monotonic() - started < 1
+        assert _healthz_on(served).startswith(b"HTTP/1.1 200")  # never-served sockets were closed, not this one
     finally:
-        for sock in idle:
+        for sock in [served, *idle]:
             sock.close()
 
     slow = _connect(url)
