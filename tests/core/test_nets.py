@@ -40,6 +40,23 @@ def test_minibatch_std_gives_the_discriminator_the_spread_of_a_group() -> None:
     assert Discriminator(cfg)(torch.randn(5, 1, 28, 28), torch.arange(5)).shape == (5,)
 
 
+def test_class_norm_lets_the_label_steer_every_generator_stage() -> None:
+    cfg = GanConfig(28, 28, 1, num_classes=10, g_channels=8, class_norm=True)
+    generator = Generator(cfg)
+    assert len(generator.class_norms) == 2  # one table per batch norm of the two ×2 stages
+    plain = Generator(GanConfig(28, 28, 1, num_classes=10, g_channels=8))
+    plain.load_state_dict({k: v for k, v in generator.state_dict().items() if not k.startswith("class_norms")})
+    generator.eval(), plain.eval()
+    z, labels = torch.randn(4, 64), torch.tensor([0, 3, 3, 9])
+    assert torch.equal(generator(z, labels), plain(z, labels))  # zero-initialised: starts as the plain generator
+    with torch.no_grad():
+        generator.class_norms[0].weight[3].fill_(0.5)
+    steered = generator(z, labels)
+    assert torch.equal(steered[[0, 3]], plain(z, labels)[[0, 3]])  # only class 3's rows change
+    assert not torch.allclose(steered[1:3], plain(z, labels)[1:3])
+    assert "class_norms.0.weight" not in plain.state_dict()  # checkpoints without it load unchanged
+
+
 def test_gan_label_changes_output() -> None:
     torch.manual_seed(0)
     generator = Generator(GanConfig(28, 28, 1, num_classes=10)).eval()

@@ -35,6 +35,7 @@ class GanConfig(SyntheticConfig):
     r1_gamma: float = 0.0  # R1 penalty (Mescheder et al., 2018): γ/2 · E‖∇D(real)‖², applied lazily
     mode_seeking: float = 0.1  # weight of the mode-seeking term (Mao et al., 2019; they use 1) against collapse
     minibatch_std: bool = False  # the discriminator sees each group's feature spread (Karras et al., 2018)
+    class_norm: bool = False  # class-conditional gain and bias after each batch norm of the generator's stages
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +80,14 @@ class Generator(nn.Module):
             for _ in range(cfg.g_extra_convs):
                 stages += [nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.stages = nn.Sequential(*stages)
+        # Conditional batch norm (de Vries et al., 2017; as in SNGAN-projection and BigGAN): the label steers every
+        # stage, not only the input. Zero-initialised, so training starts from the unconditional norm.
+        norms = [m.num_features for m in stages if isinstance(m, nn.BatchNorm2d)]
+        self.class_norms = nn.ModuleList(nn.Embedding(cfg.num_classes, 2 * c) for c in norms) \
+            if cfg.class_norm and cfg.num_classes else None
+        if self.class_norms is not None:
+            for table in self.class_norms:
+                nn.init.zeros_(table.weight)
         self.to_image = nn.Conv2d(widths[-1], cfg.channels, 3, 1, 1)
         # A VAE–GAN samples the latents real images were encoded to, not N(0, I) (see MixturePrior)
         self.prior = MixturePrior(cfg.num_classes, cfg.prior_components, cfg.latent_dim) if cfg.reconstruction else None
@@ -87,7 +96,16 @@ class Generator(nn.Module):
         if self.embed is not None:
             z = torch.cat([z, self.embed(labels)], dim=1)
         x = self.project(z).view(len(z), -1, self.base_h, self.base_w)
-        x = torch.tanh(self.to_image(self.stages(x)))
+        if self.class_norms is None:
+            x = self.stages(x)
+        else:
+            tables = iter(self.class_norms)
+            for layer in self.stages:
+                x = layer(x)
+                if isinstance(layer, nn.BatchNorm2d):
+                    gain, bias = next(tables)(labels)[:, :, None, None].chunk(2, dim=1)
+                    x = x * (1 + gain) + bias
+        x = torch.tanh(self.to_image(x))
         top, left = (x.shape[2] - self.cfg.height) // 2, (x.shape[3] - self.cfg.width) // 2
         return x[:, :, top : top + self.cfg.height, left : left + self.cfg.width]
 
