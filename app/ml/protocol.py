@@ -131,9 +131,11 @@ def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray
     for name in ("tstr", "tstr_at_real_size"):
         if name in report:
             report[f"{name}_to_real_ratio"] = {"mean": round(report[name]["mean"] / report["real"]["mean"], 4)}
+    # A seed repeats bit for bit only at the same thread count (float sums in another order): recorded to repeat
     report["protocol"] = {"seeds": seeds, "n_real": len(xr), "n_synthetic": len(xs), "n_test": len(xt),
-                          "matched_steps": matched, "cnn": "conv3x3(32)-pool-conv3x3(64)-pool-dense(128), Adam 1e-3, "
-                                                           "batch 128, pixels in [0, 1]"}
+                          "cnn_threads": torch.get_num_threads(), "matched_steps": matched,
+                          "cnn": "conv3x3(32)-pool-conv3x3(64)-pool-dense(128), Adam 1e-3, "
+                                 "batch 128, pixels in [0, 1]"}
     return report
 
 
@@ -255,6 +257,7 @@ def tune_latent_scale(folder: Path, data_spec: str, scales: tuple[float, ...] = 
     write_json(folder / "config.json", config)
     sampling = {"latent_scale": chosen, "label_filter": label_filter, "selected_on": "validation split", "rule": RULE,
                 "n_val": len(val), "per_class": per_class, "sample_seed": sample_seed, "seeds": list(seeds),
+                "cnn_threads": torch.get_num_threads(),
                 "min_confidence": min_confidence, "filter_temperature": temperature,
                 "min_label_agreement": min_label_agreement, "real_val_accuracy": round(real_accuracy, 4),
                 "label_agreement_floor": round(floor, 4), "floor_met": floor_met,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from app.cli import main
 from app.core.model import load_model
@@ -28,6 +29,7 @@ def test_tstr_report_ranks_good_and_useless_training_data() -> None:
     # "synthetic" data identical to the real set, image for image, trains the same CNN: the same scores
     assert report["tstr_at_real_size"] == report["real"] and report["tstr_at_real_size_to_real_ratio"]["mean"] == 1
     assert report["protocol"]["matched_steps"] == 4 * -(-2 * len(train) // 128)
+    assert report["protocol"]["cnn_threads"] == torch.get_num_threads()  # a seed repeats only at the same count
     for arm in ("real_matched_steps", "real_augmented_matched_steps", "real_plus_synthetic_matched_steps"):
         assert 0 <= report[arm]["mean"] <= 1 and report[arm]["std"] >= 0
 
