@@ -46,7 +46,8 @@ def test_class_norm_lets_the_label_steer_every_generator_stage() -> None:
     assert len(generator.class_norms) == 2  # one table per batch norm of the two ×2 stages
     plain = Generator(GanConfig(28, 28, 1, num_classes=10, g_channels=8))
     plain.load_state_dict({k: v for k, v in generator.state_dict().items() if not k.startswith("class_norms")})
-    generator.eval(), plain.eval()
+    generator.eval()
+    plain.eval()
     z, labels = torch.randn(4, 64), torch.tensor([0, 3, 3, 9])
     assert torch.equal(generator(z, labels), plain(z, labels))  # zero-initialised: starts as the plain generator
     with torch.no_grad():
