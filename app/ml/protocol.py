@@ -131,7 +131,7 @@ def tstr_report(real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray
     for name in ("tstr", "tstr_at_real_size"):
         if name in report:
             report[f"{name}_to_real_ratio"] = {"mean": round(report[name]["mean"] / report["real"]["mean"], 4)}
-    # A seed repeats bit for bit only at the same thread count (float sums in another order): recorded to repeat
+    # A seed repeats bit for bit at one thread count and moves at another: recorded so a figure can be repeated
     report["protocol"] = {"seeds": seeds, "n_real": len(xr), "n_synthetic": len(xs), "n_test": len(xt),
                           "cnn_threads": torch.get_num_threads(), "matched_steps": matched,
                           "cnn": "conv3x3(32)-pool-conv3x3(64)-pool-dense(128), Adam 1e-3, "
